@@ -1,0 +1,99 @@
+"""Atomic file writes: a file is either the complete new version or not there at all.
+
+A write goes to a hidden temporary file in the destination folder and is renamed over the
+destination only once it is complete, so a crash, a full disk or an exception half-way never
+leaves a truncated landmark file or model next to the user's data. The rename is atomic
+because source and destination are on the same file system.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+__all__ = ["atomic_path", "atomic_write_bytes", "atomic_write_text", "check_writable"]
+
+
+def check_writable(path: str | os.PathLike[str], *, overwrite: bool) -> Path:
+    """Check that ``path`` may be written, before any work is done.
+
+    Returns:
+        ``path`` as a :class:`~pathlib.Path`.
+
+    Raises:
+        FileNotFoundError: the destination folder does not exist.
+        IsADirectoryError: ``path`` is an existing folder.
+        FileExistsError: ``path`` exists and ``overwrite`` is False.
+    """
+    path = Path(path).expanduser()
+    if not path.parent.is_dir():
+        msg = f"Cannot write {path.name}: the folder {path.parent} does not exist"
+        raise FileNotFoundError(msg)
+    if path.is_dir():
+        msg = f"Cannot write to {path}: it is a folder, not a file name"
+        raise IsADirectoryError(msg)
+    if path.exists() and not overwrite:
+        msg = f"{path} already exists; choose another name or allow overwriting (overwrite=True)"
+        raise FileExistsError(msg)
+    return path
+
+
+def _temporary_name(path: Path) -> Path:
+    # The full original name stays at the end so that the extension (".nrrd", ".nii.gz",
+    # ".mrk.json") still tells SimpleITK or matplotlib which format to write.
+    return path.with_name(f".tmp-{uuid.uuid4().hex}-{path.name}")
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | os.PathLike[str], *, overwrite: bool = False) -> Iterator[Path]:
+    """Give a temporary path to write to; it replaces ``path`` when the block succeeds.
+
+    Example::
+
+        with atomic_path("model.pt", overwrite=True) as temporary:
+            torch.save(state, temporary)
+
+    If the block raises, the temporary file is removed and ``path`` is left untouched.
+
+    Raises:
+        FileNotFoundError, IsADirectoryError, FileExistsError: see :func:`check_writable`;
+            also FileNotFoundError when the block finished without creating the file.
+    """
+    destination = check_writable(path, overwrite=overwrite)
+    temporary = _temporary_name(destination)
+    try:
+        yield temporary
+        if not temporary.exists():
+            msg = f"Nothing was written for {destination}"
+            raise FileNotFoundError(msg)
+        # Checked again because another program may have created the file meanwhile.
+        if destination.exists() and not overwrite:
+            msg = f"{destination} was created by someone else while it was being written; not replacing it"
+            raise FileExistsError(msg)
+        os.replace(temporary, destination)
+    except BaseException:
+        temporary.unlink(missing_ok=True)
+        raise
+
+
+def atomic_write_bytes(path: str | os.PathLike[str], data: bytes, *, overwrite: bool = False) -> Path:
+    """Write ``data`` to ``path`` atomically (see :func:`atomic_path`). Returns the path."""
+    with atomic_path(path, overwrite=overwrite) as temporary:
+        with open(temporary, "wb") as stream:
+            stream.write(data)
+            stream.flush()
+            os.fsync(stream.fileno())
+    return Path(path).expanduser()
+
+
+def atomic_write_text(
+    path: str | os.PathLike[str], text: str, *, overwrite: bool = False, encoding: str = "utf-8"
+) -> Path:
+    """Write ``text`` to ``path`` atomically (see :func:`atomic_path`). Returns the path.
+
+    Line endings are written as given (``"\\n"``), on every platform.
+    """
+    return atomic_write_bytes(path, text.encode(encoding), overwrite=overwrite)

@@ -1,0 +1,154 @@
+"""Detecting landmarks on many images: one ``.mrk.json`` per image and a CSV summary."""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from .detection import Detector
+from .image_io import read_image
+from .landmark_io import write_detection_summary_csv, write_mrk_json
+from .landmarks import Landmarks
+from .model import LandmarkModel
+from .progress import Progress, ProgressCallback, estimate_eta
+
+__all__ = ["BatchItem", "BatchReport", "detect_files", "detect_folder", "find_images", "output_stem"]
+
+log = logging.getLogger(__name__)
+
+IMAGE_SUFFIXES = (".nrrd", ".nhdr", ".nii", ".nii.gz", ".mha", ".mhd", ".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".dcm")
+SUMMARY_NAME = "landmarks.csv"
+
+
+def output_stem(path: Path) -> str:
+    """File name without its (possibly double) image extension: ``ct.nii.gz`` -> ``ct``."""
+    name = path.name
+    for suffix in sorted(IMAGE_SUFFIXES, key=len, reverse=True):
+        if name.lower().endswith(suffix):
+            return name[: -len(suffix)]
+    return path.stem
+
+
+def find_images(folder: str | Path) -> list[Path]:
+    """Image files in ``folder`` (not recursive) and its sub-folders that hold a DICOM series, sorted."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        msg = f"Input folder not found: {folder}"
+        raise FileNotFoundError(msg)
+    images = []
+    for entry in sorted(folder.iterdir()):
+        if entry.is_file() and entry.name.lower().endswith(IMAGE_SUFFIXES) and not entry.name.lower().endswith(".dcm"):
+            images.append(entry)
+        elif entry.is_dir() and any(p.suffix.lower() == ".dcm" for p in entry.iterdir()):
+            images.append(entry)
+    return images
+
+
+@dataclass
+class BatchItem:
+    """The outcome for one image: its landmarks and file, or the reason it failed."""
+
+    image: Path
+    output: Path | None = None
+    landmarks: Landmarks | None = None
+    error: str | None = None
+    seconds: float = 0.0
+
+
+@dataclass
+class BatchReport:
+    """All outcomes of a batch run."""
+
+    items: list[BatchItem] = field(default_factory=list)
+    summary_csv: Path | None = None
+    device: str = ""
+
+    @property
+    def failed(self) -> list[BatchItem]:
+        return [item for item in self.items if item.error is not None]
+
+    @property
+    def succeeded(self) -> list[BatchItem]:
+        return [item for item in self.items if item.error is None]
+
+
+def detect_files(
+    images: Sequence[str | Path],
+    output_folder: str | Path,
+    model: LandmarkModel | str | Path,
+    *,
+    device: str | torch.device = "auto",
+    spacing: Sequence[float] | None = None,
+    low_confidence_threshold: float | None = 0.3,
+    overwrite: bool = False,
+    progress: ProgressCallback | None = None,
+    should_cancel: Callable[[], bool] | None = None,
+    on_item: Callable[[BatchItem], None] | None = None,
+) -> BatchReport:
+    """Detect landmarks on each image; a bad image is reported and skipped, the rest go on.
+
+    Args:
+        images: image files (or DICOM folders).
+        output_folder: receives ``<image name>.mrk.json`` per image and ``landmarks.csv``.
+        model: model file or loaded model.
+        device: ``"auto"``, ``"cpu"`` or ``"cuda"``.
+        spacing: pixel size in mm for formats without one (PNG, JPEG, ...).
+        low_confidence_threshold: points below it are flagged in the ``.mrk.json``.
+        overwrite: replace existing output files (by default an existing file fails that image).
+        progress: called after each image.
+        should_cancel: polled between images; the images done so far are kept.
+        on_item: called with each finished item (for live display).
+    """
+    output_folder = Path(output_folder)
+    output_folder.mkdir(parents=True, exist_ok=True)
+    detector = Detector(model, device=device)
+    report = BatchReport(device=detector.device_description)
+    started = time.monotonic()
+    total = len(images)
+    for number, image_path in enumerate(images):
+        if should_cancel is not None and should_cancel():
+            log.info("Batch cancelled after %d of %d images", number, total)
+            break
+        image_path = Path(image_path)
+        item = BatchItem(image=image_path)
+        began = time.monotonic()
+        try:
+            landmarks = detector.detect(read_image(image_path, spacing=spacing))
+            target = output_folder / f"{output_stem(image_path)}.mrk.json"
+            write_mrk_json(landmarks, target, node_name=output_stem(image_path),
+                           low_confidence_threshold=low_confidence_threshold, overwrite=overwrite)
+            item.output, item.landmarks = target, landmarks
+        except (ValueError, OSError, RuntimeError) as error:
+            item.error = str(error)
+            log.warning("Skipped %s: %s", image_path.name, error)
+        item.seconds = time.monotonic() - began
+        report.items.append(item)
+        if on_item is not None:
+            on_item(item)
+        if progress is not None:
+            elapsed = time.monotonic() - started
+            progress(Progress("detect", number + 1, total, elapsed, estimate_eta(number + 1, total, elapsed),
+                              message=image_path.name + (" failed" if item.error else "")))
+    results = [(output_stem(item.image), item.landmarks) for item in report.succeeded if item.landmarks is not None]
+    if results:
+        report.summary_csv = write_detection_summary_csv(results, output_folder / SUMMARY_NAME, overwrite=True)
+    return report
+
+
+def detect_folder(
+    input_folder: str | Path,
+    output_folder: str | Path,
+    model: LandmarkModel | str | Path,
+    **options: object,
+) -> BatchReport:
+    """:func:`detect_files` on every image of ``input_folder`` (see :func:`find_images`)."""
+    images = find_images(input_folder)
+    if not images:
+        msg = f"No images found in {input_folder} (looked for {', '.join(IMAGE_SUFFIXES)} and DICOM folders)"
+        raise ValueError(msg)
+    return detect_files(images, output_folder, model, **options)  # type: ignore[arg-type]

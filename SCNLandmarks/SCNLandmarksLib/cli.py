@@ -1,0 +1,329 @@
+"""``scn-landmarks``: detect, train, fine-tune and evaluate from the command line."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import signal
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+__all__ = ["main"]
+
+EXIT_ERROR = 2
+EXIT_CANCELLED = 130
+
+DESCRIPTION = """\
+Landmark detection with a SpatialConfiguration-Net (Payer et al., MedIA 2019).
+
+  detect     find landmarks on an image or a folder of images (writes .mrk.json + CSV)
+  train      train a model from scratch on annotated images
+  finetune   continue training an existing model on your own annotated images
+  evaluate   measure a model's error against annotations (mean radial error, SDR)
+  info       show what a model file contains
+
+Coordinates in the output files are physical millimetres (LPS, as ITK; the .mrk.json files
+load in 3D Slicer). Run 'scn-landmarks COMMAND --help' for the options of a command.
+"""
+
+
+def _spacing_arg(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--spacing", type=float, nargs="+", metavar="MM",
+                        help="pixel size in mm for images that carry none (PNG, JPEG, BMP): one value or one per axis")
+
+
+def _device_arg(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"],
+                        help="where to compute: 'auto' uses the GPU when there is one (default: auto)")
+
+
+def _data_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--images", required=True, type=Path, help="folder of annotated images")
+    parser.add_argument("--landmarks", type=Path,
+                        help="CSV with one row per image 'id,x1,y1[,z1],...' (id = image file name without "
+                             "extension); without it, <image>.mrk.json or <image>.fcsv next to each image is used")
+    parser.add_argument("--units", choices=["mm", "pixel"], default="mm",
+                        help="coordinates in the CSV: physical mm or pixel indices (default: mm)")
+    parser.add_argument("--ids", type=Path, help="file listing the image ids to use, one per line")
+    parser.add_argument("--names", type=Path,
+                        help="file with one landmark per line, 'name' or 'name: description' (CSV columns order)")
+    parser.add_argument("--dimension", type=int, choices=[2, 3], default=2, help="image dimension (default: 2)")
+    _spacing_arg(parser)
+
+
+def _training_args(parser: argparse.ArgumentParser, *, iterations: int) -> None:
+    parser.add_argument("--output", required=True, type=Path, help="model file to write (.scn.pt); never overwritten")
+    parser.add_argument("--validation-ids", type=Path, help="ids held out for validation (default: 10%% of the cases)")
+    parser.add_argument("--iterations", type=int, default=iterations, help=f"optimiser steps (default: {iterations})")
+    parser.add_argument("--time-budget", type=float, metavar="SECONDS", help="stop training after this long")
+    parser.add_argument("--batch-size", type=int, default=1)
+    parser.add_argument("--learning-rate", type=float, default=1e-4)
+    parser.add_argument("--validate-every", type=int, default=1000)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--workers", type=int, default=0, help="background processes preparing samples (default: 0)")
+    parser.add_argument("--checkpoint", type=Path, help="checkpoint file, written periodically and on Ctrl-C")
+    parser.add_argument("--resume", action="store_true", help="continue from --checkpoint")
+    parser.add_argument("--no-augmentation", action="store_true", help="train without random deformations")
+    _device_arg(parser)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="scn-landmarks", description=DESCRIPTION,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("-v", "--verbose", action="store_true", help="more log output")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    detect = commands.add_parser("detect", help="detect landmarks on an image or a folder",
+                                 description="Detect landmarks. Writes <image>.mrk.json per image and landmarks.csv.")
+    detect.add_argument("input", type=Path, help="an image file, a DICOM folder, or a folder of images")
+    detect.add_argument("--model", help="model file (.scn.pt) or the name of an installed model (default: the bundled default)")
+    detect.add_argument("--output", type=Path, default=Path("scn-output"), help="output folder (default: ./scn-output)")
+    detect.add_argument("--threshold", type=float, default=0.3, help="flag points with confidence below this (default: 0.3)")
+    detect.add_argument("--overlay", action="store_true", help="also write <image>.png with the points drawn")
+    detect.add_argument("--overwrite", action="store_true", help="replace existing output files")
+    _spacing_arg(detect)
+    _device_arg(detect)
+
+    train = commands.add_parser("train", help="train a model from scratch",
+                                description="Train a SpatialConfiguration-Net (or the U-Net baseline) from scratch.")
+    _data_args(train)
+    _training_args(train, iterations=20000)
+    train.add_argument("--architecture", choices=["scn", "unet"], default="scn")
+    train.add_argument("--grid-size", type=int, nargs="+", default=None,
+                       help="network input size in voxels, x y [z] (default: 512 512 in 2D, 96 96 96 in 3D)")
+    train.add_argument("--grid-spacing", type=float, nargs="+", default=None,
+                       help="network voxel size in mm (default: fit the whole image into the grid)")
+    train.add_argument("--filters", type=int, help="filters per level (default: 128 in 2D, 64 in 3D)")
+    train.add_argument("--levels", type=int, default=4)
+    train.add_argument("--spatial-downsample", type=int, help="pooling before the spatial part (default: 16 in 2D, 8 in 3D)")
+    train.add_argument("--spatial-kernel", type=int, help="kernel of the spatial part (default: 11 in 2D, 7 in 3D)")
+
+    finetune = commands.add_parser("finetune", help="continue training an existing model on your cases",
+                                   description="Fine-tune a model. Landmarks are matched by name; a different "
+                                               "landmark set gets new output heads and reuses the rest.")
+    finetune.add_argument("--from-model", required=True, help="model file (or installed model name) to start from")
+    _data_args(finetune)
+    _training_args(finetune, iterations=1000)
+
+    evaluate = commands.add_parser("evaluate", help="measure a model against annotations",
+                                   description="Detect on annotated images and report errors in mm (MRE, SDR).")
+    evaluate.add_argument("--model", required=True, help="model file or installed model name")
+    _data_args(evaluate)
+    evaluate.add_argument("--output", type=Path, default=Path("scn-evaluation"), help="report folder")
+    _device_arg(evaluate)
+
+    info = commands.add_parser("info", help="show what a model file contains")
+    info.add_argument("model", help="model file or installed model name")
+    return parser
+
+
+def _resolve_model(name: str | None) -> Path:
+    from .catalog import default_model, list_models
+
+    if name is None:
+        model = default_model()
+        if model is None:
+            msg = "No model given and no bundled default model is installed; pass --model FILE.scn.pt"
+            raise ValueError(msg)
+        return model
+    path = Path(name).expanduser()
+    if path.exists():
+        return path
+    for entry in list_models():
+        if entry.name == name:
+            return entry.path
+    msg = f"Model not found: {name} (neither a file nor the name of an installed model)"
+    raise ValueError(msg)
+
+
+def _spacing(values: Sequence[float] | None, dimension: int | None = None) -> tuple[float, ...] | None:
+    if values is None:
+        return None
+    if len(values) == 1 and dimension is not None:
+        return tuple(values) * dimension
+    return tuple(values)
+
+
+def _load_data(args: argparse.Namespace, *, ids_path: Path | None = None):  # noqa: ANN202
+    from .dataset import load_cases, read_id_list, read_landmark_names
+
+    names = descriptions = None
+    if args.names is not None:
+        names, descriptions = read_landmark_names(args.names)
+    ids_file = ids_path if ids_path is not None else args.ids
+    return load_cases(args.images, dimension=args.dimension, landmarks=args.landmarks, units=args.units,
+                      ids=read_id_list(ids_file) if ids_file else None,
+                      spacing=_spacing(args.spacing, args.dimension), names=names, descriptions=descriptions)
+
+
+class _CancelOnInterrupt:
+    """First Ctrl-C asks training to stop cleanly (checkpoint kept); a second one aborts."""
+
+    def __init__(self) -> None:
+        self.requested = False
+        self._previous = signal.signal(signal.SIGINT, self._handle)
+
+    def _handle(self, signum, frame) -> None:  # noqa: ANN001
+        if self.requested:
+            signal.signal(signal.SIGINT, self._previous)
+            raise KeyboardInterrupt
+        self.requested = True
+        print("\nStopping after this iteration (Ctrl-C again to abort)...", file=sys.stderr)
+
+    def __call__(self) -> bool:
+        return self.requested
+
+
+def _run_training(args: argparse.Namespace, model, cases) -> int:  # noqa: ANN001
+    from .augmentation import AugmentationConfig
+    from .progress import TextProgressBar
+    from .training import TrainingConfig, train_model
+
+    validation = _load_data(args, ids_path=args.validation_ids) if args.validation_ids else None
+    config = TrainingConfig(
+        iterations=args.iterations, batch_size=args.batch_size, learning_rate=args.learning_rate,
+        validate_every=args.validate_every, seed=args.seed, device=args.device, num_workers=args.workers,
+        time_budget_s=args.time_budget,
+        augmentation=AugmentationConfig.none() if args.no_augmentation else AugmentationConfig(),
+    )
+    result = train_model(cases, model, output=args.output, config=config, validation_cases=validation,
+                         checkpoint=args.checkpoint, resume=args.resume, progress=TextProgressBar(),
+                         should_cancel=_CancelOnInterrupt())
+    best = result.best_validation_mre_mm
+    print(f"Wrote {result.output} after {result.iterations} iterations in {result.seconds:.0f} s on {result.device}"
+          + (f"; best validation MRE {best:.2f} mm" if best is not None else ""))
+    return 0
+
+
+def _command_train(args: argparse.Namespace) -> int:
+    from .grid import GridSpec
+    from .model import create_model
+    from .network import NetworkConfig
+
+    cases = _load_data(args)
+    first = cases[0].landmarks
+    paper = NetworkConfig.paper_2d if args.dimension == 2 else NetworkConfig.paper_3d
+    overrides = {k: v for k, v in {"architecture": args.architecture, "filters": args.filters, "levels": args.levels,
+                                   "spatial_downsample": args.spatial_downsample,
+                                   "spatial_kernel": args.spatial_kernel}.items() if v is not None}
+    config = paper(len(first), **overrides)
+    size = tuple(args.grid_size) if args.grid_size else ((512, 512) if args.dimension == 2 else (96, 96, 96))
+    if len(size) != args.dimension:
+        msg = f"--grid-size needs {args.dimension} numbers for a {args.dimension}D model"
+        raise ValueError(msg)
+    grid = GridSpec(size=size, spacing=_spacing(args.grid_spacing, args.dimension))
+    model = create_model(config, grid=grid, landmark_names=first.names, landmark_descriptions=first.descriptions)
+    return _run_training(args, model, cases)
+
+
+def _command_finetune(args: argparse.Namespace) -> int:
+    from .model_file import load_model
+    from .training import adapt_to_landmarks
+
+    cases = _load_data(args)
+    model = load_model(_resolve_model(args.from_model))
+    names = cases[0].landmarks.names
+    if set(names) != set(model.landmark_names):
+        print(f"The cases have a different landmark set ({len(names)} landmarks); training new output heads.")
+        model = adapt_to_landmarks(model, names, cases[0].landmarks.descriptions)
+    model.info["parent_model"] = str(args.from_model)
+    return _run_training(args, model, cases)
+
+
+def _command_detect(args: argparse.Namespace) -> int:
+    from .batch import detect_files, find_images, output_stem
+    from .image_io import read_image
+    from .overlay import write_overlay_png
+    from .progress import TextProgressBar
+
+    model_path = _resolve_model(args.model)
+    source: Path = args.input
+    is_dicom_folder = source.is_dir() and any(p.suffix.lower() == ".dcm" for p in source.iterdir())
+    images = [source] if source.is_file() or is_dicom_folder else find_images(source)
+    if not images:
+        msg = f"No images found in {source}"
+        raise ValueError(msg)
+    spacing = _spacing(args.spacing, 2)
+
+    def overlay(item) -> None:  # noqa: ANN001
+        if args.overlay and item.landmarks is not None:
+            write_overlay_png(read_image(item.image, spacing=spacing), item.landmarks,
+                              args.output / f"{output_stem(item.image)}.png", overwrite=args.overwrite)
+
+    report = detect_files(images, args.output, model_path, device=args.device, spacing=spacing,
+                          low_confidence_threshold=args.threshold, overwrite=args.overwrite,
+                          progress=TextProgressBar() if len(images) > 1 else None, on_item=overlay)
+    print(f"Model {model_path.name} on {report.device}")
+    for item in report.items:
+        if item.error:
+            print(f"  FAILED {item.image.name}: {item.error}")
+            continue
+        low = int((item.landmarks.confidences < args.threshold).sum()) if item.landmarks.confidences is not None else 0
+        print(f"  {item.image.name}: {len(item.landmarks)} landmarks in {item.seconds:.2f} s -> {item.output}"
+              + (f" ({low} below confidence {args.threshold})" if low else ""))
+    if report.summary_csv:
+        print(f"Summary: {report.summary_csv}")
+    return 0 if not report.failed else EXIT_ERROR
+
+
+def _command_evaluate(args: argparse.Namespace) -> int:
+    from .detection import Detector
+    from .evaluation import evaluate, format_summary, write_evaluation
+    from .progress import Progress, TextProgressBar
+
+    cases = _load_data(args)
+    detector = Detector(_resolve_model(args.model), device=args.device)
+    bar = TextProgressBar()
+    rows = []
+    for number, case in enumerate(cases):
+        rows.append((case.name, detector.detect(case.image), case.landmarks))
+        bar(Progress("evaluate", number + 1, len(cases), 0.0))
+    report = evaluate(rows)
+    write_evaluation(report, args.output)
+    print(format_summary(report))
+    print(f"Report: {args.output}")
+    return 0
+
+
+def _command_info(args: argparse.Namespace) -> int:
+    import json
+
+    from .model_file import read_model_description
+
+    description = read_model_description(_resolve_model(args.model))
+    info = dict(description.get("info", {}))
+    training = info.pop("training", {}) if isinstance(info.get("training"), dict) else {}
+    summary = {
+        "network": description["network"],
+        "grid": description["grid"],
+        "landmarks": [item["name"] for item in description["landmarks"]],
+        "info": info,
+        "training": {k: training.get(k) for k in ("iterations", "best_validation_mre_mm", "seconds", "device")},
+    }
+    print(json.dumps(summary, indent=2))
+    return 0
+
+
+COMMANDS = {"detect": _command_detect, "train": _command_train, "finetune": _command_finetune,
+            "evaluate": _command_evaluate, "info": _command_info}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``scn-landmarks`` command; returns the exit code."""
+    from .errors import ModelFileError, TrainingCancelled
+
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s: %(message)s")
+    try:
+        return COMMANDS[args.command](args)
+    except TrainingCancelled as cancelled:
+        print(str(cancelled), file=sys.stderr)
+        return EXIT_CANCELLED
+    except (ValueError, FileNotFoundError, FileExistsError, ModelFileError, FloatingPointError) as error:
+        print(f"scn-landmarks {args.command}: error: {error}", file=sys.stderr)
+        return EXIT_ERROR
+
+
+if __name__ == "__main__":
+    sys.exit(main())

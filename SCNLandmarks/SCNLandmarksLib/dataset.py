@@ -1,0 +1,93 @@
+"""Loading annotated images from disk as training or evaluation cases."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Literal
+
+from .batch import find_images, output_stem
+from .image_io import read_image
+from .landmark_io import read_landmark_csv, read_landmarks
+from .landmarks import Landmarks
+from .training import TrainingCase
+
+__all__ = ["load_cases", "read_id_list", "read_landmark_names"]
+
+
+def read_id_list(path: str | Path) -> list[str]:
+    """Image ids, one per line (blank lines and ``#`` comments ignored)."""
+    lines = Path(path).read_text(encoding="utf-8").splitlines()
+    return [line.strip() for line in lines if line.strip() and not line.lstrip().startswith("#")]
+
+
+def read_landmark_names(path: str | Path) -> tuple[list[str], list[str]]:
+    """Landmark names and descriptions, one per line as ``name`` or ``name: description``."""
+    names, descriptions = [], []
+    for line in read_id_list(path):
+        name, _, description = line.partition(":")
+        names.append(name.strip())
+        descriptions.append(description.strip())
+    return names, descriptions
+
+
+def load_cases(
+    images: str | Path,
+    *,
+    dimension: int,
+    landmarks: str | Path | None = None,
+    units: Literal["mm", "pixel"] = "mm",
+    ids: Sequence[str] | None = None,
+    spacing: Sequence[float] | None = None,
+    names: Sequence[str] | None = None,
+    descriptions: Sequence[str] | None = None,
+) -> list[TrainingCase]:
+    """Annotated cases from an image folder.
+
+    Args:
+        images: folder of images (any format :func:`~SCNLandmarksLib.image_io.read_image` reads).
+        dimension: 2 or 3.
+        landmarks: a challenge-style CSV (one row per image id = image file name without
+            extension), or ``None`` to read ``<image name>.mrk.json`` / ``.fcsv`` next to each image.
+        units: CSV coordinates in physical ``"mm"`` (LPS) or ``"pixel"`` indices (mapped
+            through each image's own geometry).
+        ids: only these image ids, in this order (a split file).
+        spacing: pixel size for formats without one (PNG, JPEG).
+        names, descriptions: landmark names for CSV columns (default ``L1..LN``).
+    """
+    files = {output_stem(p): p for p in find_images(images)}
+    wanted = list(ids) if ids is not None else sorted(files)
+    missing_images = [i for i in wanted if i not in files]
+    if missing_images:
+        msg = f"No image file in {images} for ids: {', '.join(missing_images[:5])}{' ...' if len(missing_images) > 5 else ''}"
+        raise FileNotFoundError(msg)
+    table = None
+    if landmarks is not None:
+        table = read_landmark_csv(landmarks, dimension=dimension, units="mm", names=names)
+    cases = []
+    for image_id in wanted:
+        image = read_image(files[image_id], spacing=spacing)
+        if table is not None:
+            if image_id not in table:
+                msg = f"{landmarks} has no row for image {image_id}"
+                raise ValueError(msg)
+            points = table[image_id]
+            if units == "pixel":
+                geometry = image.as_dimension(dimension).geometry
+                points = Landmarks(points.names, geometry.index_to_physical(points.positions), points.descriptions)
+        else:
+            points = _sidecar_landmarks(files[image_id], dimension)
+        if descriptions is not None and len(descriptions) == len(points):
+            points.descriptions = list(descriptions)
+        cases.append(TrainingCase(image=image, landmarks=points, name=image_id))
+    return cases
+
+
+def _sidecar_landmarks(image_path: Path, dimension: int) -> Landmarks:
+    stem = output_stem(image_path)
+    for suffix in (".mrk.json", ".fcsv", ".json"):
+        candidate = image_path.parent / f"{stem}{suffix}"
+        if candidate.exists():
+            return read_landmarks(candidate, dimension=dimension)
+    msg = f"No landmark file for {image_path.name}: expected {stem}.mrk.json or {stem}.fcsv beside it"
+    raise FileNotFoundError(msg)

@@ -1,0 +1,184 @@
+"""Model files: safe to load, checked, written atomically.
+
+A model file (``*.scn.pt``) is a PyTorch zip archive holding only plain data: a format tag,
+a JSON description (network settings, input grid, intensity mapping, landmark names and
+definitions, provenance) and a dictionary of tensors. It is read with
+``torch.load(weights_only=True)``, which refuses to execute pickled code, and the weights
+are checked against a SHA-256 stored at save time.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import zipfile
+from pathlib import Path
+
+import torch
+
+from .atomic import atomic_path
+from .errors import ModelFileError
+from .grid import GridSpec
+from .heatmaps import HeatmapTargets
+from .intensity import IntensityConfig
+from .model import LandmarkModel
+from .network import NetworkConfig, build_network
+
+__all__ = ["FORMAT_TAG", "MODEL_SUFFIX", "load_model", "read_model_description", "save_model"]
+
+FORMAT_TAG = "scn-landmarks-model"
+FORMAT_VERSION = 1
+MODEL_SUFFIX = ".scn.pt"
+
+
+def _weights_digest(state: dict[str, torch.Tensor]) -> str:
+    digest = hashlib.sha256()
+    for name in sorted(state):
+        tensor = state[name].detach().cpu().contiguous()
+        digest.update(name.encode())
+        digest.update(str(tensor.dtype).encode())
+        digest.update(tensor.view(torch.uint8).numpy().tobytes() if tensor.numel() else b"")
+    return digest.hexdigest()
+
+
+def _describe(model: LandmarkModel, *, half_precision: bool) -> dict[str, object]:
+    return {
+        "network": model.config.to_dict(),
+        "grid": {"size": list(model.grid.size), "spacing": None if model.grid.spacing is None else list(model.grid.spacing)},
+        "intensity": model.intensity.to_dict(),
+        "landmarks": [
+            {"name": n, "description": d} for n, d in zip(model.landmark_names, model.landmark_descriptions)
+        ],
+        "targets": {"gamma": model.targets.gamma, "sigma_weight": model.sigma_weight},
+        "half_precision": half_precision,
+        "info": model.info,
+    }
+
+
+def save_model(model: LandmarkModel, path: str | Path, *, overwrite: bool = False, half_precision: bool = False) -> Path:
+    """Write ``model`` to ``path`` atomically (a reader never sees a half-written file).
+
+    Args:
+        model: the model to save.
+        path: destination, conventionally ending in ``.scn.pt``.
+        overwrite: replace an existing file; by default an existing file is an error,
+            so a user's model is never replaced by accident.
+        half_precision: store weights as float16 (half the size; loaded back as float32).
+    """
+    path = Path(path)
+    state: dict[str, torch.Tensor] = {}
+    for prefix, module in (("network.", model.network), ("targets.", model.targets)):
+        for name, tensor in module.state_dict().items():
+            tensor = tensor.detach().cpu()
+            if half_precision and tensor.is_floating_point() and not name.endswith("sigmas"):
+                tensor = tensor.half()
+            state[prefix + name] = tensor.clone()
+    description = _describe(model, half_precision=half_precision)
+    payload = {
+        "format": FORMAT_TAG,
+        "format_version": FORMAT_VERSION,
+        "description": json.dumps(description),
+        "weights_sha256": _weights_digest(state),
+        "state": state,
+    }
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_path(path, overwrite=overwrite) as temporary:
+        torch.save(payload, temporary)
+    return path
+
+
+def _read_payload(path: Path) -> dict[str, object]:
+    if not path.exists():
+        msg = f"Model file not found: {path}"
+        raise ModelFileError(msg)
+    if path.is_dir():
+        msg = f"Expected a model file but {path} is a folder"
+        raise ModelFileError(msg)
+    if not zipfile.is_zipfile(path):
+        msg = f"{path} is not an SCNLandmarks model file (it is not a PyTorch archive, or it is truncated)"
+        raise ModelFileError(msg)
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # torch raises several types for damaged or unsafe files
+        text = str(error)
+        if "weights_only" in text or "Unsupported global" in text or "Unpickler" in text:
+            msg = f"{path} contains Python objects, not only weights; it is refused because loading it could run code"
+        else:
+            msg = f"{path} could not be read as a model file; it is damaged or truncated ({type(error).__name__})"
+        raise ModelFileError(msg) from error
+    if not isinstance(payload, dict) or payload.get("format") != FORMAT_TAG:
+        msg = f"{path} is a PyTorch file but not an SCNLandmarks model (no '{FORMAT_TAG}' tag)"
+        raise ModelFileError(msg)
+    version = payload.get("format_version")
+    if not isinstance(version, int) or version > FORMAT_VERSION:
+        msg = f"{path} was written by a newer SCNLandmarks (format {version}); update SCNLandmarks to use it"
+        raise ModelFileError(msg)
+    return payload
+
+
+def read_model_description(path: str | Path) -> dict[str, object]:
+    """The JSON description of a model file (landmarks, grid, provenance) without building the network."""
+    payload = _read_payload(Path(path))
+    try:
+        return json.loads(str(payload["description"]))
+    except (KeyError, json.JSONDecodeError) as error:
+        msg = f"{path} has a damaged description block"
+        raise ModelFileError(msg) from error
+
+
+def load_model(path: str | Path, *, device: torch.device | str = "cpu") -> LandmarkModel:
+    """Load and check a model file.
+
+    Raises:
+        ModelFileError: missing, truncated, foreign, unsafe or damaged file, each with its reason.
+    """
+    path = Path(path)
+    payload = _read_payload(path)
+    state = payload.get("state")
+    if not isinstance(state, dict) or not all(isinstance(t, torch.Tensor) for t in state.values()):
+        msg = f"{path} has no weights block"
+        raise ModelFileError(msg)
+    if payload.get("weights_sha256") != _weights_digest(state):
+        msg = f"{path} is damaged: its weights do not match the checksum written when it was saved"
+        raise ModelFileError(msg)
+    description = read_model_description(path)
+    try:
+        config = NetworkConfig.from_dict(dict(description["network"]))
+        grid_values = description["grid"]
+        grid = GridSpec(
+            size=tuple(int(s) for s in grid_values["size"]),
+            spacing=None if grid_values["spacing"] is None else tuple(float(s) for s in grid_values["spacing"]),
+        )
+        intensity = IntensityConfig(**description["intensity"])
+        landmarks = description["landmarks"]
+        names = [str(item["name"]) for item in landmarks]
+        descriptions = [str(item.get("description", "")) for item in landmarks]
+        target_values = description["targets"]
+    except (KeyError, TypeError, ValueError) as error:
+        msg = f"{path} has an incomplete or invalid description ({error})"
+        raise ModelFileError(msg) from error
+    network = build_network(config)
+    targets = HeatmapTargets(config.num_landmarks, config.dimension, initial_sigma=1.0, gamma=float(target_values["gamma"]))
+    try:
+        network.load_state_dict(
+            {k[len("network.") :]: v.float() for k, v in state.items() if k.startswith("network.")}, strict=True
+        )
+        targets.load_state_dict({k[len("targets.") :]: v.float() for k, v in state.items() if k.startswith("targets.")}, strict=True)
+    except RuntimeError as error:
+        msg = f"{path} is damaged: its weights do not fit the network it describes"
+        raise ModelFileError(msg) from error
+    if len(names) != config.num_landmarks:
+        msg = f"{path} names {len(names)} landmarks for a network with {config.num_landmarks} outputs"
+        raise ModelFileError(msg)
+    network.eval()
+    model = LandmarkModel(
+        network=network,
+        targets=targets,
+        grid=grid,
+        intensity=intensity,
+        landmark_names=names,
+        landmark_descriptions=descriptions,
+        sigma_weight=float(target_values["sigma_weight"]),
+        info=dict(description.get("info", {})),
+    )
+    return model.to(torch.device(device) if isinstance(device, str) else device)

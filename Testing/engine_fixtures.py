@@ -1,0 +1,29 @@
+"""Small models and synthetic cases shared by the engine tests (fast on a 2-core CPU)."""
+
+from __future__ import annotations
+
+from SCNLandmarksLib.grid import GridSpec
+from SCNLandmarksLib.model import LandmarkModel, create_model
+from SCNLandmarksLib.network import NetworkConfig
+from SCNLandmarksLib.synthetic import make_synthetic_dataset
+from SCNLandmarksLib.training import TrainingCase
+
+# An oblique, anisotropic 2D grid with a non-zero origin.
+GEOMETRY_2D = {"dimension": 2, "size": (80, 72), "spacing": (0.9, 1.2), "origin": (12.0, -30.0), "direction": 0.3}
+
+
+def tiny_config(num_landmarks: int, dimension: int = 2, **overrides: object) -> NetworkConfig:
+    values: dict[str, object] = {"filters": 16, "levels": 3, "spatial_downsample": 8, "spatial_kernel": 5, "dropout": 0.0}
+    values.update(overrides)
+    return NetworkConfig(dimension=dimension, num_landmarks=num_landmarks, **values)  # type: ignore[arg-type]
+
+
+def tiny_model(names: list[str], *, dimension: int = 2, grid: GridSpec | None = None, **overrides: object) -> LandmarkModel:
+    grid = grid or GridSpec(size=(64,) * dimension)
+    return create_model(tiny_config(len(names), dimension, **overrides), grid=grid, landmark_names=names)
+
+
+def synthetic_cases(count: int, *, seed: int = 1, num_landmarks: int = 4, **geometry: object) -> list[TrainingCase]:
+    options = {**GEOMETRY_2D, **geometry}
+    data = make_synthetic_dataset(count, seed=seed, num_landmarks=num_landmarks, **options)
+    return [TrainingCase(image, landmarks, f"case{n:02d}") for n, (image, landmarks) in enumerate(data)]

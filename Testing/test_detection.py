@@ -1,0 +1,68 @@
+"""Detection: bad input is explained; large 3D volumes are tiled; results are in LPS with confidences."""
+
+import numpy as np
+import pytest
+
+from engine_fixtures import tiny_model
+from SCNLandmarksLib.detection import Detector, _tile_starts
+from SCNLandmarksLib.geometry import ImageGeometry
+from SCNLandmarksLib.grid import GridSpec
+from SCNLandmarksLib.image import Image
+from SCNLandmarksLib.synthetic import make_synthetic_case
+
+
+def image_2d(array: np.ndarray) -> Image:
+    geometry = ImageGeometry(size=array.shape[::-1], spacing=(1.0, 1.0), origin=(0.0, 0.0), direction=(1.0, 0.0, 0.0, 1.0))
+    return Image(array, geometry)
+
+
+@pytest.fixture(scope="module")
+def detector_2d():
+    return Detector(tiny_model(["A", "B"]), device="cpu")
+
+
+def test_bad_images_are_explained(detector_2d):
+    volume, _ = make_synthetic_case(dimension=3, size=16, num_landmarks=2)
+    with pytest.raises(ValueError, match="expects a 2D image but this image is 3D"):
+        detector_2d.detect(volume)
+    with pytest.raises(ValueError, match="same intensity"):
+        detector_2d.detect(image_2d(np.full((40, 40), 7.0)))
+    noisy = np.random.default_rng(0).normal(size=(40, 40))
+    noisy[3, 4] = np.nan
+    with pytest.raises(ValueError, match="NaN"):
+        detector_2d.detect(image_2d(noisy))
+    with pytest.raises(ValueError, match="cuda|GPU"):
+        Detector(tiny_model(["A"]), device="cuda") if not __import__("torch").cuda.is_available() else (_ for _ in ()).throw(ValueError("GPU"))
+
+
+def test_single_slice_volume_is_accepted_by_a_2d_model(detector_2d):
+    image, _ = make_synthetic_case(dimension=2, size=48, num_landmarks=2)
+    geometry = image.geometry
+    volume = Image(image.array[None], ImageGeometry(size=(*geometry.size, 1), spacing=(*geometry.spacing, 3.0),
+                                                   origin=(*geometry.origin, 5.0),
+                                                   direction=(*geometry.direction[:2], 0.0, *geometry.direction[2:], 0.0, 0.0, 0.0, 1.0)))
+    flat = detector_2d.detect(image)
+    from_volume = detector_2d.detect(volume)
+    np.testing.assert_allclose(from_volume.positions, flat.positions, atol=1e-6)
+    assert flat.confidences is not None and ((flat.confidences >= 0) & (flat.confidences <= 1)).all()
+
+
+def test_tiles_overlap_and_cover_the_volume():
+    assert _tile_starts(64, 64) == [0]
+    starts = _tile_starts(100, 32)
+    assert starts[0] == 0 and starts[-1] == 68
+    assert all(b - a <= 16 for a, b in zip(starts, starts[1:]))
+
+
+def test_large_3d_volume_is_processed_in_tiles_on_the_full_grid():
+    model = tiny_model(["A", "B"], dimension=3, grid=GridSpec(size=(16, 16, 16), spacing=(2.0, 2.0, 2.0)))
+    volume, _ = make_synthetic_case(dimension=3, size=(40, 30, 24), spacing=(1.5, 1.2, 2.5), origin=(-20.0, 5.0, 40.0),
+                                    direction=(0.2, 0.1, -0.3), num_landmarks=2)
+    detector = Detector(model, device="cpu")
+    heatmaps, grid = detector.heatmaps(volume)
+    # The detection grid covers the whole volume at the model's spacing (more than one tile).
+    assert heatmaps.shape[0] == 2 and max(grid.size) > 16
+    assert all(s % model.config.size_divisor == 0 for s in grid.size)
+    assert np.isfinite(heatmaps).all()
+    result = detector.detect(volume)
+    assert result.positions.shape == (2, 3) and np.isfinite(result.positions).all()

@@ -1,0 +1,97 @@
+"""Model files: round trip, half precision, and every kind of bad file refused with its reason."""
+
+import pickle
+import zipfile
+
+import numpy as np
+import pytest
+import torch
+
+from engine_fixtures import tiny_model
+from SCNLandmarksLib.errors import ModelFileError
+from SCNLandmarksLib.model_file import load_model, read_model_description, save_model
+
+
+class Innocent:
+    """Stands for any Python object a hostile file could make torch.load construct."""
+
+    def __reduce__(self):
+        return (print, ("this would have run",))
+
+
+@pytest.fixture
+def saved(tmp_path):
+    model = tiny_model(["Sella", "Nasion", "Menton"])
+    model.landmark_descriptions = ["centre of sella turcica", "", "lowest point of the chin"]
+    model.info["note"] = "unit test"
+    path = save_model(model, tmp_path / "m.scn.pt")
+    return model, path
+
+
+def outputs(model, image):
+    model.network.eval()
+    with torch.no_grad():
+        return model.network(image)
+
+
+def test_round_trip_keeps_weights_landmarks_and_settings(saved):
+    model, path = saved
+    loaded = load_model(path)
+    image = torch.randn(1, 1, 64, 64)
+    torch.testing.assert_close(outputs(loaded, image), outputs(model, image))
+    assert loaded.landmark_names == ["Sella", "Nasion", "Menton"]
+    assert loaded.landmark_descriptions[2] == "lowest point of the chin"
+    assert loaded.grid == model.grid and loaded.config == model.config
+    assert loaded.info["note"] == "unit test"
+    assert read_model_description(path)["network"]["filters"] == 16
+
+
+def test_half_precision_file_is_smaller_and_close(saved, tmp_path):
+    model, path = saved
+    half = save_model(model, tmp_path / "half.scn.pt", half_precision=True)
+    assert half.stat().st_size < 0.6 * path.stat().st_size
+    image = torch.randn(1, 1, 64, 64)
+    reference = outputs(model, image)
+    np.testing.assert_allclose(outputs(load_model(half), image), reference, atol=1e-3 * float(reference.abs().max()) + 1e-9)
+
+
+def test_existing_model_is_never_overwritten_by_default(saved):
+    model, path = saved
+    before = path.read_bytes()
+    with pytest.raises(FileExistsError):
+        save_model(model, path)
+    assert path.read_bytes() == before
+
+
+def test_missing_truncated_foreign_and_unsafe_files_are_refused(saved, tmp_path):
+    _, path = saved
+    with pytest.raises(ModelFileError, match="not found"):
+        load_model(tmp_path / "nope.scn.pt")
+    truncated = tmp_path / "truncated.scn.pt"
+    truncated.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    with pytest.raises(ModelFileError, match="truncated|damaged"):
+        load_model(truncated)
+    text = tmp_path / "notes.scn.pt"
+    text.write_text("hello")
+    with pytest.raises(ModelFileError, match="not an SCNLandmarks model"):
+        load_model(text)
+    foreign = tmp_path / "foreign.pt"
+    torch.save({"state_dict": {"w": torch.zeros(2)}}, foreign)
+    with pytest.raises(ModelFileError, match="not an SCNLandmarks model"):
+        load_model(foreign)
+    hostile = tmp_path / "hostile.pt"
+    torch.save({"format": "scn-landmarks-model", "payload": Innocent()}, hostile, pickle_protocol=pickle.HIGHEST_PROTOCOL)
+    with pytest.raises(ModelFileError, match="could run code"):
+        load_model(hostile)
+
+
+def test_changed_weights_fail_the_checksum(saved, tmp_path):
+    _, path = saved
+    payload = torch.load(path, weights_only=True)
+    name = next(iter(payload["state"]))
+    payload["state"][name] = payload["state"][name] + 1.0
+    tampered = tmp_path / "tampered.scn.pt"
+    torch.save(payload, tampered)
+    assert zipfile.is_zipfile(tampered)
+    with pytest.raises(ModelFileError, match="checksum"):
+        load_model(tampered)

@@ -1,0 +1,62 @@
+"""The SCN and U-Net networks: shapes, parameter counts, fixed upsampling, errors."""
+
+import pytest
+import torch
+
+from SCNLandmarksLib.network import FixedUpsample, NetworkConfig, build_network, count_parameters
+
+
+def test_paper_configurations_have_the_expected_size():
+    # Counted by hand from the MIA-2019 layout: stem + 4 x (2 convs + parallel) + heads + SC.
+    assert count_parameters(build_network(NetworkConfig.paper_2d(19))) == 6_348_070
+    assert count_parameters(build_network(NetworkConfig.paper_3d(32))) == 5_600_000
+    unet = build_network(NetworkConfig.paper_2d(19, architecture="unet"))
+    assert unet.spatial is None and count_parameters(unet) == 1_794_195
+
+
+@pytest.mark.parametrize("dimension", [2, 3])
+def test_output_is_local_times_spatial_on_the_input_grid(dimension):
+    config = NetworkConfig(dimension=dimension, num_landmarks=3, filters=8, levels=3, spatial_downsample=4,
+                           spatial_kernel=3, heatmap_init_std=0.1)
+    network = build_network(config).eval()
+    image = torch.randn(2, 1, *([16] * dimension))
+    with torch.no_grad():
+        output = network(image)
+        expected = network.local(image) * network.spatial(network.local(image))
+    assert output.shape == (2, 3, *([16] * dimension))
+    torch.testing.assert_close(output, expected)
+
+
+def test_heatmap_layers_start_near_zero():
+    network = build_network(NetworkConfig.paper_2d(5, filters=16)).eval()
+    with torch.no_grad():
+        output = network(torch.randn(1, 1, 64, 64))
+    assert output.abs().max() < 1e-4
+
+
+@pytest.mark.parametrize("factor", [2, 4, 8, 16])
+def test_fixed_cubic_upsampling_reproduces_constants_inside_and_centres_samples(factor):
+    upsample = FixedUpsample(factor, kernel="cubic", dimension=2)
+    ones = torch.ones(1, 1, 6, 6)
+    out = upsample(ones)
+    assert out.shape == (1, 1, 6 * factor, 6 * factor)
+    inner = out[0, 0, 2 * factor : 4 * factor, 2 * factor : 4 * factor]
+    torch.testing.assert_close(inner, torch.ones_like(inner))
+    # A single impulse at input i lands centred on output i*f + (f-1)/2 (align_corners=False).
+    impulse = torch.zeros(1, 1, 1, 5)
+    impulse[..., 2] = 1.0
+    row = FixedUpsample(factor, kernel="linear", dimension=2)(impulse.expand(1, 1, 5, 5))[0, 0, 2 * factor]
+    centre = 2 * factor + (factor - 1) / 2
+    weights = row / row.sum()
+    mean = float((weights * torch.arange(row.numel())).sum())
+    assert mean == pytest.approx(centre, abs=1e-4)
+
+
+def test_wrong_input_shapes_are_explained():
+    network = build_network(NetworkConfig(dimension=2, num_landmarks=2, filters=4, levels=2, spatial_downsample=4, spatial_kernel=3))
+    with pytest.raises(ValueError, match="one-channel 2D"):
+        network(torch.zeros(1, 3, 16, 16))
+    with pytest.raises(ValueError, match="multiple of 4"):
+        network(torch.zeros(1, 1, 18, 16))
+    with pytest.raises(ValueError, match="architecture"):
+        NetworkConfig(dimension=2, num_landmarks=2, architecture="resnet")
