@@ -119,22 +119,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _resolve_model(name: str | None) -> Path:
-    from .catalog import default_model, list_models
+    from .catalog import find_model
 
-    if name is None:
-        model = default_model()
-        if model is None:
-            msg = "No model given and no bundled default model is installed; pass --model FILE.scn.pt"
-            raise ValueError(msg)
-        return model
-    path = Path(name).expanduser()
-    if path.exists():
-        return path
-    for entry in list_models():
-        if entry.name == name:
-            return entry.path
-    msg = f"Model not found: {name} (neither a file nor the name of an installed model)"
-    raise ValueError(msg)
+    return find_model(name)
 
 
 def _spacing(values: Sequence[float] | None, dimension: int | None = None) -> tuple[float, ...] | None:

@@ -56,6 +56,9 @@ def load_cases(
         names, descriptions: landmark names for CSV columns (default ``L1..LN``).
     """
     files = {output_stem(p): p for p in find_images(images)}
+    if not files:
+        msg = f"No images found in {images}"
+        raise ValueError(msg)
     wanted = list(ids) if ids is not None else sorted(files)
     missing_images = [i for i in wanted if i not in files]
     if missing_images:

@@ -470,8 +470,10 @@ def train_model(
             if mre is not None or iteration % config.progress_every == 0:
                 history.append({"iteration": iteration, "loss": running_loss, "validation_mre_mm": mre})
             if progress is not None and (iteration % config.progress_every == 0 or mre is not None):
-                progress(Progress("train", iteration, config.iterations, elapsed,
-                                  estimate_eta(iteration - start_iteration, config.iterations - start_iteration, elapsed),
+                eta = estimate_eta(iteration - start_iteration, config.iterations - start_iteration, elapsed)
+                if config.time_budget_s is not None and eta is not None:
+                    eta = max(0.0, min(eta, config.time_budget_s - elapsed))
+                progress(Progress("train", iteration, config.iterations, elapsed, eta,
                                   loss=running_loss, validation_mre_mm=mre))
             if checkpoint is not None and config.checkpoint_every and iteration % config.checkpoint_every == 0:
                 _save_checkpoint(checkpoint, checkpoint_state(iteration))

@@ -1,0 +1,79 @@
+"""The scn-landmarks command: train -> detect -> evaluate -> finetune on files, and its errors."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from engine_fixtures import synthetic_cases
+from SCNLandmarksLib.cli import main
+from SCNLandmarksLib.image_io import write_image
+from SCNLandmarksLib.landmark_io import read_mrk_json, write_mrk_json
+
+TINY = ["--grid-size", "64", "64", "--filters", "8", "--levels", "3", "--spatial-downsample", "8",
+        "--spatial-kernel", "5", "--device", "cpu", "--validate-every", "0"]
+
+
+@pytest.fixture(scope="module")
+def annotated_folder(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("annotated")
+    for case in synthetic_cases(5, seed=4):
+        write_image(case.image, folder / f"{case.name}.nrrd")
+        write_mrk_json(case.landmarks, folder / f"{case.name}.mrk.json")
+    return folder
+
+
+@pytest.fixture(scope="module")
+def trained_model(annotated_folder, tmp_path_factory):
+    model = tmp_path_factory.mktemp("models") / "tiny.scn.pt"
+    code = main(["train", "--images", str(annotated_folder), "--output", str(model), "--iterations", "20", *TINY])
+    assert code == 0 and model.exists()
+    return model
+
+
+def test_help_explains_every_command():
+    result = subprocess.run([sys.executable, "-m", "SCNLandmarksLib.cli", "--help"], capture_output=True, text=True, check=True)
+    for command in ("detect", "train", "finetune", "evaluate", "info"):
+        assert command in result.stdout
+    assert "LPS" in result.stdout
+
+
+def test_detect_folder_writes_markups_summary_and_overlays(annotated_folder, trained_model, tmp_path, capsys):
+    output = tmp_path / "out"
+    assert main(["detect", str(annotated_folder), "--model", str(trained_model), "--output", str(output),
+                 "--overlay", "--device", "cpu"]) == 0
+    markups = sorted(output.glob("*.mrk.json"))
+    assert len(markups) == 5 and len(list(output.glob("*.png"))) == 5
+    landmarks = read_mrk_json(markups[0], dimension=2)
+    assert landmarks.names == ["L1", "L2", "L3", "L4"] and landmarks.confidences is not None
+    rows = (output / "landmarks.csv").read_text().splitlines()
+    assert rows[0].startswith("image,landmark,x_lps") and len(rows) == 1 + 5 * 4
+    assert "cpu" in capsys.readouterr().out
+    # Running again does not overwrite the results silently.
+    assert main(["detect", str(annotated_folder), "--model", str(trained_model), "--output", str(output), "--device", "cpu"]) == 2
+
+
+def test_evaluate_and_finetune_and_info(annotated_folder, trained_model, tmp_path, capsys):
+    report = tmp_path / "report"
+    assert main(["evaluate", "--model", str(trained_model), "--images", str(annotated_folder), "--output", str(report),
+                 "--device", "cpu"]) == 0
+    values = json.loads((report / "evaluation.json").read_text())
+    assert "mre_mm" in json.dumps(values) and "MRE" in capsys.readouterr().out
+    tuned = tmp_path / "tuned.scn.pt"
+    assert main(["finetune", "--from-model", str(trained_model), "--images", str(annotated_folder), "--output", str(tuned),
+                 "--iterations", "5", "--device", "cpu", "--validate-every", "0"]) == 0
+    capsys.readouterr()
+    assert main(["info", str(tuned)]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["landmarks"] == ["L1", "L2", "L3", "L4"] and info["training"]["iterations"] == 5
+    assert info["info"]["parent_model"] == str(trained_model)
+
+
+def test_errors_are_one_clear_line_and_exit_code_2(annotated_folder, trained_model, tmp_path, capsys):
+    assert main(["detect", str(annotated_folder), "--model", str(tmp_path / "missing.scn.pt")]) == 2
+    assert "No model named or found" in capsys.readouterr().err
+    assert main(["train", "--images", str(annotated_folder), "--output", str(trained_model), "--iterations", "1", *TINY]) == 2
+    assert "already exists" in capsys.readouterr().err
+    assert main(["train", "--images", str(tmp_path), "--output", str(tmp_path / "x.scn.pt"), *TINY]) == 2
+    assert "No images found" in capsys.readouterr().err

@@ -1,0 +1,7 @@
+#!/usr/bin/env bash
+# Sets up .venv (scripts/setup.sh) and runs the main job (scripts/main_job.py): detect
+# landmarks with the bundled default model, or train-and-detect while none is bundled.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+bash scripts/setup.sh
+exec .venv/bin/python scripts/main_job.py "$@"
