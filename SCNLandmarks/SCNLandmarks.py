@@ -1,0 +1,1201 @@
+"""SCNLandmarks: detect anatomical landmarks with a SpatialConfiguration-Net, correct them,
+fine-tune the model on the corrected cases, and detect on whole folders.
+
+The Widget only wires the user interface to the Logic. The Logic is a typed API that the
+Python console, scripts and tests use in the same way as the GUI::
+
+    logic = slicer.util.getModuleLogic("SCNLandmarks")
+    points = logic.detect(slicer.util.getNode("CT"), model="Cephalometric 2D", device="auto")
+    # ... move the points that are wrong ...
+    logic.addTrainingCase(slicer.util.getNode("CT"), points)
+    newModel = logic.fineTune(iterations=300)            # blocks; wait=False returns a job
+    logic.detectFolder("/data/in", "/data/out", model=newModel)
+
+The engine (``SCNLandmarksLib``) has no Slicer dependency; everything that touches MRML is in
+``SCNLandmarksLib.mrml_adapter``. torch and SimpleITK are imported inside functions only, so
+this module loads before PyTorch is installed; it is installed when first needed.
+"""
+
+import enum
+import importlib.util
+import logging
+import math
+import os
+import shutil
+import sys
+import tempfile
+import time
+import unittest
+from collections.abc import Callable
+from pathlib import Path
+from typing import Annotated, Any, Optional, Union
+
+import qt
+import vtk
+
+import slicer
+from slicer import vtkMRMLMarkupsFiducialNode, vtkMRMLScalarVolumeNode
+from slicer.i18n import tr as _
+from slicer.i18n import translate
+from slicer.parameterNodeWrapper import WithinRange, parameterNodeWrapper
+from slicer.ScriptedLoadableModule import (
+    ScriptedLoadableModule,
+    ScriptedLoadableModuleLogic,
+    ScriptedLoadableModuleTest,
+    ScriptedLoadableModuleWidget,
+)
+from slicer.util import VTKObservationMixin
+
+# PyTorch below this version is refused (PyTorch Utils installs a matching build).
+MINIMUM_TORCH_VERSION = "2.1"
+# Packages Slicer ships (or PyTorch Utils installs with the right GPU build): pip must never
+# reinstall or upgrade them, or Slicer's own modules may break.
+NEVER_REINSTALL = ("SimpleITK", "numpy", "torch", "vtk")
+DEFAULT_LOW_CONFIDENCE_THRESHOLD = 0.3
+SETTINGS_MODEL_KEY = "SCNLandmarks/model"
+
+
+class InstallError(RuntimeError):
+    """A required package is missing and was not installed (the user declined, or it failed)."""
+
+
+#
+# SCNLandmarks
+#
+
+
+class SCNLandmarks(ScriptedLoadableModule):
+    """Module description shown in Slicer (title, category, help)."""
+
+    def __init__(self, parent):
+        ScriptedLoadableModule.__init__(self, parent)
+        self.parent.title = _("SCN Landmarks")
+        self.parent.categories = [translate("qSlicerAbstractCoreModule", "Quantification")]
+        self.parent.dependencies = ["Markups"]
+        self.parent.contributors = ["SCNLandmarks contributors"]
+        self.parent.helpText = _(
+            "Detect anatomical landmarks on 2D images and 3D volumes with a SpatialConfiguration-Net, "
+            "correct them, and fine-tune the model on your corrected cases.<br>"
+            "1. Choose a volume and a model, then <b>Detect landmarks</b>. Points drawn in orange have a low "
+            "confidence: check them first.<br>"
+            "2. Move wrong points; mark a landmark you cannot see as missing (right-click the point).<br>"
+            "3. <b>Add case</b> stores the volume and the corrected points; cases are kept on disk.<br>"
+            "4. <b>Fine-tune</b> trains a new model version on your cases in the background; "
+            "the model you started from is never changed.<br>"
+            "5. <b>Batch</b> detects landmarks on every image of a folder."
+        )
+        self.parent.acknowledgementText = _(
+            "Based on the SpatialConfiguration-Net of Payer et al. (Medical Image Analysis, 2019)."
+        )
+
+
+#
+# Parameter node
+#
+
+
+class ComputeDevice(enum.Enum):
+    """Where the network runs; AUTO uses the GPU when a usable one is present."""
+
+    AUTO = "auto"
+    CPU = "cpu"
+    GPU = "cuda"
+
+    def label(self) -> str:
+        return {"auto": _("Auto"), "cpu": _("CPU"), "cuda": _("GPU")}[self.value]
+
+
+@parameterNodeWrapper
+class SCNLandmarksParameterNode:
+    """
+    The parameters needed by the module.
+
+    inputVolume - The volume (2D single slice or 3D) to detect landmarks on.
+    landmarksNode - The point list shown and corrected; set by detection.
+    device - Where the network runs.
+    confidenceThreshold - Points with a lower confidence are flagged for checking.
+    fineTuneIterations - Training iterations of a fine-tuning run.
+    useTimeBudget - Train for a fixed time instead of a number of iterations.
+    timeBudgetMinutes - That time, in minutes.
+    batchInputFolder - Folder of images for batch detection.
+    batchOutputFolder - Folder that receives one .mrk.json per image and a CSV summary.
+    """
+
+    inputVolume: vtkMRMLScalarVolumeNode
+    landmarksNode: vtkMRMLMarkupsFiducialNode
+    device: ComputeDevice = ComputeDevice.AUTO
+    confidenceThreshold: Annotated[float, WithinRange(0.0, 1.0)] = DEFAULT_LOW_CONFIDENCE_THRESHOLD
+    fineTuneIterations: Annotated[int, WithinRange(1, 100000)] = 300
+    useTimeBudget: bool = False
+    timeBudgetMinutes: Annotated[float, WithinRange(0.5, 1440.0)] = 10.0
+    batchInputFolder: Path
+    batchOutputFolder: Path
+
+
+#
+# SCNLandmarksWidget
+#
+
+
+class SCNLandmarksWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
+    """User interface: wires widgets to :class:`SCNLandmarksLogic`, no computation here."""
+
+    def __init__(self, parent=None) -> None:
+        """Called when the user opens the module the first time and the widget is initialized."""
+        ScriptedLoadableModuleWidget.__init__(self, parent)
+        VTKObservationMixin.__init__(self)
+        self.logic = None
+        self._parameterNode = None
+        self._parameterNodeGuiTag = None
+        self._fineTuneJob = None
+        self._batchCancelRequested = False
+        self._batchRunning = False
+
+    def setup(self) -> None:
+        """Called when the user opens the module the first time and the widget is initialized."""
+        ScriptedLoadableModuleWidget.setup(self)
+        uiWidget = slicer.util.loadUI(self.resourcePath("UI/SCNLandmarks.ui"))
+        self.layout.addWidget(uiWidget)
+        self.ui = slicer.util.childWidgetVariables(uiWidget)
+        uiWidget.setMRMLScene(slicer.mrmlScene)
+
+        self.logic = SCNLandmarksLogic()
+
+        self.addObserver(slicer.mrmlScene, slicer.mrmlScene.StartCloseEvent, self.onSceneStartClose)
+        self.addObserver(slicer.mrmlScene, slicer.mrmlScene.EndCloseEvent, self.onSceneEndClose)
+
+        self.ui.loadModelButton.connect("clicked(bool)", self.onLoadModelButton)
+        self.ui.modelComboBox.connect("currentIndexChanged(int)", self.onModelChanged)
+        self.ui.detectButton.connect("clicked(bool)", self.onDetectButton)
+        self.ui.addCaseButton.connect("clicked(bool)", self.onAddCaseButton)
+        self.ui.removeCaseButton.connect("clicked(bool)", self.onRemoveCaseButton)
+        self.ui.fineTunePresetComboBox.connect("activated(int)", self.onFineTunePreset)
+        self.ui.fineTuneButton.connect("clicked(bool)", self.onFineTuneButton)
+        self.ui.cancelFineTuneButton.connect("clicked(bool)", self.onCancelFineTuneButton)
+        self.ui.batchRunButton.connect("clicked(bool)", self.onBatchRunButton)
+        self.ui.batchCancelButton.connect("clicked(bool)", self.onBatchCancelButton)
+
+        self.ui.casesTableWidget.setColumnCount(4)
+        self.ui.casesTableWidget.setHorizontalHeaderLabels([_("Case"), _("Points"), _("Corrected"), _("Missing")])
+        self.ui.casesTableWidget.horizontalHeader().setSectionResizeMode(0, qt.QHeaderView.Stretch)
+        self.ui.casesFolderLabel.text = _("Stored in {folder}").format(folder=self.logic.casesFolder)
+        self.ui.cancelFineTuneButton.enabled = False
+        self.ui.batchCancelButton.enabled = False
+        self.ui.fineTuneProgressBar.setValue(0)
+        self.ui.batchProgressBar.setValue(0)
+
+        self.updateModelList()
+        self.updateCasesTable()
+        self.updateDeviceInfo()
+        self.initializeParameterNode()
+
+    def cleanup(self) -> None:
+        """Called when the application closes and the module widget is destroyed."""
+        self.removeObservers()
+        # A running fine-tuning would otherwise outlive Slicer; it writes nothing when stopped.
+        if self._fineTuneJob is not None and self._fineTuneJob.isRunning():
+            self._fineTuneJob.cancel()
+
+    def enter(self) -> None:
+        """Called each time the user opens this module."""
+        self.initializeParameterNode()
+
+    def exit(self) -> None:
+        """Called each time the user opens a different module."""
+        if self._parameterNode:
+            self._parameterNode.disconnectGui(self._parameterNodeGuiTag)
+            self._parameterNodeGuiTag = None
+            self.removeObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self._updateButtonStates)
+
+    def onSceneStartClose(self, caller, event) -> None:
+        """Called just before the scene is closed."""
+        self.setParameterNode(None)
+
+    def onSceneEndClose(self, caller, event) -> None:
+        """Called just after the scene is closed."""
+        if self.parent.isEntered:
+            self.initializeParameterNode()
+
+    def initializeParameterNode(self) -> None:
+        """Ensure parameter node exists and observed."""
+        self.setParameterNode(self.logic.getParameterNode())
+        if not self._parameterNode.inputVolume:
+            firstVolumeNode = slicer.mrmlScene.GetFirstNodeByClass("vtkMRMLScalarVolumeNode")
+            if firstVolumeNode:
+                self._parameterNode.inputVolume = firstVolumeNode
+
+    def setParameterNode(self, inputParameterNode: Optional[SCNLandmarksParameterNode]) -> None:
+        """Set and observe the parameter node; the GUI follows it through connectGui."""
+        if self._parameterNode:
+            self._parameterNode.disconnectGui(self._parameterNodeGuiTag)
+            self.removeObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self._updateButtonStates)
+        self._parameterNode = inputParameterNode
+        if self._parameterNode:
+            self._parameterNodeGuiTag = self._parameterNode.connectGui(self.ui)
+            self.addObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self._updateButtonStates)
+            self._updateButtonStates()
+
+    def _updateButtonStates(self, caller=None, event=None) -> None:
+        parameters = self._parameterNode
+        haveVolume = bool(parameters and parameters.inputVolume)
+        haveModel = bool(self.selectedModelPath())
+        running = self._fineTuneJob is not None and self._fineTuneJob.isRunning()
+        self.ui.detectButton.enabled = haveVolume and haveModel
+        self.ui.detectButton.toolTip = (
+            _("Detect the model's landmarks on the input volume")
+            if haveVolume and haveModel
+            else _("Select an input volume and a model first")
+        )
+        self.ui.addCaseButton.enabled = haveVolume and bool(parameters and parameters.landmarksNode)
+        self.ui.fineTuneButton.enabled = haveModel and not running and self.ui.casesTableWidget.rowCount > 0
+        self.ui.cancelFineTuneButton.enabled = running
+        self.ui.iterationsSpinBox.enabled = bool(parameters) and not parameters.useTimeBudget
+        self.ui.timeBudgetMinutesSpinBox.enabled = bool(parameters) and parameters.useTimeBudget
+        haveFolders = bool(parameters) and _isSet(parameters.batchInputFolder) and _isSet(parameters.batchOutputFolder)
+        self.ui.batchRunButton.enabled = haveModel and haveFolders and not self._batchRunning
+
+    # ------------------------------------------------------------------ models
+
+    def selectedModelPath(self) -> str:
+        """The model file chosen in the model list, or "" when none."""
+        data = self.ui.modelComboBox.currentData
+        return str(data) if data else ""
+
+    def updateModelList(self, select: Optional[str] = None) -> None:
+        """Fill the model list (bundled and user models) and select ``select`` or the last used one."""
+        wanted = select or qt.QSettings().value(SETTINGS_MODEL_KEY, "") or ""
+        combo = self.ui.modelComboBox
+        wasBlocked = combo.blockSignals(True)
+        combo.clear()
+        try:
+            entries = self.logic.listModels()
+        except Exception as error:  # noqa: BLE001 - a broken catalog must not block the module
+            logging.error("Listing models failed: %s", error)
+            entries = []
+        for entry in entries:
+            if entry.usable:
+                combo.addItem(entry.label, str(entry.path))
+            else:
+                logging.warning("Model %s is not usable: %s", entry.path, entry.error)
+        if combo.count == 0:
+            combo.addItem(_("No model yet: use 'Load model file...'"), "")
+        index = combo.findData(str(wanted)) if wanted else -1
+        if index < 0:
+            index = next((i for i, e in enumerate(x for x in entries if x.usable) if e.default), 0)
+        combo.setCurrentIndex(index)
+        combo.blockSignals(wasBlocked)
+        self.onModelChanged()
+
+    def onModelChanged(self, index: int = -1) -> None:
+        path = self.selectedModelPath()
+        if path:
+            qt.QSettings().setValue(SETTINGS_MODEL_KEY, path)
+            self.ui.modelComboBox.toolTip = path
+        if self._parameterNode:
+            self._updateButtonStates()
+
+    def onLoadModelButton(self) -> None:
+        path = qt.QFileDialog.getOpenFileName(
+            slicer.util.mainWindow(), _("Load model file"), "", _("SCNLandmarks model (*.scn.pt);;All files (*)")
+        )
+        if not path:
+            return
+        with slicer.util.tryWithErrorDisplay(_("This file cannot be used as a landmark model."), waitCursor=True):
+            self.logic.setupPythonRequirements()
+            copied = self.logic.loadModelFile(path)
+            self.updateModelList(select=str(copied))
+
+    def updateDeviceInfo(self) -> None:
+        """Show the device used, the PyTorch version and the GPU (without importing torch before it is needed)."""
+        self.ui.deviceInfoLabel.text = self.logic.environmentSummary()
+
+    # ------------------------------------------------------------------ detection
+
+    def onDetectButton(self) -> None:
+        parameters = self._parameterNode
+        with slicer.util.tryWithErrorDisplay(_("Landmark detection failed."), waitCursor=True):
+            self.logic.setupPythonRequirements()
+            outputNode = parameters.landmarksNode
+            volume = parameters.inputVolume
+            # The selected list is offered for reuse only when it is not another volume's result;
+            # the Logic still refuses to overwrite it if the user edited it.
+            if outputNode is not None and outputNode.GetAttribute("SCNLandmarks.sourceVolumeID") not in (
+                None, volume.GetID()
+            ):
+                outputNode = None
+            started = time.monotonic()
+            node = self.logic.detect(
+                volume,
+                model=self.selectedModelPath(),
+                device=parameters.device.value,
+                outputNode=outputNode,
+                lowConfidenceThreshold=parameters.confidenceThreshold,
+            )
+            parameters.landmarksNode = node
+            flagged = self.logic.lowConfidenceCount(node, parameters.confidenceThreshold)
+            self.ui.detectStatusLabel.text = _(
+                "{count} landmarks in '{name}' ({seconds:.1f} s); {flagged} to check (orange)."
+            ).format(count=node.GetNumberOfControlPoints(), name=node.GetName(),
+                     seconds=time.monotonic() - started, flagged=flagged)
+            self.updateDeviceInfo()
+
+    # ------------------------------------------------------------------ cases
+
+    def updateCasesTable(self) -> None:
+        table = self.ui.casesTableWidget
+        infos = self.logic.trainingCases()
+        table.setRowCount(len(infos))
+        for row, info in enumerate(infos):
+            values = [
+                info.name,
+                "?" if info.error else f"{info.num_defined}/{info.num_defined + info.num_missing}",
+                "" if info.error else str(info.num_corrected),
+                "" if info.error else str(info.num_missing),
+            ]
+            for column, value in enumerate(values):
+                item = qt.QTableWidgetItem(value)
+                item.setToolTip(info.error or _("Stored {created} from '{volume}'").format(
+                    created=info.created, volume=info.metadata.get("volume", "?")))
+                table.setItem(row, column, item)
+        self.ui.fineTunePresetComboBox.clear()
+        for label, _iterations, _minutes in self.logic.fineTunePresets(len(infos)):
+            self.ui.fineTunePresetComboBox.addItem(label)
+        if self._parameterNode:
+            self._updateButtonStates()
+
+    def onAddCaseButton(self) -> None:
+        parameters = self._parameterNode
+        with slicer.util.tryWithErrorDisplay(_("The case could not be stored."), waitCursor=True):
+            info = self.logic.addTrainingCase(parameters.inputVolume, parameters.landmarksNode)
+            self.updateCasesTable()
+            slicer.util.showStatusMessage(
+                _("Stored case '{name}' with {corrected} corrected points.").format(
+                    name=info.name, corrected=info.num_corrected), 5000)
+
+    def onRemoveCaseButton(self) -> None:
+        rows = sorted({index.row() for index in self.ui.casesTableWidget.selectedIndexes()})
+        if not rows:
+            return
+        names = [self.ui.casesTableWidget.item(row, 0).text() for row in rows]
+        if not slicer.util.confirmOkCancelDisplay(
+            _("Delete {count} training case(s) from disk?").format(count=len(names)), detailedText="\n".join(names)
+        ):
+            return
+        with slicer.util.tryWithErrorDisplay(_("The case could not be removed.")):
+            for name in names:
+                self.logic.removeTrainingCase(name)
+        self.updateCasesTable()
+
+    # ------------------------------------------------------------------ fine-tuning
+
+    def onFineTunePreset(self, index: int) -> None:
+        presets = self.logic.fineTunePresets(self.ui.casesTableWidget.rowCount)
+        if not 0 <= index < len(presets) or self._parameterNode is None:
+            return
+        _label, iterations, minutes = presets[index]
+        self._parameterNode.useTimeBudget = minutes is not None
+        if iterations is not None:
+            self._parameterNode.fineTuneIterations = iterations
+        if minutes is not None:
+            self._parameterNode.timeBudgetMinutes = minutes
+
+    def onFineTuneButton(self) -> None:
+        parameters = self._parameterNode
+        with slicer.util.tryWithErrorDisplay(_("Fine-tuning could not be started."), waitCursor=True):
+            self.logic.setupPythonRequirements()
+            self.ui.fineTuneProgressBar.setValue(0)
+            self.ui.fineTuneStatusLabel.text = _("Starting...")
+            self._fineTuneJob = self.logic.fineTune(
+                fromModel=self.selectedModelPath(),
+                iterations=None if parameters.useTimeBudget else parameters.fineTuneIterations,
+                timeBudgetSeconds=parameters.timeBudgetMinutes * 60.0 if parameters.useTimeBudget else None,
+                device=parameters.device.value,
+                progressCallback=self.onFineTuneProgress,
+                finishedCallback=self.onFineTuneFinished,
+                wait=False,
+            )
+        self._updateButtonStates()
+
+    def onFineTuneProgress(self, event: dict) -> None:
+        if event.get("event") == "started":
+            self.ui.fineTuneStatusLabel.text = _("Training on {count} cases ({device})...").format(
+                count=len(event.get("cases", [])), device=event.get("device", ""))
+            return
+        if event.get("event") != "progress":
+            return
+        self.ui.fineTuneProgressBar.setValue(int(round(100 * float(event.get("fraction") or 0.0))))
+        parts = []
+        if event.get("total"):
+            parts.append(_("iteration {done}/{total}").format(done=event["done"], total=event["total"]))
+        else:
+            parts.append(_("iteration {done}").format(done=event["done"]))
+        if event.get("eta_s") is not None:
+            parts.append(_("{time} left").format(time=_formatDuration(event["eta_s"])))
+        if event.get("loss") is not None:
+            parts.append(_("loss {loss:.4g}").format(loss=event["loss"]))
+        if event.get("validation_mre_mm") is not None:
+            parts.append(_("validation error {mre:.2f} mm").format(mre=event["validation_mre_mm"]))
+        self.ui.fineTuneStatusLabel.text = ", ".join(parts)
+
+    def onFineTuneFinished(self, job) -> None:
+        self._updateButtonStates()
+        if job.status == "done":
+            self.ui.fineTuneProgressBar.setValue(100)
+            self.ui.fineTuneStatusLabel.text = _("New model saved: {name}").format(name=job.outputPath.name)
+            self.updateModelList(select=str(job.outputPath))
+        elif job.status == "cancelled":
+            self.ui.fineTuneStatusLabel.text = _("Cancelled. No new model was saved; the previous model is unchanged.")
+        else:
+            self.ui.fineTuneStatusLabel.text = _("Fine-tuning failed; the previous model is unchanged.")
+            slicer.util.errorDisplay(
+                _("Fine-tuning failed. The previous model is unchanged.") + "\n\n" + (job.errorMessage or ""),
+                detailedText=job.details,
+            )
+
+    def onCancelFineTuneButton(self) -> None:
+        if self._fineTuneJob is not None:
+            self._fineTuneJob.cancel()
+            self.ui.fineTuneStatusLabel.text = _("Cancelling...")
+
+    # ------------------------------------------------------------------ batch
+
+    def onBatchRunButton(self) -> None:
+        parameters = self._parameterNode
+        self._batchCancelRequested = False
+        self._batchRunning = True
+        self.ui.batchCancelButton.enabled = True
+        self._updateButtonStates()
+        self.ui.batchProgressBar.setValue(0)
+
+        def onProgress(progress) -> None:
+            self.ui.batchProgressBar.setValue(int(round(100 * progress.fraction)))
+            self.ui.batchStatusLabel.text = _("{done}/{total}: {message}").format(
+                done=progress.done, total=progress.total, message=progress.message)
+            slicer.app.processEvents()  # keeps Cancel clickable between images
+
+        try:
+            with slicer.util.tryWithErrorDisplay(_("Batch detection failed."), waitCursor=True):
+                self.logic.setupPythonRequirements()
+                report = self.logic.detectFolder(
+                    parameters.batchInputFolder,
+                    parameters.batchOutputFolder,
+                    model=self.selectedModelPath(),
+                    device=parameters.device.value,
+                    lowConfidenceThreshold=parameters.confidenceThreshold,
+                    progressCallback=onProgress,
+                    shouldCancel=lambda: self._batchCancelRequested,
+                )
+                text = _("{ok} images done, {failed} skipped.").format(
+                    ok=len(report.succeeded), failed=len(report.failed))
+                self.ui.batchStatusLabel.text = text
+                if report.failed:
+                    slicer.util.warningDisplay(
+                        text + " " + _("The skipped images could not be read or processed."),
+                        detailedText="\n".join(f"{item.image.name}: {item.error}" for item in report.failed),
+                    )
+        finally:
+            self._batchRunning = False
+            self.ui.batchCancelButton.enabled = False
+            self._updateButtonStates()
+
+    def onBatchCancelButton(self) -> None:
+        self._batchCancelRequested = True
+
+
+def _isSet(path: Optional[Path]) -> bool:
+    return path is not None and str(path) not in ("", ".")
+
+
+def _formatDuration(seconds: float) -> str:
+    minutes, secs = divmod(int(round(float(seconds))), 60)
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours}:{minutes:02d}:{secs:02d}" if hours else f"{minutes}:{secs:02d}"
+
+
+def _inSlicerApplication() -> bool:
+    """True inside the Slicer application (not with slicer-core or a plain Python)."""
+    return getattr(slicer, "app", None) is not None
+
+
+#
+# Fine-tuning job
+#
+
+
+class SCNLandmarksFineTuneJob:
+    """A fine-tuning running in a background process (see :meth:`SCNLandmarksLogic.fineTune`).
+
+    Inside Slicer a ``qt.QTimer`` delivers the worker's events on the GUI thread, so the
+    callbacks may update widgets and Slicer stays responsive. Elsewhere call :meth:`poll`
+    regularly, or :meth:`wait`.
+
+    Attributes:
+        outputPath: the model file the run writes when it finishes.
+        status: ``"running"``, ``"done"``, ``"cancelled"`` or ``"failed"``.
+        errorMessage: why it failed, for the user.
+        details: the end of the worker's error output, for the log or a details box.
+        lastProgress: the last progress event (dict), or None.
+    """
+
+    def __init__(
+        self,
+        process,
+        outputPath: Path,
+        progressCallback: Optional[Callable[[dict], None]] = None,
+        finishedCallback: Optional[Callable[["SCNLandmarksFineTuneJob"], None]] = None,
+    ) -> None:
+        self.process = process
+        self.outputPath = Path(outputPath)
+        self.progressCallback = progressCallback
+        self.finishedCallback = finishedCallback
+        self.status = "running"
+        self.errorMessage = ""
+        self.details = ""
+        self.lastProgress: Optional[dict] = None
+        self._timer = None
+        process.on_event = self._onEvent
+        process.on_finished = self._onFinished
+
+    def start(self) -> "SCNLandmarksFineTuneJob":
+        self.process.start()
+        if _inSlicerApplication():
+            self._timer = qt.QTimer()
+            self._timer.setInterval(200)
+            self._timer.connect("timeout()", self.poll)
+            self._timer.start()
+        return self
+
+    def _onEvent(self, event: dict) -> None:
+        kind = event.get("event")
+        if kind == "progress":
+            self.lastProgress = event
+        elif kind == "log":
+            logging.info("SCNLandmarks worker: %s", event.get("message"))
+        if self.progressCallback is not None and kind in ("started", "progress"):
+            self.progressCallback(event)
+
+    def _onFinished(self, process) -> None:
+        from SCNLandmarksLib.process import WorkerCancelled, WorkerError
+
+        if self._timer is not None:
+            self._timer.stop()
+        try:
+            done = process.raise_for_outcome()
+            self.outputPath = Path(done["output"])
+            self.status = "done"
+            logging.info("Fine-tuning finished: %s (%s iterations)", self.outputPath, done.get("iterations"))
+        except WorkerCancelled as cancelled:
+            self.status, self.errorMessage = "cancelled", str(cancelled)
+            logging.info("%s", cancelled)
+        except WorkerError as error:
+            self.status, self.errorMessage = "failed", str(error)
+            self.details = process.stderr_tail
+            logging.error("Fine-tuning failed: %s\n%s", error, self.details)
+        if self.finishedCallback is not None:
+            self.finishedCallback(self)
+
+    def poll(self) -> None:
+        """Deliver the worker's new events (called by the timer in Slicer)."""
+        self.process.poll()
+
+    def isRunning(self) -> bool:
+        return self.status == "running"
+
+    def cancel(self) -> None:
+        """Stop the fine-tuning; no model is written and the starting model stays as it was."""
+        self.process.cancel()
+
+    def wait(self, timeout: Optional[float] = None) -> Path:
+        """Block until the run ends; returns the new model file.
+
+        Raises:
+            TimeoutError: still running after ``timeout`` seconds.
+            SCNLandmarksLib.errors.TrainingCancelled: the run was cancelled.
+            RuntimeError: the run failed (the message says why).
+        """
+        from SCNLandmarksLib.errors import TrainingCancelled
+
+        if self.process.wait(timeout) is None:
+            raise TimeoutError(_("Fine-tuning is still running after {seconds} s").format(seconds=timeout))
+        self.poll()
+        if self.status == "cancelled":
+            raise TrainingCancelled(self.errorMessage)
+        if self.status != "done":
+            raise RuntimeError(self.errorMessage)
+        return self.outputPath
+
+
+#
+# SCNLandmarksLogic
+#
+
+
+class SCNLandmarksLogic(ScriptedLoadableModuleLogic):
+    """Landmark detection, training cases, fine-tuning and batch detection, usable without the GUI.
+
+    Args:
+        casesFolder: where training cases are stored (default ``~/.SCNLandmarks/cases``,
+            or ``SCN_CASES_DIR``).
+        userModelsFolder: where fine-tuned and loaded models go (default
+            ``~/.SCNLandmarks/models``, or ``SCN_USER_MODELS_DIR``).
+    """
+
+    def __init__(self, casesFolder: Union[str, Path, None] = None, userModelsFolder: Union[str, Path, None] = None) -> None:
+        """Called when the logic class is instantiated. Can be used for initializing member variables."""
+        from SCNLandmarksLib import cases, catalog
+
+        ScriptedLoadableModuleLogic.__init__(self)
+        self.casesFolder = Path(casesFolder) if casesFolder is not None else cases.default_cases_folder()
+        self.userModelsFolder = (
+            Path(userModelsFolder) if userModelsFolder is not None else catalog.user_models_folder()
+        )
+        self.lastDeviceDescription = ""
+        self._detector = None
+        self._detectorKey = None
+
+    def getParameterNode(self):
+        return SCNLandmarksParameterNode(super().getParameterNode())
+
+    # ------------------------------------------------------------------ dependencies
+
+    def setupPythonRequirements(self, askConfirmation: bool = True) -> None:
+        """Install what is missing: PyTorch through PyTorch Utils, other packages with pip.
+
+        Never called at import or in a constructor; quick when everything is present.
+        SimpleITK, numpy and torch are never reinstalled by pip.
+
+        Raises:
+            InstallError: a package is missing and was not installed.
+        """
+        from importlib import metadata
+
+        if importlib.util.find_spec("torch") is None:
+            self._installTorch(askConfirmation)
+        version = _versionTuple(metadata.version("torch"))
+        if version < _versionTuple(MINIMUM_TORCH_VERSION):
+            raise InstallError(_(
+                "PyTorch {version} is installed but SCNLandmarks needs {minimum} or newer. "
+                "Update it in the 'PyTorch Utils' module, then restart Slicer."
+            ).format(version=metadata.version("torch"), minimum=MINIMUM_TORCH_VERSION))
+        missing = self.missingRequirements()
+        if missing:
+            self._pipInstall(missing, askConfirmation)
+
+    def _installTorch(self, askConfirmation: bool) -> None:
+        if not _inSlicerApplication():
+            raise InstallError(_("PyTorch is not installed; install it with: pip install 'torch>={minimum}'").format(
+                minimum=MINIMUM_TORCH_VERSION))
+        try:
+            import PyTorchUtils
+        except ImportError as error:
+            raise InstallError(_(
+                "SCNLandmarks needs the 'PyTorch' extension. Install it from the Extensions Manager and restart Slicer."
+            )) from error
+        torchLogic = PyTorchUtils.PyTorchUtilsLogic()
+        if not torchLogic.torchInstalled():
+            # PyTorch Utils picks the build that matches this computer's GPU driver (or a CPU build).
+            torch = torchLogic.installTorch(askConfirmation=askConfirmation,
+                                            torchVersionRequirement=f">={MINIMUM_TORCH_VERSION}")
+            if torch is None:
+                raise InstallError(_("PyTorch is required for landmark detection; it was not installed."))
+
+    def requirementsPath(self) -> Path:
+        return Path(__file__).resolve().parent / "Resources" / "requirements.txt"
+
+    def missingRequirements(self) -> list[str]:
+        """Lines of Resources/requirements.txt whose package is not importable."""
+        from importlib import metadata
+
+        missing = []
+        for line in self.requirementsPath().read_text(encoding="utf-8").splitlines():
+            requirement = line.split("#", 1)[0].strip()
+            if not requirement:
+                continue
+            name = requirement.replace(" ", "").split(";")[0]
+            for separator in ("[", ">", "<", "=", "!", "~"):
+                name = name.split(separator)[0]
+            try:
+                metadata.version(name)
+            except metadata.PackageNotFoundError:
+                missing.append(requirement)
+        return missing
+
+    def _pipInstall(self, requirements: list[str], askConfirmation: bool) -> None:
+        if not _inSlicerApplication():
+            raise InstallError(_("Missing Python packages: {names}").format(names=", ".join(requirements)))
+        packaging = getattr(slicer, "packaging", None)
+        if packaging is not None and hasattr(packaging, "pip_ensure"):
+            requested = packaging.load_requirements(str(self.requirementsPath()))
+            try:
+                packaging.pip_ensure(requested, requester="SCNLandmarks", prompt_install=askConfirmation,
+                                     skip_packages=list(NEVER_REINSTALL))
+            except TypeError:  # Slicer versions whose pip_ensure has no skip_packages
+                packaging.pip_ensure(requested, requester="SCNLandmarks", prompt_install=askConfirmation)
+            return
+        if askConfirmation and not slicer.util.confirmOkCancelDisplay(
+            _("SCNLandmarks needs these Python packages, which will be downloaded and installed now:"),
+            detailedText="\n".join(requirements),
+        ):
+            raise InstallError(_("Required Python packages were not installed: {names}").format(
+                names=", ".join(requirements)))
+        for requirement in requirements:
+            slicer.util.pip_install(requirement)
+
+    def environmentSummary(self) -> str:
+        """One line for the user: device used (after a detection), PyTorch version, GPU name.
+
+        torch is only inspected when it is already imported, so showing the module stays fast.
+        """
+        from importlib import metadata
+
+        try:
+            torchVersion = metadata.version("torch")
+        except metadata.PackageNotFoundError:
+            return _("PyTorch not installed yet; it is installed on first use.")
+        parts = [_("PyTorch {version}").format(version=torchVersion)]
+        torch = sys.modules.get("torch")
+        if torch is not None:
+            if torch.cuda.is_available():
+                parts.append(_("GPU: {name}").format(name=torch.cuda.get_device_name(0)))
+            else:
+                parts.append(_("no usable GPU"))
+        if self.lastDeviceDescription:
+            parts.insert(0, _("Used: {device}").format(device=self.lastDeviceDescription))
+        return " | ".join(parts)
+
+    # ------------------------------------------------------------------ models
+
+    def listModels(self) -> list:
+        """Bundled and user models (``SCNLandmarksLib.catalog.ModelEntry``); damaged files carry ``error``."""
+        from SCNLandmarksLib import catalog
+
+        return catalog.list_models(user_folder=self.userModelsFolder)
+
+    def resolveModel(self, model: Union[str, Path, None] = None) -> Path:
+        """The model file for a path, a model name, or None (the default model).
+
+        Raises:
+            FileNotFoundError: no such model (the message lists the available ones).
+        """
+        from SCNLandmarksLib import catalog
+
+        if model is None or str(model) == "":
+            default = catalog.default_model()
+            if default is not None:
+                return default
+            usable = [entry.path for entry in self.listModels() if entry.usable]
+            if usable:
+                return usable[0]
+            raise FileNotFoundError(_("No landmark model is installed yet. Use 'Load model file...' to add one."))
+        return catalog.find_model(model, user_folder=self.userModelsFolder)
+
+    def loadModelFile(self, path: Union[str, Path]) -> Path:
+        """Check a model file and copy it into the user's models folder; returns the copy.
+
+        Raises:
+            SCNLandmarksLib.errors.ModelFileError: not a usable model (says why).
+        """
+        from SCNLandmarksLib import catalog
+
+        return catalog.import_model_file(path, self.userModelsFolder)
+
+    def modelDescription(self, model: Union[str, Path, None] = None) -> dict:
+        """The JSON description of a model (landmarks, grid, training provenance)."""
+        from SCNLandmarksLib.model_file import read_model_description
+
+        return read_model_description(self.resolveModel(model))
+
+    def _getDetector(self, modelPath: Path, device: str):
+        from SCNLandmarksLib.detection import Detector
+
+        # Loading a model and moving it to the GPU takes a while; reuse it while file and device are the same.
+        key = (str(modelPath.resolve()), modelPath.stat().st_mtime_ns, str(device))
+        if self._detector is None or self._detectorKey != key:
+            self._detector = Detector(modelPath, device=device)
+            self._detectorKey = key
+        return self._detector
+
+    # ------------------------------------------------------------------ detection
+
+    def detect(
+        self,
+        volumeNode: vtkMRMLScalarVolumeNode,
+        model: Union[str, Path, None] = None,
+        device: str = "auto",
+        outputNode: Optional[vtkMRMLMarkupsFiducialNode] = None,
+        lowConfidenceThreshold: float = DEFAULT_LOW_CONFIDENCE_THRESHOLD,
+    ) -> vtkMRMLMarkupsFiducialNode:
+        """Detect the model's landmarks on a volume and show them as an editable point list.
+
+        :param volumeNode: 3D volume, or a single-slice volume for a 2D model. A linear parent
+            transform is taken into account (points appear where the volume is shown).
+        :param model: model file path, model name (see :meth:`listModels`), or None for the default.
+        :param device: "auto" (GPU when usable), "cpu" or "cuda".
+        :param outputNode: point list to fill. It is reused only when it is empty or an unedited
+            detection result; a list the user edited is never overwritten (a new one is made).
+        :param lowConfidenceThreshold: points with a lower confidence (0..1) are flagged in orange.
+        :return: the point list, named "<volume> - <model>", one point per landmark (label = name,
+            description = definition and confidence); missing landmarks are missing points.
+        """
+        from SCNLandmarksLib import mrml_adapter
+
+        if volumeNode is None:
+            raise ValueError(_("Select an input volume first."))
+        self.setupPythonRequirements()
+        modelPath = self.resolveModel(model)
+        detector = self._getDetector(modelPath, str(getattr(device, "value", device)))
+        self.lastDeviceDescription = detector.device_description
+        image = mrml_adapter.image_from_volume_node(volumeNode)
+        startTime = time.time()
+        landmarks = detector.detect(image.as_dimension(detector.model.dimension))
+        logging.info("Detected %d landmarks on %s in %.2f s (%s)", len(landmarks), volumeNode.GetName(),
+                     time.time() - startTime, self.lastDeviceDescription)
+        if outputNode is not None and outputNode.GetNumberOfControlPoints() > 0 and self.isEdited(outputNode):
+            logging.info("'%s' was edited; the new detection goes into a new point list", outputNode.GetName())
+            outputNode = None
+        modelName = modelPath.name.removesuffix(".scn.pt")
+        node = mrml_adapter.markups_from_landmarks(
+            landmarks,
+            scene=volumeNode.GetScene(),
+            name=f"{volumeNode.GetName()} - {modelName}",
+            low_confidence_threshold=lowConfidenceThreshold,
+            existing_node=outputNode,
+            reference_geometry=image.geometry,
+            model_name=modelPath.name,
+        )
+        node.SetAttribute("SCNLandmarks.sourceVolumeID", volumeNode.GetID())
+        return node
+
+    def isEdited(self, markupsNode: vtkMRMLMarkupsFiducialNode) -> bool:
+        """True when the user changed the point list after detection (or placed it by hand)."""
+        from SCNLandmarksLib import mrml_adapter
+
+        return mrml_adapter.markups_edited(markupsNode)
+
+    def lowConfidenceCount(self, markupsNode: vtkMRMLMarkupsFiducialNode, threshold: float) -> int:
+        """How many points of a detection result have a confidence below ``threshold``."""
+        from SCNLandmarksLib import mrml_adapter
+
+        landmarks = mrml_adapter.landmarks_from_markups(markupsNode)
+        if landmarks.confidences is None:
+            return 0
+        return int(sum(1 for c in landmarks.confidences if math.isfinite(c) and c < threshold))
+
+    # ------------------------------------------------------------------ training cases
+
+    def addTrainingCase(
+        self,
+        volumeNode: vtkMRMLScalarVolumeNode,
+        markupsNode: vtkMRMLMarkupsFiducialNode,
+        name: Optional[str] = None,
+    ):
+        """Store the volume and its (corrected) point list as a training case on disk.
+
+        Points are read in world coordinates; points marked missing are stored as missing and
+        left out of training; which points the user moved is recorded.
+
+        :param name: case name (default: the volume name; made unique).
+        :return: ``SCNLandmarksLib.cases.CaseInfo`` of the stored case.
+        """
+        from SCNLandmarksLib import cases, mrml_adapter
+
+        if volumeNode is None or markupsNode is None:
+            raise ValueError(_("Select the volume and its point list first."))
+        image = mrml_adapter.image_from_volume_node(volumeNode)
+        recorded = markupsNode.GetAttribute(mrml_adapter.ATTRIBUTE_DIMENSION)
+        dimension = int(recorded) if recorded in ("2", "3") else (2 if image.geometry.size[2] == 1 else 3)
+        landmarks = mrml_adapter.landmarks_from_markups(markupsNode, dimension=dimension)
+        if dimension == 2:
+            image = image.as_dimension(2)
+        metadata = {
+            "volume": volumeNode.GetName(),
+            "pointList": markupsNode.GetName(),
+            "model": markupsNode.GetAttribute(mrml_adapter.ATTRIBUTE_MODEL) or "",
+        }
+        info = cases.write_case(self.casesFolder, name or volumeNode.GetName(), image, landmarks, metadata=metadata)
+        logging.info("Stored training case %s (%d corrected points) in %s", info.name, info.num_corrected, info.folder)
+        return info
+
+    def trainingCases(self) -> list:
+        """The stored training cases (``SCNLandmarksLib.cases.CaseInfo``), sorted by name."""
+        from SCNLandmarksLib import cases
+
+        return cases.list_cases(self.casesFolder)
+
+    def removeTrainingCase(self, name: str) -> None:
+        """Delete a stored training case from disk."""
+        from SCNLandmarksLib import cases
+
+        cases.remove_case(self.casesFolder, name)
+
+    # ------------------------------------------------------------------ fine-tuning
+
+    @staticmethod
+    def suggestedIterations(numberOfCases: int) -> int:
+        """Iterations that suit fine-tuning on this many cases (few cases: short, to avoid over-fitting)."""
+        if numberOfCases <= 3:
+            return 300
+        if numberOfCases <= 10:
+            return 600
+        if numberOfCases <= 30:
+            return 1000
+        return 2000
+
+    def fineTunePresets(self, numberOfCases: int) -> list:
+        """(label, iterations or None, minutes or None) choices for the fine-tune section."""
+        suggested = self.suggestedIterations(numberOfCases)
+        return [
+            (_("Recommended for {count} cases ({iterations} iterations)").format(
+                count=numberOfCases, iterations=suggested), suggested, None),
+            (_("Quick check (50 iterations)"), 50, None),
+            (_("Thorough (2000 iterations)"), 2000, None),
+            (_("Time budget: 5 minutes"), None, 5.0),
+            (_("Time budget: 30 minutes"), None, 30.0),
+        ]
+
+    def pythonExecutable(self) -> str:
+        """The Python that runs the worker: Slicer's PythonSlicer inside Slicer, else this one."""
+        if _inSlicerApplication():
+            launcher = shutil.which("PythonSlicer")
+            if launcher:
+                return launcher
+            candidate = Path(sys.executable).with_name("PythonSlicer" + (".exe" if os.name == "nt" else ""))
+            if candidate.exists():
+                return str(candidate)
+        return sys.executable
+
+    def fineTune(
+        self,
+        cases: Optional[list] = None,
+        fromModel: Union[str, Path, None] = None,
+        iterations: Optional[int] = None,
+        timeBudgetSeconds: Optional[float] = None,
+        device: str = "auto",
+        progressCallback: Optional[Callable[[dict], None]] = None,
+        wait: bool = True,
+        finishedCallback: Optional[Callable[[SCNLandmarksFineTuneJob], None]] = None,
+        outputPath: Union[str, Path, None] = None,
+        learningRate: Optional[float] = None,
+    ):
+        """Fine-tune a model on stored training cases, in a background process.
+
+        The result is a new model version in the user's models folder
+        (``<model>-ft001.scn.pt``, ``-ft002``...); the model it starts from is never changed.
+        A failure or cancel writes no model.
+
+        :param cases: case names (see :meth:`trainingCases`) or None for all usable cases.
+        :param fromModel: model to start from (path, name, or None for the default model).
+        :param iterations: training iterations (default: :meth:`suggestedIterations`).
+        :param timeBudgetSeconds: train for this long instead of a number of iterations.
+        :param device: "auto", "cpu" or "cuda".
+        :param progressCallback: called with each progress event, a dict with ``stage, done,
+            total (None with a time budget), fraction (0..1), elapsed_s, eta_s, loss,
+            validation_mre_mm, message`` (and once with the ``started`` event).
+        :param wait: True blocks until the end and returns the new model path (scripts, tests);
+            False returns an :class:`SCNLandmarksFineTuneJob` at once (GUI; it has ``cancel()``).
+        :param finishedCallback: called with the job when it ends (any outcome).
+        :param outputPath: where to write the new model (default: next version name).
+        :param learningRate: peak learning rate (default: the worker's fine-tuning default).
+        :return: the new model's path (``wait=True``) or the running job (``wait=False``).
+        :raises SCNLandmarksLib.errors.TrainingCancelled: cancelled while waiting.
+        :raises RuntimeError: the run failed; the message explains why.
+        """
+        from SCNLandmarksLib import catalog
+        from SCNLandmarksLib.process import BackgroundProcess, worker_command, worker_environment
+
+        self.setupPythonRequirements()
+        infos = {info.name: info for info in self.trainingCases()}
+        if cases is None:
+            names = [name for name, info in infos.items() if info.error is None]
+            for name, info in infos.items():
+                if info.error is not None:
+                    logging.warning("Training case %s is skipped: %s", name, info.error)
+        else:
+            names = [getattr(case, "name", case) for case in cases]
+        if not names:
+            raise ValueError(_("There are no training cases yet. Detect, correct and 'Add case' first."))
+        if iterations is not None and timeBudgetSeconds is not None:
+            raise ValueError(_("Give either a number of iterations or a time budget, not both."))
+        if iterations is None and timeBudgetSeconds is None:
+            iterations = self.suggestedIterations(len(names))
+        sourcePath = self.resolveModel(fromModel)
+        if outputPath is None:
+            self.userModelsFolder.mkdir(parents=True, exist_ok=True)
+            outputPath = catalog.next_model_version_path(sourcePath, self.userModelsFolder)
+        outputPath = Path(outputPath)
+
+        arguments = ["finetune", "--cases", str(self.casesFolder), "--from-model", str(sourcePath),
+                     "--output", str(outputPath), "--device", str(getattr(device, "value", device))]
+        arguments += ["--iterations", str(int(iterations))] if iterations is not None else [
+            "--time-budget", str(float(timeBudgetSeconds))]
+        for name in names:
+            arguments += ["--case", name]
+        if learningRate is not None:
+            arguments += ["--learning-rate", str(learningRate)]
+        modelNames = set(self.modelDescriptionLandmarks(sourcePath))
+        caseNames = {label for name in names if name in infos for label in infos[name].landmark_names}
+        if caseNames - modelNames:
+            # The cases name landmarks the model does not know: learn the cases' landmark set.
+            arguments.append("--landmarks-from-cases")
+
+        environment = slicer.util.startupEnvironment() if _inSlicerApplication() else None
+        process = BackgroundProcess(
+            worker_command(arguments, python=self.pythonExecutable()),
+            env=worker_environment(environment),
+        )
+        job = SCNLandmarksFineTuneJob(process, outputPath, progressCallback, finishedCallback).start()
+        logging.info("Fine-tuning %s on %d cases -> %s", sourcePath.name, len(names), outputPath)
+        return job.wait() if wait else job
+
+    def modelDescriptionLandmarks(self, model: Union[str, Path, None] = None) -> list[str]:
+        """The landmark names of a model, in channel order."""
+        return [str(item["name"]) for item in self.modelDescription(model).get("landmarks", [])]
+
+    # ------------------------------------------------------------------ batch
+
+    def detectFolder(
+        self,
+        inputFolder: Union[str, Path],
+        outputFolder: Union[str, Path],
+        model: Union[str, Path, None] = None,
+        device: str = "auto",
+        lowConfidenceThreshold: float = DEFAULT_LOW_CONFIDENCE_THRESHOLD,
+        progressCallback: Optional[Callable[[Any], None]] = None,
+        shouldCancel: Optional[Callable[[], bool]] = None,
+        overwrite: bool = False,
+    ):
+        """Detect landmarks on every image in a folder: one ``.mrk.json`` per image plus ``landmarks.csv``.
+
+        A file that cannot be read or processed is reported in the result and skipped.
+
+        :param progressCallback: called after each image with a ``SCNLandmarksLib.progress.Progress``.
+        :param shouldCancel: polled between images; True stops (finished images are kept).
+        :return: ``SCNLandmarksLib.batch.BatchReport`` (``succeeded``, ``failed``, ``summary_csv``).
+        """
+        from SCNLandmarksLib.batch import detect_folder
+
+        if not _isSet(Path(inputFolder)) or not Path(inputFolder).is_dir():
+            raise ValueError(_("The input folder '{folder}' does not exist.").format(folder=inputFolder))
+        if not _isSet(Path(outputFolder)):
+            raise ValueError(_("Choose an output folder."))
+        self.setupPythonRequirements()
+        modelPath = self.resolveModel(model)
+        report = detect_folder(
+            inputFolder,
+            outputFolder,
+            modelPath,
+            device=str(getattr(device, "value", device)),
+            low_confidence_threshold=lowConfidenceThreshold,
+            progress=progressCallback,
+            should_cancel=shouldCancel,
+            overwrite=overwrite,
+        )
+        self.lastDeviceDescription = report.device
+        logging.info("Batch detection: %d done, %d skipped, summary %s", len(report.succeeded),
+                     len(report.failed), report.summary_csv)
+        return report
+
+
+def _versionTuple(text: str) -> tuple:
+    numbers = []
+    for part in text.split("+")[0].split("."):
+        digits = "".join(ch for ch in part if ch.isdigit())
+        if not digits:
+            break
+        numbers.append(int(digits))
+    return tuple(numbers)
+
+
+#
+# SCNLandmarksTest
+#
+
+
+class SCNLandmarksTest(ScriptedLoadableModuleTest):
+    """Self-test inside Slicer: detect -> correct -> add case -> fine-tune -> detect, on a small
+    synthetic volume with a tiny model, on the CPU (about half a minute)."""
+
+    def setUp(self):
+        """Reset the scene and use throw-away folders, so the user's cases and models are not touched."""
+        slicer.mrmlScene.Clear()
+        self.workFolder = Path(tempfile.mkdtemp(prefix="SCNLandmarksTest-"))
+
+    def tearDown(self):
+        shutil.rmtree(self.workFolder, ignore_errors=True)
+
+    def runTest(self):
+        """Run as few or as many tests as needed here."""
+        self.setUp()
+        try:
+            self.test_DetectCorrectFineTuneDetect()
+        finally:
+            self.tearDown()
+
+    def _tinyModel(self) -> Path:
+        from SCNLandmarksLib.grid import GridSpec
+        from SCNLandmarksLib.model import create_model
+        from SCNLandmarksLib.model_file import save_model
+        from SCNLandmarksLib.network import NetworkConfig
+
+        config = NetworkConfig(dimension=2, num_landmarks=3, filters=8, levels=2, spatial_downsample=4, spatial_kernel=3)
+        model = create_model(config, grid=GridSpec(size=(32, 32)), landmark_names=["L1", "L2", "L3"])
+        return save_model(model, self.workFolder / "tiny.scn.pt")
+
+    def test_DetectCorrectFineTuneDetect(self):
+        from SCNLandmarksLib import mrml_adapter
+        from SCNLandmarksLib.synthetic import make_synthetic_case
+
+        self.delayDisplay("Starting the test")
+        if importlib.util.find_spec("torch") is None:
+            # Installing PyTorch (gigabytes) is never done by a test; install it with PyTorch Utils first.
+            self.delayDisplay("PyTorch is not installed: skipping the detect/fine-tune test")
+            return
+        logic = SCNLandmarksLogic(casesFolder=self.workFolder / "cases", userModelsFolder=self.workFolder / "models")
+        logic.setupPythonRequirements(askConfirmation=False)
+        modelPath = self._tinyModel()
+
+        # An oblique, anisotropic single-slice volume under a linear transform.
+        image, truth = make_synthetic_case(dimension=2, size=(40, 36), spacing=(0.8, 1.1), origin=(5.0, -7.0),
+                                           direction=0.2, num_landmarks=3, seed=1)
+        volume = mrml_adapter.volume_node_from_image(image, scene=slicer.mrmlScene, name="synthetic")
+        transform = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLLinearTransformNode")
+        matrix = vtk.vtkMatrix4x4()
+        matrix.SetElement(0, 3, 12.0)
+        transform.SetMatrixTransformToParent(matrix)
+        volume.SetAndObserveTransformNodeID(transform.GetID())
+
+        points = logic.detect(volume, model=modelPath, device="cpu")
+        self.assertEqual(points.GetNumberOfControlPoints(), 3)
+        self.assertTrue(points.GetFixedNumberOfControlPoints())
+        self.assertFalse(logic.isEdited(points))
+        self.delayDisplay("Detected")
+
+        # Correct: move two points to their true world positions (RAS of the 2D truth, z = 0,
+        # shifted like the volume), and mark the third as missing.
+        for index in range(2):
+            x, y = truth.positions[index]
+            points.SetNthControlPointPositionWorld(index, -x + 12.0, -y, 0.0)
+        points.SetNthControlPointPositionMissing(2)
+        self.assertTrue(logic.isEdited(points))
+        info = logic.addTrainingCase(volume, points)
+        self.assertEqual(info.num_missing, 1)
+        self.assertEqual(len(logic.trainingCases()), 1)
+        # Detecting again must not overwrite the corrected list.
+        again = logic.detect(volume, model=modelPath, device="cpu", outputNode=points)
+        self.assertNotEqual(again.GetID(), points.GetID())
+        self.delayDisplay("Case stored")
+
+        progress = []
+        newModel = logic.fineTune(fromModel=modelPath, iterations=5, device="cpu", progressCallback=progress.append)
+        self.assertTrue(newModel.exists())
+        self.assertEqual(newModel.parent, self.workFolder / "models")
+        self.assertTrue(any(event.get("event") == "progress" for event in progress))
+        self.delayDisplay("Fine-tuned")
+
+        tuned = logic.detect(volume, model=newModel, device="cpu")
+        self.assertEqual(tuned.GetNumberOfControlPoints(), 3)
+        self.delayDisplay("Test passed")
+
+
+if __name__ == "__main__":  # pragma: no cover - run the self-test with PythonSlicer
+    unittest.main()

@@ -1,0 +1,246 @@
+"""SCNLandmarksLogic against the real MRML scene of slicer-core (module imported under test stand-ins).
+
+Only Slicer's application layer is stood in (Qt, ScriptedLoadableModule, parameterNodeWrapper,
+i18n; see slicer_stubs.py); volumes, point lists, transforms and storage nodes are the real
+MRML classes, the model is real, and fine-tuning runs the real worker subprocess on the CPU.
+"""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+slicer = pytest.importorskip("slicer", reason="slicer-core is not installed")
+vtk = pytest.importorskip("vtk")
+
+import slicer_stubs  # noqa: E402
+
+from SCNLandmarksLib import mrml_adapter  # noqa: E402
+from SCNLandmarksLib.detection import Detector  # noqa: E402
+from SCNLandmarksLib.errors import ModelFileError, TrainingCancelled  # noqa: E402
+from SCNLandmarksLib.geometry import lps_to_ras  # noqa: E402
+from SCNLandmarksLib.grid import GridSpec  # noqa: E402
+from SCNLandmarksLib.image_io import write_image  # noqa: E402
+from SCNLandmarksLib.model import create_model  # noqa: E402
+from SCNLandmarksLib.model_file import load_model, save_model  # noqa: E402
+from SCNLandmarksLib.network import NetworkConfig  # noqa: E402
+from SCNLandmarksLib.synthetic import make_synthetic_case  # noqa: E402
+
+NAMES = ["L1", "L2", "L3"]
+SHIFT = np.array([12.0, -4.0, 0.0])  # translation of the parent transform, RAS mm
+
+
+@pytest.fixture(scope="module")
+def module():
+    return slicer_stubs.load_module()
+
+
+@pytest.fixture
+def scene(mrml_scene):
+    slicer.mrmlScene = mrml_scene["scene"]
+    yield mrml_scene["scene"]
+    slicer.mrmlScene = None
+
+
+@pytest.fixture
+def model_path(tmp_path):
+    config = NetworkConfig(dimension=2, num_landmarks=3, filters=8, levels=2, spatial_downsample=4, spatial_kernel=3)
+    model = create_model(config, grid=GridSpec(size=(32, 32)), landmark_names=list(NAMES))
+    return save_model(model, tmp_path / "tiny.scn.pt")
+
+
+@pytest.fixture
+def logic(module, tmp_path, scene):
+    return module.SCNLandmarksLogic(casesFolder=tmp_path / "cases", userModelsFolder=tmp_path / "models")
+
+
+def _case(seed: int = 1):
+    return make_synthetic_case(dimension=2, size=(40, 36), spacing=(0.8, 1.1), origin=(5.0, -7.0),
+                               direction=0.2, num_landmarks=3, seed=seed)
+
+
+def _volume(scene, image, *, shifted: bool):
+    volume = mrml_adapter.volume_node_from_image(image, scene=scene, name="ceph")
+    if shifted:
+        transform = scene.AddNewNodeByClass("vtkMRMLLinearTransformNode", "shift")
+        matrix = vtk.vtkMatrix4x4()
+        for axis in range(3):
+            matrix.SetElement(axis, 3, float(SHIFT[axis]))
+        transform.SetMatrixTransformToParent(matrix)
+        volume.SetAndObserveTransformNodeID(transform.GetID())
+    return volume
+
+
+def _world(node) -> np.ndarray:
+    points = []
+    for index in range(node.GetNumberOfControlPoints()):
+        position = [0.0, 0.0, 0.0]
+        node.GetNthControlPointPositionWorld(index, position)
+        points.append(position)
+    return np.array(points)
+
+
+def test_detect_places_engine_predictions_in_world_ras(logic, scene, model_path):
+    image, _ = _case()
+    plain = logic.detect(_volume(scene, image, shifted=False), model=model_path, device="cpu",
+                         lowConfidenceThreshold=0.5)
+    shifted = logic.detect(_volume(scene, image, shifted=True), model=model_path, device="cpu")
+
+    # The engine alone, on the image in its own frame, predicts these LPS positions.
+    expected = Detector(load_model(model_path), device="cpu").detect(image)
+    expected_ras = lps_to_ras(np.column_stack([expected.positions, np.zeros(3)]))
+    np.testing.assert_allclose(_world(plain), expected_ras, atol=1e-6)
+    # A volume moved by a parent transform gives points moved by exactly that transform.
+    np.testing.assert_allclose(_world(shifted), expected_ras + SHIFT, atol=1e-6)
+
+    assert plain.GetName() == "ceph - tiny"
+    assert [plain.GetNthControlPointLabel(i) for i in range(3)] == NAMES
+    assert plain.GetFixedNumberOfControlPoints()
+    confidences = json.loads(plain.GetAttribute(mrml_adapter.ATTRIBUTE_CONFIDENCES))
+    np.testing.assert_allclose([confidences[n] for n in NAMES], expected.confidences, atol=1e-6)
+    low = [bool(c < 0.5) for c in expected.confidences]
+    assert [not plain.GetNthControlPointSelected(i) for i in range(3)] == low
+    assert logic.lowConfidenceCount(plain, 0.5) == sum(low)
+    assert "Used: cpu" in logic.environmentSummary()
+
+
+def test_detect_never_overwrites_an_edited_list(logic, scene, model_path):
+    image, _ = _case()
+    volume = _volume(scene, image, shifted=True)
+    first = logic.detect(volume, model=model_path, device="cpu")
+    # Unedited: detecting again refreshes the same list.
+    assert logic.detect(volume, model=model_path, device="cpu", outputNode=first) is first
+    assert scene.GetNumberOfNodesByClass("vtkMRMLMarkupsFiducialNode") == 1
+    # Edited: a new list is made and the corrections stay.
+    first.SetNthControlPointPositionWorld(0, 1.0, 2.0, 3.0)
+    second = logic.detect(volume, model=model_path, device="cpu", outputNode=first)
+    assert second.GetID() != first.GetID()
+    np.testing.assert_allclose(_world(first)[0], [1.0, 2.0, 3.0])
+    # An empty list (e.g. created in the selector) is filled.
+    empty = scene.AddNewNodeByClass("vtkMRMLMarkupsFiducialNode", "empty")
+    assert logic.detect(volume, model=model_path, device="cpu", outputNode=empty) is empty
+    assert empty.GetNumberOfControlPoints() == 3
+    with pytest.raises(ValueError, match="input volume"):
+        logic.detect(None, model=model_path)
+
+
+def test_2d_model_on_a_multi_slice_volume_is_explained(logic, scene, model_path):
+    from SCNLandmarksLib.image import Image
+
+    image3d = Image(np.random.default_rng(0).random((4, 20, 20)).astype(np.float32),
+                    _case()[0].geometry.__class__(size=(20, 20, 4), spacing=(1.0, 1.0, 1.0), origin=(0.0, 0.0, 0.0),
+                                                  direction=tuple(np.eye(3).reshape(-1))))
+    volume = mrml_adapter.volume_node_from_image(image3d, scene=scene, name="stack")
+    with pytest.raises(ValueError, match="expects a 2D image"):
+        logic.detect(volume, model=model_path, device="cpu")
+
+
+def test_cases_are_stored_on_disk_with_corrections_and_survive_restart(module, logic, scene, model_path, tmp_path):
+    image, truth = _case()
+    volume = _volume(scene, image, shifted=True)
+    points = logic.detect(volume, model=model_path, device="cpu")
+    true_world = lps_to_ras(np.column_stack([truth.positions, np.zeros(3)])) + SHIFT
+    points.SetNthControlPointPositionWorld(1, *true_world[1])
+    points.SetNthControlPointPositionMissing(2)
+
+    info = logic.addTrainingCase(volume, points)
+    assert (info.name, info.dimension, info.num_missing, info.corrected_names) == ("ceph", 2, 1, ["L2"])
+    assert info.metadata["model"] == "tiny.scn.pt"
+    second = logic.addTrainingCase(volume, points)
+    assert second.name == "ceph-2"
+
+    # A new Logic (Slicer restarted) sees the same cases; the stored case is in world LPS.
+    restarted = module.SCNLandmarksLogic(casesFolder=tmp_path / "cases", userModelsFolder=tmp_path / "models")
+    assert [c.name for c in restarted.trainingCases()] == ["ceph", "ceph-2"]
+    from SCNLandmarksLib.cases import read_case
+
+    stored_image, stored = read_case(info.folder)
+    np.testing.assert_allclose(stored.positions[1], truth.positions[1] + [-SHIFT[0], -SHIFT[1]], atol=1e-6)
+    assert stored.missing.tolist() == [False, False, True]
+    assert stored_image.dimension == 2
+    np.testing.assert_allclose(stored_image.geometry.origin, np.array(image.geometry.origin) + [-SHIFT[0], -SHIFT[1]])
+    restarted.removeTrainingCase("ceph-2")
+    assert [c.name for c in logic.trainingCases()] == ["ceph"]
+    with pytest.raises(ValueError, match="Select the volume"):
+        logic.addTrainingCase(volume, None)
+
+
+def test_fine_tune_blocking_and_cancel(logic, scene, model_path, tmp_path):
+    image = _case()[0]
+    volume = _volume(scene, image, shifted=False)
+    for seed in (1, 2):
+        points = logic.detect(volume, model=model_path, device="cpu")
+        logic.addTrainingCase(volume, points, name=f"case{seed}")
+    before = model_path.read_bytes()
+
+    events = []
+    new_model = logic.fineTune(fromModel=model_path, iterations=3, device="cpu", progressCallback=events.append)
+    assert new_model == tmp_path / "models" / "tiny-ft001.scn.pt"
+    assert load_model(new_model).landmark_names == NAMES
+    assert [e["event"] for e in events][0] == "started" and any(e["event"] == "progress" for e in events)
+    assert model_path.read_bytes() == before
+    assert any(entry.path == new_model for entry in logic.listModels())
+    # Fine-tuning the new version continues the numbering.
+    job = logic.fineTune(fromModel="tiny-ft001", timeBudgetSeconds=300, device="cpu", wait=False)
+    assert job.outputPath == tmp_path / "models" / "tiny-ft002.scn.pt"
+    while job.lastProgress is None:
+        assert job.isRunning(), job.process.stderr_tail
+        job.process.wait(timeout=0.1)
+    job.cancel()
+    with pytest.raises(TrainingCancelled):
+        job.wait(timeout=60)
+    assert job.status == "cancelled" and not job.outputPath.exists()
+    with pytest.raises(ValueError, match="either a number of iterations or a time budget"):
+        logic.fineTune(iterations=3, timeBudgetSeconds=3, fromModel=model_path)
+
+
+def test_fine_tune_without_cases_says_what_to_do(logic, model_path):
+    with pytest.raises(ValueError, match="no training cases"):
+        logic.fineTune(fromModel=model_path)
+
+
+def test_models_listing_loading_and_resolving(logic, model_path, tmp_path):
+    assert [e for e in logic.listModels() if e.source == "user"] == []
+    copied = logic.loadModelFile(model_path)
+    assert copied == tmp_path / "models" / "tiny.scn.pt"
+    assert logic.resolveModel("tiny") == copied
+    assert logic.resolveModel(str(model_path)) == model_path
+    assert logic.modelDescriptionLandmarks("tiny") == NAMES
+    damaged = tmp_path / "damaged.scn.pt"
+    damaged.write_bytes(b"nonsense")
+    with pytest.raises(ModelFileError):
+        logic.loadModelFile(damaged)
+    with pytest.raises(FileNotFoundError, match="available models"):
+        logic.resolveModel("no such model")
+
+
+def test_detect_folder_writes_files_and_skips_bad_ones(logic, model_path, tmp_path):
+    inputs = tmp_path / "in"
+    inputs.mkdir()
+    for seed in (1, 2):
+        write_image(_case(seed)[0], inputs / f"img{seed}.nrrd")
+    (inputs / "broken.nrrd").write_text("not an image")
+    reports = []
+    report = logic.detectFolder(inputs, tmp_path / "out", model=model_path, device="cpu", progressCallback=reports.append)
+    assert sorted(item.image.name for item in report.succeeded) == ["img1.nrrd", "img2.nrrd"]
+    assert [item.image.name for item in report.failed] == ["broken.nrrd"]
+    assert (tmp_path / "out" / "img1.mrk.json").is_file() and report.summary_csv.is_file()
+    assert reports[-1].done == 3
+    with pytest.raises(ValueError, match="does not exist"):
+        logic.detectFolder(tmp_path / "nowhere", tmp_path / "out", model=model_path)
+
+
+def test_requirements_are_present_here_and_never_list_slicer_packages(logic):
+    logic.setupPythonRequirements(askConfirmation=False)  # torch and scipy present: nothing to do
+    assert logic.missingRequirements() == []
+    assert logic.suggestedIterations(2) < logic.suggestedIterations(20)
+    presets = logic.fineTunePresets(2)
+    assert presets[0][1] == logic.suggestedIterations(2) and any(minutes for _, _, minutes in presets)
+
+
+def test_module_self_test_runs_under_slicer_core(module, scene):
+    """The self-test that Slicer runs (detect -> correct -> fine-tune -> detect), here on slicer-core."""
+    test = module.SCNLandmarksTest()
+    test.runTest()
