@@ -18,7 +18,7 @@ sitk = pytest.importorskip("SimpleITK")
 
 from SCNLandmarksLib import mrml_adapter as adapter  # noqa: E402
 from SCNLandmarksLib.geometry import ImageGeometry, lps_to_ras, ras_to_lps  # noqa: E402
-from SCNLandmarksLib.landmark_io import read_mrk_json  # noqa: E402
+from SCNLandmarksLib.landmark_io import LOW_CONFIDENCE_NOTE, read_mrk_json  # noqa: E402
 from SCNLandmarksLib.landmarks import Landmarks  # noqa: E402
 
 SIZE = (12, 10, 8)  # i, j, k
@@ -163,8 +163,8 @@ def test_predictions_become_flagged_fixed_point_list_in_world_ras(mrml_scene):
     # Descriptions carry definition and confidence; low confidence is flagged by colour + text.
     assert node.GetNthControlPointDescription(0) == "centre of sella turcica; confidence=0.930"
     assert "confidence=0.120" in node.GetNthControlPointDescription(1)
-    assert adapter.LOW_CONFIDENCE_NOTE in node.GetNthControlPointDescription(1)
-    assert adapter.LOW_CONFIDENCE_NOTE not in node.GetNthControlPointDescription(0)
+    assert LOW_CONFIDENCE_NOTE in node.GetNthControlPointDescription(1)
+    assert LOW_CONFIDENCE_NOTE not in node.GetNthControlPointDescription(0)
     assert [bool(node.GetNthControlPointSelected(i)) for i in range(3)] == [True, False, False]
     display = node.GetDisplayNode()
     assert display.GetColor() == pytest.approx(adapter.WARNING_COLOR)

@@ -30,12 +30,12 @@ import re
 import time
 import urllib.parse
 import urllib.request
-import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from .progress import Progress, ProgressCallback
+from .atomic import atomic_path
+from .progress import Progress, ProgressCallback, estimate_eta
 
 __all__ = [
     "CATALOG_FILE",
@@ -474,26 +474,24 @@ def fetch_model(
         if not overwrite:
             msg = f"{destination} already exists; remove it or allow overwriting"
             raise FileExistsError(msg)
-    temporary = folder / f".tmp-{uuid.uuid4().hex}-{name}"
     started = time.monotonic()
     stream, total = _open_source(source, timeout_s)
     digest = hashlib.sha256()
     done = 0
-    try:
-        with stream, open(temporary, "wb") as output:
-            for chunk in iter(lambda: stream.read(_CHUNK), b""):
-                if should_cancel is not None and should_cancel():
-                    msg = f"Download of {name} cancelled"
-                    raise InterruptedError(msg)
-                output.write(chunk)
-                digest.update(chunk)
-                done += len(chunk)
-                if progress is not None:
-                    elapsed = time.monotonic() - started
-                    eta = elapsed / done * (total - done) if total and done else None
-                    progress(Progress("download", done, total or done, elapsed, eta, message=name))
-            output.flush()
-            os.fsync(output.fileno())
+    with atomic_path(destination, overwrite=overwrite) as temporary, stream, open(temporary, "wb") as output:
+        for chunk in iter(lambda: stream.read(_CHUNK), b""):
+            if should_cancel is not None and should_cancel():
+                msg = f"Download of {name} cancelled"
+                raise InterruptedError(msg)
+            output.write(chunk)
+            digest.update(chunk)
+            done += len(chunk)
+            if progress is not None:
+                elapsed = time.monotonic() - started
+                progress(Progress("download", done, total or done, elapsed, estimate_eta(done, total, elapsed) if total else None,
+                                  message=name))
+        output.flush()
+        os.fsync(output.fileno())
         if total and done != total:
             msg = f"Download of {name} stopped early ({done} of {total} bytes)"
             raise OSError(msg)
@@ -503,13 +501,6 @@ def fetch_model(
                 f"expected {sha256.strip().lower()}. Nothing was installed; try again."
             )
             raise ValueError(msg)
-        if destination.exists() and not overwrite:
-            msg = f"{destination} was created by someone else during the download; not replacing it"
-            raise FileExistsError(msg)
-        os.replace(temporary, destination)
-    except BaseException:
-        temporary.unlink(missing_ok=True)
-        raise
     return destination
 
 

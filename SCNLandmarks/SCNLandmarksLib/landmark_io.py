@@ -38,8 +38,11 @@ from .geometry import lps_to_ras, ras_to_lps
 from .landmarks import Landmarks
 
 __all__ = [
+    "LOW_CONFIDENCE_NOTE",
     "MARKUPS_SCHEMA_URL",
+    "compose_point_description",
     "mrk_json_text",
+    "parse_point_description",
     "read_fcsv",
     "read_landmark_csv",
     "read_landmarks",
@@ -62,7 +65,7 @@ MARKUPS_SCHEMA_URL = (
     "Resources/Schema/markups-schema-v1.0.4.json#"
 )
 
-_LOW_CONFIDENCE_NOTE = "low confidence: please check"
+LOW_CONFIDENCE_NOTE = "low confidence: please check"
 _CORRECTED_TOKEN = "corrected=yes"
 _CONFIDENCE_PATTERN = re.compile(r"^confidence=([-+0-9.eE]+|nan)$")
 
@@ -75,7 +78,7 @@ _FCSV_STATUS_MISSING = 3
 # --------------------------------------------------------------------------- descriptions
 
 
-def _compose_description(
+def compose_point_description(
     description: str, confidence: float | None, *, low: bool, corrected: bool
 ) -> str:
     """Landmark description followed by machine-readable tokens, separated by ``"; "``."""
@@ -83,13 +86,13 @@ def _compose_description(
     if confidence is not None and math.isfinite(confidence):
         parts.append(f"confidence={confidence:.3f}")
     if low:
-        parts.append(_LOW_CONFIDENCE_NOTE)
+        parts.append(LOW_CONFIDENCE_NOTE)
     if corrected:
         parts.append(_CORRECTED_TOKEN)
     return "; ".join(parts)
 
 
-def _parse_description(text: str) -> tuple[str, float, bool]:
+def parse_point_description(text: str) -> tuple[str, float, bool]:
     """Split a point description into (landmark description, confidence or NaN, corrected).
 
     Only trailing tokens are taken off, so a description that itself contains ";" is kept
@@ -106,7 +109,7 @@ def _parse_description(text: str) -> tuple[str, float, bool]:
             confidence = float(match.group(1))
         elif token == _CORRECTED_TOKEN:
             corrected = True
-        elif token != _LOW_CONFIDENCE_NOTE:
+        elif token != LOW_CONFIDENCE_NOTE:
             break
         remaining = head if separator else ""
     return remaining, confidence, corrected
@@ -122,7 +125,7 @@ def _landmarks_from_rows(
     if dimension not in (None, 2, 3):
         msg = f"dimension must be 2, 3 or None, got {dimension!r}"
         raise ValueError(msg)
-    parsed = [_parse_description(text) for text in raw_descriptions]
+    parsed = [parse_point_description(text) for text in raw_descriptions]
     descriptions = [p[0] for p in parsed]
     confidences = np.array([p[1] for p in parsed], dtype=float)
     corrected = np.array([p[2] for p in parsed], dtype=bool)
@@ -298,7 +301,7 @@ def mrk_json_text(
             {
                 "id": str(row + 1),
                 "label": name,
-                "description": _compose_description(
+                "description": compose_point_description(
                     landmarks.descriptions[row], confidences[row], low=low[row], corrected=corrected[row]
                 ),
                 "associatedNodeID": "",
@@ -494,7 +497,7 @@ def write_fcsv(
     for row, name in enumerate(landmarks.names):
         missing = bool(landmarks.missing[row])
         coordinates = ["NaN"] * 3 if missing else [_number(v) for v in positions[row]]
-        description = _compose_description(
+        description = compose_point_description(
             landmarks.descriptions[row], confidences[row], low=low[row], corrected=corrected[row]
         )
         lines.append(

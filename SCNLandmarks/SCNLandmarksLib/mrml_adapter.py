@@ -21,7 +21,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import re
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -32,6 +31,7 @@ from vtk.util import numpy_support
 
 from .geometry import ImageGeometry, lps_to_ras, ras_to_lps
 from .image import Image
+from .landmark_io import compose_point_description, parse_point_description
 from .landmarks import Landmarks
 
 __all__ = [
@@ -68,9 +68,6 @@ WARNING_COLOR = (1.00, 0.45, 0.00)
 # A point that moved less than this (mm) was not corrected (float round-off, a click without drag).
 CORRECTION_TOLERANCE_MM = 0.01
 
-LOW_CONFIDENCE_NOTE = "low confidence: please check"
-_CONFIDENCE_TOKEN = re.compile(r"^confidence=([-+0-9.eE]+|nan)$")
-_CORRECTED_TOKEN = "corrected=yes"
 
 
 # --------------------------------------------------------------------------- matrices
@@ -174,36 +171,6 @@ def volume_node_from_image(image: Image, *, scene, name: str = "Volume"):  # noq
 # --------------------------------------------------------------------------- descriptions
 
 
-def _point_description(description: str, confidence: float | None, low: bool) -> str:
-    parts = [description] if description else []
-    if confidence is not None and math.isfinite(confidence):
-        parts.append(f"confidence={confidence:.3f}")
-    if low:
-        parts.append(LOW_CONFIDENCE_NOTE)
-    return "; ".join(parts)
-
-
-def _parse_point_description(text: str) -> tuple[str, float, bool]:
-    """(landmark description, confidence or NaN, corrected token) from a point description.
-
-    Same tokens as the ``.mrk.json`` files of :mod:`SCNLandmarksLib.landmark_io`; only
-    trailing tokens are removed, so a description containing ";" stays intact.
-    """
-    confidence, corrected, remaining = math.nan, False, text
-    while remaining:
-        head, separator, tail = remaining.rpartition(";")
-        token = tail.strip()
-        match = _CONFIDENCE_TOKEN.match(token)
-        if match and math.isnan(confidence):
-            confidence = float(match.group(1))
-        elif token == _CORRECTED_TOKEN:
-            corrected = True
-        elif token != LOW_CONFIDENCE_NOTE:
-            break
-        remaining = head if separator else ""
-    return remaining, confidence, corrected
-
-
 def _json_attribute(node, name: str) -> dict | None:  # noqa: ANN001
     text = node.GetAttribute(name)
     if not text:
@@ -292,7 +259,7 @@ def markups_from_landmarks(
             known = math.isfinite(confidence)
             low = bool(low_confidence_threshold is not None and known and confidence < low_confidence_threshold)
             index = node.AddControlPoint(vtk.vtkVector3d(0.0, 0.0, 0.0), label)
-            node.SetNthControlPointDescription(index, _point_description(landmarks.descriptions[row], confidence if known else None, low))
+            node.SetNthControlPointDescription(index, compose_point_description(landmarks.descriptions[row], confidence if known else None, low=low, corrected=False))
             node.SetNthControlPointSelected(index, not low)
             if landmarks.missing[row]:
                 node.SetNthControlPointPositionMissing(index)
@@ -373,7 +340,7 @@ def landmarks_from_markups(
             msg = f'Point {index + 1} of "{node.GetName()}" has no name (label); every landmark needs one'
             raise ValueError(msg)
         labels.append(label)
-        description, token_confidence, token_corrected = _parse_point_description(
+        description, token_confidence, token_corrected = parse_point_description(
             node.GetNthControlPointDescription(index) or ""
         )
         descriptions.append(description)
