@@ -55,6 +55,12 @@ def test_half_precision_file_is_smaller_and_close(saved, tmp_path):
     np.testing.assert_allclose(outputs(load_model(half), image), reference, atol=1e-3 * float(reference.abs().max()) + 1e-9)
 
 
+def test_saving_the_same_model_twice_gives_identical_bytes(saved, tmp_path):
+    model, path = saved
+    again = save_model(model, tmp_path / "again.scn.pt")
+    assert again.read_bytes() == path.read_bytes()
+
+
 def test_existing_model_is_never_overwritten_by_default(saved):
     model, path = saved
     before = path.read_bytes()

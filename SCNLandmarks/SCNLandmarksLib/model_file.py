@@ -10,13 +10,14 @@ are checked against a SHA-256 stored at save time.
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import zipfile
 from pathlib import Path
 
 import torch
 
-from .atomic import atomic_path
+from .atomic import atomic_write_bytes
 from .errors import ModelFileError
 from .grid import GridSpec
 from .heatmaps import HeatmapTargets
@@ -82,9 +83,11 @@ def save_model(model: LandmarkModel, path: str | Path, *, overwrite: bool = Fals
         "state": state,
     }
     path.parent.mkdir(parents=True, exist_ok=True)
-    with atomic_path(path, overwrite=overwrite) as temporary:
-        torch.save(payload, temporary)
-    return path
+    # Serialised in memory: torch names the archive's inner folder after the file it writes
+    # to, so saving straight to a random temporary name would make identical models differ.
+    buffer = io.BytesIO()
+    torch.save(payload, buffer)
+    return atomic_write_bytes(path, buffer.getvalue(), overwrite=overwrite)
 
 
 def _read_payload(path: Path) -> dict[str, object]:

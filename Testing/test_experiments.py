@@ -1,0 +1,264 @@
+"""The experiment scripts (scripts/experiments) run end to end in quick mode on a fake data set.
+
+The fake data is laid out exactly like the shared data (see /work/shared/data/README.md):
+``isbi2015/images/NNN.jpg`` (grey stored as 3 equal RGB channels, no spacing), senior and
+junior CSVs in mm at 0.1 mm per pixel without header, ``splits/train.txt`` and ``test1.txt``;
+``hand9/images/ID.mha`` (uint8, one slice, normalising spacing in the header) and a pixel
+``landmarks.csv``. The images are small synthetic ones with known landmarks, so the runs
+take seconds; the real data is never needed.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+from SCNLandmarksLib.synthetic import make_synthetic_case
+
+REPOSITORY = Path(__file__).resolve().parents[1]
+EXPERIMENTS = REPOSITORY / "scripts" / "experiments"
+sys.path.insert(0, str(EXPERIMENTS))
+
+import detection_speed
+import few_cases
+import hand_transfer
+import isbi2015
+import train_isbi
+
+ISBI_SIZE = (80, 96)  # x, y pixels of the fake cephalograms (0.1 mm each)
+HAND_SIZE = (64, 80)
+HAND_SPACING = 0.108075  # a normalising spacing as in the real hand9 headers
+# One torch thread: on a shared 2-core machine two spinning threads can be 20x slower than one.
+TINY = ["--quick", "--device", "cpu", "--grid-size", "64", "--filters", "8", "--threads", "1"]
+
+
+def _uint8(array: np.ndarray) -> np.ndarray:
+    low, high = float(array.min()), float(array.max())
+    return np.clip(np.round(255 * (array - low) / (high - low)), 0, 255).astype(np.uint8)
+
+
+def _coordinates(values: np.ndarray, digits: int) -> str:
+    return ",".join(f"{v:.{digits}f}" if digits else str(round(v)) for v in values.reshape(-1))
+
+
+def _write_isbi(folder: Path) -> None:
+    images, landmarks, splits = folder / "images", folder / "landmarks", folder / "splits"
+    for sub in (images, landmarks, splits):
+        sub.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    senior_rows, junior_rows = [], []
+    for number in range(1, 301):
+        image, points = make_synthetic_case(dimension=2, size=ISBI_SIZE, spacing=0.1, num_landmarks=19, seed=number,
+                                            noise=0.01)
+        grey = sitk.GetImageFromArray(_uint8(image.array))
+        # The real files are grey pictures saved as 3 equal RGB channels, without spacing.
+        sitk.WriteImage(sitk.Compose(grey, grey, grey), str(images / f"{number:03d}.jpg"))
+        image_id = f"{number:03d}"
+        senior_rows.append(f"{image_id},{_coordinates(points.positions, 1)}")
+        junior = points.positions + rng.normal(0.0, 0.15, points.positions.shape)
+        junior_rows.append(f"{image_id},{_coordinates(junior, 1)}")
+    (landmarks / "senior.csv").write_text("\n".join(senior_rows) + "\n", encoding="utf-8")
+    (landmarks / "junior.csv").write_text("\n".join(junior_rows) + "\n", encoding="utf-8")
+    (splits / "train.txt").write_text("".join(f"{i:03d}\n" for i in range(1, 151)), encoding="utf-8")
+    (splits / "test1.txt").write_text("".join(f"{i:03d}\n" for i in range(151, 301)), encoding="utf-8")
+
+
+def _hand_ids() -> list[str]:
+    ids = []
+    for fold in (1, 2, 3):
+        ids += isbi2015.read_split(f"hand9_fold{fold}_test")
+    return sorted(ids)
+
+
+def _write_hand(folder: Path) -> None:
+    images = folder / "images"
+    images.mkdir(parents=True)
+    rows = []
+    for seed, image_id in enumerate(_hand_ids()):
+        image, points = make_synthetic_case(dimension=2, size=HAND_SIZE, spacing=HAND_SPACING, num_landmarks=37,
+                                            seed=1000 + seed, noise=0.01)
+        volume = sitk.GetImageFromArray(_uint8(image.array)[None])  # one slice, as the real .mha files
+        volume.SetSpacing((HAND_SPACING,) * 3)
+        sitk.WriteImage(volume, str(images / f"{image_id}.mha"))
+        rows.append(f"{image_id},{_coordinates(points.positions / HAND_SPACING, 0)}")  # pixels, integers
+    (folder / "landmarks.csv").write_text("\n".join(rows) + "\n", encoding="utf-8")
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _restore_torch_threads() -> object:
+    import torch
+
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def fake_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("data")
+    _write_isbi(root / "isbi2015")
+    _write_hand(root / "hand9")
+    return root
+
+
+@pytest.fixture(scope="module")
+def ceph_results(fake_data: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict]:
+    output = tmp_path_factory.mktemp("train_isbi")
+    results = train_isbi.main(["--data", str(fake_data), "--output", str(output), *TINY, "--iterations", "2",
+                               "--validate-every", "1", "--test-images", "3", "--configs", "scn-paper,scn-mean"])
+    return output, results
+
+
+def _all_finite(values: object) -> bool:
+    if isinstance(values, dict):
+        return all(_all_finite(v) for v in values.values())
+    if isinstance(values, (list, tuple)):
+        return all(_all_finite(v) for v in values)
+    if isinstance(values, float):
+        return math.isfinite(values)
+    return True
+
+
+def _is_png(path: Path) -> bool:
+    return path.is_file() and path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+# ------------------------------------------------------------------------------ splits and helpers
+
+
+def test_committed_isbi_splits_are_what_the_seed_gives() -> None:
+    generated = isbi2015.generate_isbi_splits([f"{i:03d}" for i in range(1, 151)])
+    for name, ids in generated.items():
+        assert isbi2015.read_split(name) == ids, name
+    validation = set(generated["validation"])
+    assert len(validation) == isbi2015.VALIDATION_COUNT
+    previous: set[str] = set()
+    for size in (5, 10, 25, 50, 135):
+        subset = set(generated[f"train_N{size}"])
+        assert len(subset) == size and previous <= subset and not subset & validation
+        previous = subset
+    assert generated["train_N150"] == [f"{i:03d}" for i in range(1, 151)]
+
+
+def test_hand_folds_cover_every_image_once() -> None:
+    ids = _hand_ids()
+    assert len(ids) == 9 and len(set(ids)) == 9
+    assert isbi2015.generate_hand_folds(ids) == [isbi2015.read_split(f"hand9_fold{k}_test") for k in (1, 2, 3)]
+    train, test = isbi2015.hand_fold_ids(1, ids)
+    assert len(train) == 6 and len(test) == 3 and not set(train) & set(test)
+
+
+def test_missing_data_folder_names_the_environment_variable(tmp_path: Path) -> None:
+    with pytest.raises(FileNotFoundError, match="SCN_DATA_DIR"):
+        isbi2015.find_data_folder(tmp_path / "nowhere")
+
+
+def test_mean_ground_truth_is_the_midpoint(fake_data: Path) -> None:
+    isbi = isbi2015.isbi_folder(fake_data)
+    truths = isbi2015.load_ground_truths(isbi, ["151"])
+    senior, junior, mean = (truths[k]["151"].positions for k in ("senior", "junior", "mean"))
+    np.testing.assert_allclose(mean, (senior + junior) / 2)
+    assert not np.allclose(senior, junior)
+    case = isbi2015.load_isbi_cases(isbi, ["151"])[0]
+    # JPEG pixels at 0.1 mm: the CSV millimetres are pixel indices / 10 in the image's frame.
+    assert case.image.geometry.spacing == pytest.approx((0.1, 0.1))
+    np.testing.assert_allclose(case.landmarks.positions, senior)
+
+
+def test_hand_landmarks_go_through_the_header_spacing(fake_data: Path) -> None:
+    hand = isbi2015.hand_folder(fake_data)
+    image_id = _hand_ids()[0]
+    case = isbi2015.load_hand_cases(hand, [image_id])[0]
+    pixels = np.array([float(v) for v in (hand / "landmarks.csv").read_text().splitlines()[0].split(",")[1:]])
+    np.testing.assert_allclose(case.landmarks.positions.reshape(-1), pixels * HAND_SPACING)
+    assert len(case.landmarks) == 37
+
+
+# ------------------------------------------------------------------------------ the scripts
+
+
+def test_train_isbi_writes_model_card_table_and_plots(ceph_results: tuple[Path, dict]) -> None:
+    output, results = ceph_results
+    assert {p.name for p in output.iterdir()} >= {"table.md", "results.json", "learning_curves.png", "MODEL_CARD.md",
+                                                   "cephalometric_isbi2015.scn.pt", "models.json.entry.json"}
+    assert _is_png(output / "learning_curves.png")
+    assert _is_png(output / "scn-paper" / "test1-senior" / "cumulative_error.png")
+    table = (output / "table.md").read_text()
+    assert "NOT THE REFERENCE PROTOCOL" in table and "junior doctor" in table and "sella" in table
+    stored = json.loads((output / "results.json").read_text())
+    assert stored["quick"] is True and len(stored["configurations"]) == 2
+    for run in stored["configurations"]:
+        for truth in ("senior", "mean"):
+            numbers = run["test1"][truth]
+            assert numbers["num_cases"] == 3 and numbers["num_points"] == 57
+            assert math.isfinite(numbers["mre_mm"]) and 0 <= numbers["sdr"]["2"] <= 1
+        assert run["training"]["iterations"] == 2 and run["training"]["seconds"] > 0
+        assert run["detection"]["images_per_second"] > 0
+    assert _all_finite(stored["inter_observer_junior_vs_senior"])
+    assert 0 < stored["inter_observer_junior_vs_senior"]["mre_mm"] < 1  # fake junior = senior + 0.15 mm noise
+    card = (output / "MODEL_CARD.md").read_text()
+    assert "{{" not in card and "Wang" in card and "NOT THE REFERENCE PROTOCOL" in card
+    entry = json.loads((output / "models.json.entry.json").read_text())
+    from SCNLandmarksLib.catalog import file_sha256
+    from SCNLandmarksLib.model_file import load_model
+
+    assert entry["sha256"] == file_sha256(output / "cephalometric_isbi2015.scn.pt") and entry["default"] is True
+    assert results["shipped"]["sha256"] == entry["sha256"] and results["shipped"]["configuration"] in ("scn-paper", "scn-mean")
+    shipped = load_model(output / "cephalometric_isbi2015.scn.pt")
+    assert shipped.landmark_names[0] == "sella" and shipped.info["measured"]["test1"]["mean"]["num_cases"] == 3
+
+
+def test_few_cases_table_plot_and_reuse(fake_data: Path, tmp_path: Path) -> None:
+    arguments = ["--data", str(fake_data), "--output", str(tmp_path), *TINY, "--iterations", "2", "--test-images", "2"]
+    results = few_cases.main(arguments)
+    runs = {(r["architecture"], r["n"]): r for r in results["runs"]}
+    assert set(runs) == {(a, n) for a in ("scn", "unet") for n in (5, 10, 25, 50, 150)}
+    for (architecture, size), run in runs.items():
+        assert len(run["training_ids"]) == size
+        assert run["training_ids"] == isbi2015.read_split(f"train_N{size}")
+        for truth in ("senior", "mean"):
+            assert math.isfinite(run["test1"][truth]["mre_mm"]) and run["test1"][truth]["num_cases"] == 2
+        assert not (tmp_path / f"{architecture}-N{size:03d}" / "model.scn.pt").exists()  # not kept by default
+    assert _is_png(tmp_path / "few_cases.png")
+    table = (tmp_path / "table.md").read_text()
+    assert "NOT THE REFERENCE PROTOCOL" in table and "U-Net MRE (mm)" in table and "| 150 |" in table
+    stored = json.loads((tmp_path / "results.json").read_text())
+    assert len(stored["runs"]) == 10 and _all_finite(stored["runs"])
+    # Rerunning the same command reuses every finished run instead of training again.
+    again = few_cases.main(arguments)
+    assert [r["training"]["seconds"] for r in again["runs"]] == [r["training"]["seconds"] for r in results["runs"]]
+
+
+def test_hand_transfer_fine_tunes_and_compares(fake_data: Path, ceph_results: tuple[Path, dict], tmp_path: Path) -> None:
+    ceph = ceph_results[0] / "cephalometric_isbi2015.scn.pt"
+    results = hand_transfer.main(["--data", str(fake_data), "--output", str(tmp_path), *TINY, "--iterations", "10",
+                                  "--curve-every", "10", "--folds", "1,2", "--ceph-model", str(ceph)])
+    runs = {(r["arm"], r["fold"]): r for r in results["runs"]}
+    assert set(runs) == {(a, f) for a in ("fine-tuned", "scratch") for f in (1, 2)}
+    for run in runs.values():
+        assert len(run["train_ids"]) == 6 and len(run["test_ids"]) == 3
+        assert [p["iteration"] for p in run["curve"]] == [0, 10]
+        assert run["test"]["num_points"] == 3 * 37 and math.isfinite(run["test"]["mre_mm"])
+    # The grid and network come from the cephalometric model for both arms.
+    assert results["settings"]["grid_size"] == 64 and results["settings"]["filters"] == 8
+    assert results["pooled"]["fine-tuned"]["num_cases"] == 6 and _all_finite(results["pooled"])
+    assert _is_png(tmp_path / "hand_transfer.png")
+    table = (tmp_path / "table.md").read_text()
+    assert "NOT THE REFERENCE PROTOCOL" in table and "fine-tuned" in table and "scratch" in table
+
+
+def test_detection_speed_times_load_to_points(fake_data: Path, ceph_results: tuple[Path, dict], tmp_path: Path) -> None:
+    ceph = ceph_results[0] / "cephalometric_isbi2015.scn.pt"
+    measured = detection_speed.main(["--data", str(fake_data), "--output", str(tmp_path), "--quick", "--device", "cpu",
+                                    "--images", "3", "--threads", "1", "--model", str(ceph)])
+    cpu = measured["measurements"]["cpu"]
+    assert cpu["threads"] == 1 and len(cpu["per_image_seconds"]) == 3
+    assert cpu["cold_seconds"] >= cpu["model_load_seconds"] > 0 and cpu["images_per_second"] > 0
+    assert "gpu" not in measured["measurements"]
+    assert _is_png(tmp_path / "detection_speed.png")
+    assert "QUICK" in (tmp_path / "table.md").read_text()
