@@ -292,15 +292,11 @@ def _schedule(config: TrainingConfig) -> Callable[[int], float]:
     return factor
 
 
-def validation_mre(model: LandmarkModel, cases: Sequence[_PreparedCase | TrainingCase], device: torch.device) -> float:
-    """Mean radial error in mm of the model on un-augmented cases."""
+def validation_mre(model: LandmarkModel, cases: Sequence[TrainingCase], device: torch.device) -> float:
+    """Mean radial error in mm of the model on un-augmented cases (NaN when nothing could be measured)."""
     was_training = model.network.training
     detector = Detector(model, device=device)
-    errors = []
-    for case in cases:
-        if isinstance(case, TrainingCase):
-            predicted = detector.detect(case.image)
-            errors.append(point_errors(predicted, case.landmarks))
+    errors = [point_errors(detector.detect(case.image), case.landmarks) for case in cases]
     model.network.train(was_training)
     values = np.concatenate(errors) if errors else np.array([np.nan])
     return float(np.nanmean(values)) if np.isfinite(values).any() else float("nan")

@@ -106,7 +106,7 @@ def run_arm(arm: str, fold: int, ceph_path: Path, settings: X.Settings, folder: 
 
     train_ids, test_ids = data["folds"][fold]
     key = {"arm": arm, "fold": fold, "train_ids": train_ids, "test_ids": test_ids,
-           "ceph_weights": data["ceph_weights"], "settings": settings.key(), "curve_every": curve_every}
+           "ceph_sha256": data["ceph_sha256"], "settings": settings.key(), "curve_every": curve_every}
     stored = X.reusable_run(folder, key, fresh=fresh)
     if stored is not None:
         print(f"[{arm} fold {fold}] reusing the finished run in {folder}")
@@ -226,7 +226,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     needed = sorted({i for train, test in fold_ids.values() for i in train + test})
     print(f"Loading {len(needed)} hand images from {hand}")
     data = {"folds": fold_ids, "cases": {c.name: c for c in X.load_hand_cases(hand, needed)},
-            "ceph_sha256": file_sha256(ceph_path), "ceph_weights": X.weights_digest(ceph_path)}
+            "ceph_sha256": file_sha256(ceph_path)}
     runs = {}
     for fold in folds:
         for arm in ARMS:
@@ -239,8 +239,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     X.write_table(folder, "Table 3: hand9 transfer, fine-tuned cephalometric model vs scratch", note, body)
     plot(runs, folds, folder / "hand_transfer.png", note)
     results = {"experiment": NAME, "quick": settings.quick, "note": note, "settings": settings.to_dict(),
-               "ceph_model": str(ceph_path), "ceph_sha256": data["ceph_sha256"],
-               "ceph_weights_sha256": data["ceph_weights"], "environment": X.environment(),
+               "ceph_model": str(ceph_path), "ceph_sha256": data["ceph_sha256"], "environment": X.environment(),
                "runs": list(runs.values()),
                "pooled": {arm: pooled([runs[(arm, f)] for f in folds]) for arm in ARMS}}
     X.write_json(folder / "results.json", results)

@@ -541,25 +541,6 @@ def finish_run(folder: Path, key: Mapping[str, Any], results: Mapping[str, Any])
     return record
 
 
-def weights_digest(model_path: Path) -> str:
-    """SHA-256 of a model file's weights as loaded (float32), network then targets.
-
-    Unlike the file's own hash it does not change when the same model is written again (the
-    archive inside a model file carries the name of the temporary file it was written to).
-    """
-    import hashlib
-
-    from SCNLandmarksLib.model_file import load_model
-
-    model = load_model(model_path)
-    digest = hashlib.sha256()
-    for prefix, module in (("network.", model.network), ("targets.", model.targets)):
-        for name, tensor in sorted(module.state_dict().items()):
-            digest.update((prefix + name).encode())
-            digest.update(tensor.detach().cpu().float().contiguous().numpy().tobytes())
-    return digest.hexdigest()
-
-
 # --------------------------------------------------------------------------- devices and timing
 
 
