@@ -77,3 +77,18 @@ def test_errors_are_one_clear_line_and_exit_code_2(annotated_folder, trained_mod
     assert "already exists" in capsys.readouterr().err
     assert main(["train", "--images", str(tmp_path), "--output", str(tmp_path / "x.scn.pt"), *TINY]) == 2
     assert "No images found" in capsys.readouterr().err
+
+
+def test_progress_bar_in_a_log_is_throttled_but_keeps_validation_results():
+    import io
+
+    from SCNLandmarksLib.progress import Progress, TextProgressBar
+
+    stream = io.StringIO()
+    bar = TextProgressBar(stream=stream)
+    for done in range(1, 50):
+        bar(Progress("train", done, 100, 0.1 * done, loss=1.0, validation_mre_mm=2.5 if done == 30 else None))
+    bar(Progress("train", 100, 100, 10.0, 0.0, loss=0.5))
+    lines = stream.getvalue().splitlines()
+    assert len(lines) == 3  # the first report, the validation at 30, the end
+    assert "val MRE 2.50 mm" in lines[1] and "100/100" in lines[2]

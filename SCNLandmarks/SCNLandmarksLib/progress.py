@@ -72,7 +72,8 @@ class TextProgressBar:
         now = time.monotonic()
         finished = progress.done >= progress.total
         interval = self.min_interval_s if self._interactive else 10.0
-        if not finished and now - self._last < interval:
+        # A validation result is rare and worth seeing, so it is never throttled away.
+        if not finished and progress.validation_mre_mm is None and now - self._last < interval:
             return
         self._last = now
         filled = int(self.width * progress.fraction)
