@@ -1,7 +1,8 @@
 """The main job: detect landmarks on the sample cephalogram and write .mrk.json, CSV and PNG.
 
 With the bundled default model (``SCNLandmarks/Resources/Models``), this detects on the
-sample image. While no default model is bundled, it trains a small demonstration model on
+sample image (ISBI 2015 image 151) and, where the data folder is reachable, reports the error
+against the senior annotation. Without a bundled default model, it trains a small demonstration model on
 the CPU from the cephalograms it can reach (``SCN_DATA_DIR`` or ``../shared/data``), or from
 synthetic images when there are none, and detects with that. The demonstration model is
 written under the output folder only; it is not a product model and is never bundled.
@@ -27,6 +28,19 @@ def data_folder() -> Path | None:
     configured = os.environ.get("SCN_DATA_DIR")
     folder = Path(configured) if configured else REPOSITORY.parent / "shared" / "data"
     return folder if (folder / "isbi2015").is_dir() else None
+
+
+def sample_truth():  # noqa: ANN201 - Landmarks or None
+    """The senior annotation of the sample (ISBI image 151) when the data folder is reachable."""
+    folder = data_folder()
+    if folder is None:
+        return None
+    from SCNLandmarksLib.dataset import read_landmark_names
+    from SCNLandmarksLib.landmark_io import read_landmark_csv
+
+    names, _ = read_landmark_names(NAMES)
+    table = read_landmark_csv(folder / "isbi2015" / "landmarks" / "senior.csv", dimension=2, names=names)
+    return table.get("151")
 
 
 def detect_and_report(model_path: Path, image_path: Path, output: Path, *, device: str, spacing, truth=None) -> None:
@@ -115,7 +129,8 @@ def main() -> int:
 
     model = default_model()
     if model is not None and SAMPLE.exists():
-        detect_and_report(model, SAMPLE, args.output, device=args.device, spacing=ISBI_SPACING)
+        detect_and_report(model, SAMPLE, args.output, device=args.device, spacing=ISBI_SPACING,
+                          truth=sample_truth())
         return 0
     model, image, truth, spacing = train_demo_model(args.output, minutes=args.minutes, device=args.device)
     detect_and_report(model, image, args.output, device=args.device, spacing=spacing, truth=truth)
