@@ -38,6 +38,7 @@ import numpy as np
 
 from .atomic import atomic_write_text
 from .landmarks import Landmarks
+from .user_folders import user_data_folder
 
 if TYPE_CHECKING:
     from .image import Image
@@ -71,11 +72,7 @@ _UNSAFE = re.compile(r"[^A-Za-z0-9._ -]+")
 
 def default_cases_folder(*, create: bool = False) -> Path:
     """``SCN_CASES_DIR`` or ``~/.SCNLandmarks/cases``; created when ``create`` is True."""
-    override = os.environ.get(CASES_ENV)
-    folder = Path(override).expanduser() if override else Path.home() / ".SCNLandmarks" / "cases"
-    if create:
-        folder.mkdir(parents=True, exist_ok=True)
-    return folder
+    return user_data_folder("cases", environment_variable=CASES_ENV, create=create)
 
 
 def safe_case_name(name: str) -> str:

@@ -36,6 +36,7 @@ from pathlib import Path
 
 from .atomic import atomic_path
 from .progress import Progress, ProgressCallback, estimate_eta
+from .user_folders import user_data_folder
 
 __all__ = [
     "CATALOG_FILE",
@@ -82,11 +83,7 @@ def user_models_folder(*, create: bool = False) -> Path:
     Args:
         create: create the folder (and its parents) when it does not exist.
     """
-    override = os.environ.get(USER_ENV)
-    folder = Path(override).expanduser() if override else Path.home() / ".SCNLandmarks" / "models"
-    if create:
-        folder.mkdir(parents=True, exist_ok=True)
-    return folder
+    return user_data_folder("models", environment_variable=USER_ENV, create=create)
 
 
 def _model_stem(path: Path) -> str:
