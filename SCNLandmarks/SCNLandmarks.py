@@ -441,8 +441,11 @@ class SCNLandmarksWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._updateButtonStates()
         if job.status == "done":
             self.ui.fineTuneProgressBar.setValue(100)
-            self.ui.fineTuneStatusLabel.text = _("New model saved: {name}").format(name=job.outputPath.name)
-            self.updateModelList(select=str(job.outputPath))
+            # The worker's sentence states both cross-validated errors; a model that is not
+            # better is not written, and the starting model stays selected.
+            self.ui.fineTuneStatusLabel.text = job.report.get("message", "")
+            if job.outputPath is not None:
+                self.updateModelList(select=str(job.outputPath))
         elif job.status == "cancelled":
             self.ui.fineTuneStatusLabel.text = _("Cancelled. No new model was saved; the previous model is unchanged.")
         else:
@@ -530,8 +533,11 @@ class SCNLandmarksFineTuneJob:
     regularly, or :meth:`wait`.
 
     Attributes:
-        outputPath: the model file the run writes when it finishes.
+        outputPath: the model file the run writes when it finishes; None once it finished
+            without writing one (the fine-tuned model was not better: the starting model is kept).
         status: ``"running"``, ``"done"``, ``"cancelled"`` or ``"failed"``.
+        report: the worker's ``done`` event: ``verdict`` ("better", "not better", "unchecked"),
+            ``start_error_mm`` and ``new_error_mm`` (cross-validated on the cases), ``message``.
         errorMessage: why it failed, for the user.
         details: the end of the worker's error output, for the log or a details box.
         lastProgress: the last progress event (dict), or None.
@@ -552,6 +558,7 @@ class SCNLandmarksFineTuneJob:
         self.errorMessage = ""
         self.details = ""
         self.lastProgress: Optional[dict] = None
+        self.report: dict = {}
         self._timer = None
         process.on_event = self._onEvent
         process.on_finished = self._onFinished
@@ -581,9 +588,10 @@ class SCNLandmarksFineTuneJob:
             self._timer.stop()
         try:
             done = process.raise_for_outcome()
-            self.outputPath = Path(done["output"])
+            self.report = dict(done)
+            self.outputPath = Path(done["output"]) if done.get("output") else None
             self.status = "done"
-            logging.info("Fine-tuning finished: %s (%s iterations)", self.outputPath, done.get("iterations"))
+            logging.info("Fine-tuning finished: %s", done.get("message"))
         except WorkerCancelled as cancelled:
             self.status, self.errorMessage = "cancelled", str(cancelled)
             logging.info("%s", cancelled)
@@ -605,8 +613,8 @@ class SCNLandmarksFineTuneJob:
         """Stop the fine-tuning; no model is written and the starting model stays as it was."""
         self.process.cancel()
 
-    def wait(self, timeout: Optional[float] = None) -> Path:
-        """Block until the run ends; returns the new model file.
+    def wait(self, timeout: Optional[float] = None) -> Optional[Path]:
+        """Block until the run ends; returns the new model file, or None when the starting model was kept.
 
         Raises:
             TimeoutError: still running after ``timeout`` seconds.
@@ -932,14 +940,10 @@ class SCNLandmarksLogic(ScriptedLoadableModuleLogic):
 
     @staticmethod
     def suggestedIterations(numberOfCases: int) -> int:
-        """Iterations that suit fine-tuning on this many cases (few cases: short, to avoid over-fitting)."""
-        if numberOfCases <= 3:
-            return 300
-        if numberOfCases <= 10:
-            return 600
-        if numberOfCases <= 30:
-            return 1000
-        return 2000
+        """Steps per training run that suit fine-tuning on this many cases (the engine's rule)."""
+        from SCNLandmarksLib.finetuning import suggested_iterations
+
+        return suggested_iterations(numberOfCases)
 
     def fineTunePresets(self, numberOfCases: int) -> list:
         """(label, iterations or None, minutes or None) choices for the fine-tune section."""
@@ -948,7 +952,7 @@ class SCNLandmarksLogic(ScriptedLoadableModuleLogic):
             (_("Recommended for {count} cases ({iterations} iterations)").format(
                 count=numberOfCases, iterations=suggested), suggested, None),
             (_("Quick check (50 iterations)"), 50, None),
-            (_("Thorough (2000 iterations)"), 2000, None),
+            (_("Thorough (1000 iterations)"), 1000, None),
             (_("Time budget: 5 minutes"), None, 5.0),
             (_("Time budget: 30 minutes"), None, 30.0),
         ]
@@ -975,17 +979,19 @@ class SCNLandmarksLogic(ScriptedLoadableModuleLogic):
         wait: bool = True,
         finishedCallback: Optional[Callable[[SCNLandmarksFineTuneJob], None]] = None,
         outputPath: Union[str, Path, None] = None,
-        learningRate: Optional[float] = None,
+        keepWorse: bool = False,
     ):
         """Fine-tune a model on stored training cases, in a background process.
 
-        The result is a new model version in the user's models folder
-        (``<model>-ft001.scn.pt``, ``-ft002``...); the model it starts from is never changed.
-        A failure or cancel writes no model.
+        The recipe is the engine's (:func:`SCNLandmarksLib.finetuning.fine_tune`, the same as
+        ``scn-landmarks finetune``): it is checked by cross-validation on the cases, and the
+        result is a new model version in the user's models folder (``<model>-ft001.scn.pt``,
+        ``-ft002``...) only when it is better than the starting model (or ``keepWorse``); the
+        model it starts from is never changed. A failure or cancel writes no model.
 
         :param cases: case names (see :meth:`trainingCases`) or None for all usable cases.
         :param fromModel: model to start from (path, name, or None for the default model).
-        :param iterations: training iterations (default: :meth:`suggestedIterations`).
+        :param iterations: steps of each training run (default: :meth:`suggestedIterations`).
         :param timeBudgetSeconds: train for this long instead of a number of iterations.
         :param device: "auto", "cpu" or "cuda".
         :param progressCallback: called with each progress event, a dict with ``stage, done,
@@ -995,8 +1001,9 @@ class SCNLandmarksLogic(ScriptedLoadableModuleLogic):
             False returns an :class:`SCNLandmarksFineTuneJob` at once (GUI; it has ``cancel()``).
         :param finishedCallback: called with the job when it ends (any outcome).
         :param outputPath: where to write the new model (default: next version name).
-        :param learningRate: peak learning rate (default: the worker's fine-tuning default).
-        :return: the new model's path (``wait=True``) or the running job (``wait=False``).
+        :param keepWorse: write the new model even when it is not better.
+        :return: the new model's path, or None when the starting model was kept (``wait=True``;
+            ``job.report`` has both errors), or the running job (``wait=False``).
         :raises SCNLandmarksLib.errors.TrainingCancelled: cancelled while waiting.
         :raises RuntimeError: the run failed; the message explains why.
         """
@@ -1030,8 +1037,8 @@ class SCNLandmarksLogic(ScriptedLoadableModuleLogic):
             "--time-budget", str(float(timeBudgetSeconds))]
         for name in names:
             arguments += ["--case", name]
-        if learningRate is not None:
-            arguments += ["--learning-rate", str(learningRate)]
+        if keepWorse:
+            arguments.append("--keep-worse")
         modelNames = set(self.modelDescriptionLandmarks(sourcePath))
         caseNames = {label for name in names if name in infos for label in infos[name].landmark_names}
         if caseNames - modelNames:

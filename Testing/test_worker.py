@@ -122,7 +122,7 @@ def test_finished_run_reports_progress_and_writes_a_loadable_model(workspace):
     before = workspace["model"].read_bytes()
     process = _run([
         "finetune", "--cases", str(workspace["cases"]), "--from-model", str(workspace["model"]),
-        "--output", str(output), "--iterations", "4", "--device", "cpu", "--progress-every", "1",
+        "--output", str(output), "--iterations", "4", "--device", "cpu", "--keep-worse",
     ])
     stdout, stderr = process.communicate(timeout=120)
     assert process.returncode == 0, stderr
@@ -130,10 +130,13 @@ def test_finished_run_reports_progress_and_writes_a_loadable_model(workspace):
     kinds = [e["event"] for e in events]
     assert kinds[0] == "started" and kinds[-1] == "done"
     progress = [e for e in events if e["event"] == "progress"]
-    assert [p["done"] for p in progress if p["stage"] == "train"] == [1, 2, 3, 4]
-    assert all(p["total"] == 4 and 0 < p["fraction"] <= 1 and p["loss"] is not None for p in progress)
+    # Three cases: three cross-validation runs and the final one, 4 steps each, as one bar.
+    assert [p["done"] for p in progress] == list(range(1, 17))
+    assert all(p["total"] == 16 and 0 < p["fraction"] <= 1 and p["loss"] is not None for p in progress)
     done = events[-1]
-    assert done["output"] == str(output) and done["iterations"] == 4
+    assert done["output"] == str(output) and done["folds"] == 3 and done["stages"] == ["global"]
+    assert done["verdict"] in ("better", "not better") and done["start_error_mm"] > 0 and done["new_error_mm"] > 0
+    assert "starting model" in done["message"]
     model = load_model(output)
     assert model.landmark_names == NAMES
     assert sorted(read_model_description(output)["info"]["training"]["cases"]) == ["patient 0", "patient 1", "patient 2"]
@@ -145,7 +148,7 @@ def test_terminate_after_first_progress_line_cancels_without_output(workspace):
     before = workspace["model"].read_bytes()
     process = _run([
         "finetune", "--cases", str(workspace["cases"]), "--from-model", str(workspace["model"]),
-        "--output", str(output), "--iterations", "100000", "--device", "cpu", "--progress-every", "1",
+        "--output", str(output), "--iterations", "100000", "--device", "cpu",
     ])
     assert process.stdout is not None
     lines = []

@@ -12,7 +12,7 @@ import numpy as np
 
 from .grid import ElasticField, SamplingTransform
 
-__all__ = ["AugmentationConfig", "random_transform", "random_intensity"]
+__all__ = ["AugmentationConfig", "random_linear", "random_transform", "random_intensity"]
 
 
 @dataclass(frozen=True)
@@ -70,6 +70,13 @@ def _rotation(dim: int, rng: np.random.Generator, limit: float) -> np.ndarray:
     return rotation
 
 
+def random_linear(dim: int, rng: np.random.Generator, *, rotation_rad: float, scale: float, axis_scale: float) -> np.ndarray:
+    """A random rotation times a random isotropic and per-axis scale, ``(D, D)``."""
+    isotropic = 1.0 + rng.uniform(-scale, scale)
+    per_axis = 1.0 + rng.uniform(-axis_scale, axis_scale, size=dim)
+    return _rotation(dim, rng, rotation_rad) @ np.diag(isotropic * per_axis)
+
+
 def random_transform(
     base: SamplingTransform,
     config: AugmentationConfig,
@@ -86,9 +93,7 @@ def random_transform(
         image_extent_mm: image extent along the grid axes, for ``random_crop``.
     """
     dim = len(base.size)
-    scale = 1.0 + rng.uniform(-config.scale, config.scale)
-    axis_scale = 1.0 + rng.uniform(-config.axis_scale, config.axis_scale, size=dim)
-    linear = _rotation(dim, rng, config.rotation_rad) @ np.diag(scale * axis_scale)
+    linear = random_linear(dim, rng, rotation_rad=config.rotation_rad, scale=config.scale, axis_scale=config.axis_scale)
     translation = rng.uniform(-config.translation_mm, config.translation_mm, size=dim)
     if config.random_crop and image_extent_mm is not None:
         grid_extent = np.asarray(base.size) * base.spacing

@@ -98,13 +98,27 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--levels", type=int, default=4)
     train.add_argument("--spatial-downsample", type=int, help="pooling before the spatial part (default: 16 in 2D, 8 in 3D)")
     train.add_argument("--spatial-kernel", type=int, help="kernel of the spatial part (default: 11 in 2D, 7 in 3D)")
+    train.add_argument("--refine-iterations", type=int, default=0,
+                       help="then train a local high-resolution refinement stage for this many steps (default: 0, none)")
+    train.add_argument("--refine-spacing", type=float, default=None,
+                       help="pixel size of the refinement crops in mm (default: about a third of the global grid's)")
 
-    finetune = commands.add_parser("finetune", help="continue training an existing model on your cases",
-                                   description="Fine-tune a model. Landmarks are matched by name; a different "
-                                               "landmark set gets new output heads and reuses the rest.")
+    finetune = commands.add_parser(
+        "finetune", help="improve a model with your own corrected cases",
+        description="Fine-tune a model on your cases with the recipe chosen for their number (for a two-stage "
+                    "model: the local refinement stage). Landmarks are matched by name; a point a case lacks is "
+                    "missing. The result is checked by cross-validation on your cases (3 or more) and written only "
+                    "when it is better than the starting model, with both errors reported.")
     finetune.add_argument("--from-model", required=True, help="model file (or installed model name) to start from")
     _data_args(finetune)
-    _training_args(finetune, iterations=1000)
+    finetune.add_argument("--output", required=True, type=Path, help="model file to write (.scn.pt); never overwritten")
+    finetune.add_argument("--iterations", type=int, default=None, help="optimiser steps per training run (default: 200)")
+    finetune.add_argument("--time-budget", type=float, metavar="SECONDS", help="or a wall-time budget for the whole run")
+    finetune.add_argument("--new-landmarks", action="store_true",
+                          help="the cases define a different landmark set: train new output heads")
+    finetune.add_argument("--keep-worse", action="store_true", help="write the new model even when it is not better")
+    finetune.add_argument("--seed", type=int, default=0)
+    _device_arg(finetune)
 
     evaluate = commands.add_parser("evaluate", help="measure a model against annotations",
                                    description="Detect on annotated images and report errors in mm (MRE, SDR).")
@@ -174,13 +188,38 @@ def _run_training(args: argparse.Namespace, model, cases) -> int:  # noqa: ANN00
         time_budget_s=args.time_budget,
         augmentation=AugmentationConfig.none() if args.no_augmentation else AugmentationConfig(),
     )
-    result = train_model(cases, model, output=args.output, config=config, validation_cases=validation,
+    refine_steps = getattr(args, "refine_iterations", 0)
+    global_output = args.output.with_name("global-" + args.output.name) if refine_steps else args.output
+    cancel = _CancelOnInterrupt()
+    result = train_model(cases, model, output=global_output, config=config, validation_cases=validation,
                          checkpoint=args.checkpoint, resume=args.resume, progress=TextProgressBar(),
-                         should_cancel=_CancelOnInterrupt())
+                         should_cancel=cancel)
     best = result.best_validation_mre_mm
     print(f"Wrote {result.output} after {result.iterations} iterations in {result.seconds:.0f} s on {result.device}"
           + (f"; best validation MRE {best:.2f} mm" if best is not None else ""))
+    if refine_steps:
+        from .refinement_training import RefinerTrainingConfig, attach_refiner, train_refiner
+
+        spacing = args.refine_spacing or _default_refine_spacing(result.model, cases[0])
+        attach_refiner(result.model, spacing_mm=spacing)
+        refined = train_refiner(cases, result.model, output=args.output,
+                                config=RefinerTrainingConfig(iterations=refine_steps, device=args.device, seed=args.seed),
+                                validation_cases=validation, progress=TextProgressBar(), should_cancel=cancel)
+        best = refined.best_validation_mre_mm
+        print(f"Wrote {refined.output} (global + refinement stage) after {refined.seconds:.0f} s more"
+              + (f"; best validation MRE {best:.2f} mm" if best is not None else ""))
     return 0
+
+
+def _default_refine_spacing(model, case) -> float:  # noqa: ANN001
+    """A third of the global grid's pixel size on this case, but no finer than its own pixels."""
+    import numpy as np
+
+    from .grid import SamplingTransform
+
+    image = case.image.as_dimension(model.dimension)
+    base = SamplingTransform.for_image(image.geometry, model.grid)
+    return float(max(np.min(base.spacing) / 3.0, np.min(image.geometry.spacing)))
 
 
 def _command_train(args: argparse.Namespace) -> int:
@@ -205,17 +244,19 @@ def _command_train(args: argparse.Namespace) -> int:
 
 
 def _command_finetune(args: argparse.Namespace) -> int:
-    from .model_file import load_model
-    from .training import adapt_to_landmarks
+    from .finetuning import fine_tune
+    from .progress import TextProgressBar
 
     cases = _load_data(args)
-    model = load_model(_resolve_model(args.from_model))
-    names = cases[0].landmarks.names
-    if set(names) != set(model.landmark_names):
-        print(f"The cases have a different landmark set ({len(names)} landmarks); training new output heads.")
-        model = adapt_to_landmarks(model, names, cases[0].landmarks.descriptions)
-    model.info["parent_model"] = str(args.from_model)
-    return _run_training(args, model, cases)
+    report = fine_tune(cases, _resolve_model(args.from_model), output=args.output, iterations=args.iterations,
+                       time_budget_s=args.time_budget, new_landmarks=args.new_landmarks, keep_worse=args.keep_worse,
+                       device=args.device, seed=args.seed, progress=TextProgressBar(),
+                       should_cancel=_CancelOnInterrupt())
+    for fold in report.per_fold:
+        print(f"  held out {', '.join(fold['held_out'])}: starting model {fold['start_mm']:.2f} mm, "
+              f"fine-tuned {fold['new_mm']:.2f} mm")
+    print(f"{report.message} ({report.seconds:.0f} s; trained: {' + '.join(report.stages)} stage)")
+    return 0
 
 
 def _command_detect(args: argparse.Namespace) -> int:
@@ -280,6 +321,8 @@ def _command_info(args: argparse.Namespace) -> int:
 
     description = read_model_description(_resolve_model(args.model))
     info = dict(description.get("info", {}))
+    refiner_training = info.pop("refiner_training", {}) if isinstance(info.get("refiner_training"), dict) else {}
+    info["refiner_training"] = {k: refiner_training.get(k) for k in ("iterations", "best_validation_mre_mm", "seconds")}
     training = info.pop("training", {}) if isinstance(info.get("training"), dict) else {}
     summary = {
         "network": description["network"],
@@ -287,6 +330,7 @@ def _command_info(args: argparse.Namespace) -> int:
         "landmarks": [item["name"] for item in description["landmarks"]],
         "info": info,
         "training": {k: training.get(k) for k in ("iterations", "best_validation_mre_mm", "seconds", "device")},
+        "refinement_stage": description.get("refiner"),
     }
     print(json.dumps(summary, indent=2))
     return 0

@@ -1,9 +1,24 @@
-"""Detecting landmarks on an image: grid sampling, network, maxima, back to physical LPS."""
+"""Detecting landmarks on an image: grid sampling, network, maxima, back to physical LPS.
+
+Radiographs come facing either way and with either polarity (DICOM ``MONOCHROME1`` and many
+exports are negatives). For 2D models the global stage therefore reads the image as it is,
+mirrored left-right, inverted, and both, and keeps the reading whose landmarks it is most
+confident of; the spatial-configuration part makes a wrong reading score clearly lower
+(bundled model on ISBI test1: mean confidence 0.72-0.80 read as is, 0.10-0.16 mirrored or
+inverted). A reading as it is that is already confident (``CONFIDENT_READING``) is kept at
+once, so usual images cost one pass; another reading replaces it only when it is clearly more
+confident (``OTHER_READING_MARGIN`` times), so that a weak model does not swap a usual image
+for a slightly more confident misreading. The mirror is a flip of the sampling grid's x axis, so points map back into the image's own
+physical frame with no extra step.
+"""
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
+import logging
 import math
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -18,8 +33,52 @@ from .model import LandmarkModel
 from .model_file import load_model
 from .preprocess import OUTSIDE_VALUE, PreparedImage, prepare_image
 from .decode import heatmap_maxima
+from .refinement import prepare_for_refiner, refine_positions
 
-__all__ = ["Detector", "detect", "detection_grid"]
+__all__ = ["AS_IS", "Detector", "ImageReading", "detect", "detection_grid", "image_readings"]
+
+log = logging.getLogger(__name__)
+
+# Mean confidence above which the image as it is needs no other reading.
+CONFIDENT_READING = 0.5
+# How many times more confident another reading must be to replace the image as it is.
+OTHER_READING_MARGIN = 2.0
+
+
+@dataclasses.dataclass(frozen=True)
+class ImageReading:
+    """One way of reading an image: mirrored left-right (grid x axis flipped) and/or intensity-inverted."""
+
+    mirrored: bool = False
+    inverted: bool = False
+
+    @property
+    def label(self) -> str:
+        parts = [p for p, on in (("mirrored", self.mirrored), ("inverted", self.inverted)) if on]
+        return " and ".join(parts) or "as is"
+
+    def apply(self, prepared: PreparedImage) -> PreparedImage:
+        """``prepared`` read this way (the pixels are shared when nothing changes)."""
+        if not (self.mirrored or self.inverted):
+            return prepared
+        base = prepared.base
+        if self.mirrored:
+            rotation = base.rotation.copy()
+            rotation[:, 0] = -rotation[:, 0]
+            base = dataclasses.replace(base, rotation=rotation)
+        # Normalised pixels map the window to [-1, 1], so negating them is the negative image.
+        array = -prepared.array if self.inverted else prepared.array
+        return dataclasses.replace(prepared, array=array, base=base)
+
+
+AS_IS = (ImageReading(),)
+
+
+def image_readings(dimension: int) -> list[ImageReading]:
+    """The readings tried on a ``dimension``-D image, the usual one first (only 2D images vary)."""
+    if dimension != 2:
+        return [ImageReading()]
+    return [ImageReading(m, i) for i in (False, True) for m in (False, True)]
 
 
 def detection_grid(prepared: PreparedImage, model: LandmarkModel) -> SamplingTransform:
@@ -50,16 +109,36 @@ class Detector:
     Args:
         model: a loaded model, or the path of a model file.
         device: ``"auto"`` (GPU when present), ``"cpu"`` or ``"cuda"``.
+        refine: use the model's local refinement stage when it has one (``False``: the global
+            SCN's estimates only, for comparison).
+        readings: the ways to read each image, the usual one first (default: for 2D images
+            as it is, mirrored, inverted and both, see :func:`image_readings`; ``AS_IS`` reads
+            the image only as it is).
 
     Example:
         >>> detector = Detector("cephalometric.scn.pt", device="auto")  # doctest: +SKIP
         >>> landmarks = detector.detect(read_image("ceph.png", spacing=(0.1, 0.1)))  # doctest: +SKIP
     """
 
-    def __init__(self, model: LandmarkModel | str | Path, *, device: str | torch.device = "auto") -> None:
+    def __init__(
+        self,
+        model: LandmarkModel | str | Path,
+        *,
+        device: str | torch.device = "auto",
+        refine: bool = True,
+        readings: Sequence[ImageReading] | None = None,
+    ) -> None:
         self.device = resolve_device(device)
         self.model = load_model(model, device=self.device) if isinstance(model, (str, Path)) else model.to(self.device)
         self.model.network.eval()
+        self.refine = refine and self.model.refiner is not None
+        self.readings = list(readings) if readings is not None else image_readings(self.model.dimension)
+        if not self.readings:
+            msg = "Give at least one way to read the images"
+            raise ValueError(msg)
+        self.last_reading = ImageReading()
+        if self.model.refiner is not None:
+            self.model.refiner.eval()
 
     @property
     def device_description(self) -> str:
@@ -69,6 +148,10 @@ class Detector:
         """Network heatmaps over the whole detection grid, ``(N, [z,] y, x)``, and that grid."""
         model = self.model
         prepared = prepare_image(image, grid=model.grid, intensity=model.intensity, dimension=model.dimension)
+        return self._heatmaps(prepared)
+
+    def _heatmaps(self, prepared: PreparedImage) -> tuple[np.ndarray, SamplingTransform]:
+        model = self.model
         grid = detection_grid(prepared, model)
         array = finish(resample(prepared.array, prepared.geometry, grid, fill=OUTSIDE_VALUE))
         tile = tuple(min(t, f) for t, f in zip(model.grid.size[::-1], array.shape))
@@ -91,11 +174,31 @@ class Detector:
         Gaussian for that landmark: about 1 where the network is as sure as on its training
         targets, near 0 where it sees nothing.
         """
-        heatmaps, grid = self.heatmaps(image)
-        positions, values = heatmap_maxima(heatmaps)
-        physical = grid.grid_to_physical(positions)
-        peaks = self.model.targets.peak_values().detach().cpu().numpy()
-        confidences = np.clip(values / peaks, 0.0, 1.0)
+        model = self.model
+        prepared = prepare_image(image, grid=model.grid, intensity=model.intensity, dimension=model.dimension)
+        peaks = model.targets.peak_values().detach().cpu().numpy()
+        readings = self.readings
+        best: tuple[float, ImageReading, np.ndarray, np.ndarray] | None = None
+        for reading in readings:
+            heatmaps, grid = self._heatmaps(reading.apply(prepared))
+            positions, values = heatmap_maxima(heatmaps)
+            confidences = np.clip(values / peaks, 0.0, 1.0)
+            score = float(np.mean(confidences))
+            if best is None:
+                as_is_score = score
+                best = (score, reading, grid.grid_to_physical(positions), confidences)
+                if score >= CONFIDENT_READING:
+                    break
+            elif score > best[0] and score > OTHER_READING_MARGIN * as_is_score:
+                best = (score, reading, grid.grid_to_physical(positions), confidences)
+        _, reading, physical, confidences = best  # type: ignore[misc]
+        self.last_reading = reading
+        if reading != ImageReading():
+            log.info("Read the image %s (the most confident reading)", reading.label)
+        if self.refine:
+            refiner = model.refiner
+            fine = reading.apply(prepare_for_refiner(image, refiner.config, model.intensity))
+            physical, _ = refine_positions(refiner, fine, physical, device=self.device)
         return Landmarks(
             names=list(self.model.landmark_names),
             positions=physical,

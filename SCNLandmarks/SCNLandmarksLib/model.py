@@ -10,6 +10,7 @@ from .grid import GridSpec
 from .heatmaps import HeatmapTargets
 from .intensity import IntensityConfig
 from .network import LandmarkNetwork, NetworkConfig, build_network
+from .refinement import RefinementNetwork
 
 __all__ = ["LandmarkModel", "create_model", "default_target_settings"]
 
@@ -34,6 +35,7 @@ class LandmarkModel:
         landmark_descriptions: one per output channel (anatomical definition).
         sigma_weight: weight of the sigma penalty in the loss.
         info: provenance: training data, iterations, measured accuracy, parent model, ...
+        refiner: the local high-resolution stage, or None for a global-only model.
     """
 
     network: LandmarkNetwork
@@ -44,6 +46,7 @@ class LandmarkModel:
     landmark_descriptions: list[str]
     sigma_weight: float
     info: dict[str, object] = field(default_factory=dict)
+    refiner: RefinementNetwork | None = None
 
     @property
     def config(self) -> NetworkConfig:
@@ -56,6 +59,8 @@ class LandmarkModel:
     def to(self, device: torch.device) -> LandmarkModel:
         self.network.to(device)
         self.targets.to(device)
+        if self.refiner is not None:
+            self.refiner.to(device)
         return self
 
 

@@ -2,7 +2,9 @@
 
 A model file (``*.scn.pt``) is a PyTorch zip archive holding only plain data: a format tag,
 a JSON description (network settings, input grid, intensity mapping, landmark names and
-definitions, provenance) and a dictionary of tensors. It is read with
+definitions, the local refinement stage when there is one, provenance) and a dictionary of
+tensors. Format 2 added the optional refinement stage; format-1 files (global stage only)
+still load and detect. It is read with
 ``torch.load(weights_only=True)``, which refuses to execute pickled code, and the weights
 are checked against a SHA-256 stored at save time.
 """
@@ -24,11 +26,12 @@ from .heatmaps import HeatmapTargets
 from .intensity import IntensityConfig
 from .model import LandmarkModel
 from .network import NetworkConfig, build_network
+from .refinement import RefinementNetwork, RefinerConfig
 
 __all__ = ["FORMAT_TAG", "MODEL_SUFFIX", "load_model", "read_model_description", "save_model"]
 
 FORMAT_TAG = "scn-landmarks-model"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 MODEL_SUFFIX = ".scn.pt"
 
 
@@ -38,7 +41,7 @@ def _weights_digest(state: dict[str, torch.Tensor]) -> str:
         tensor = state[name].detach().cpu().contiguous()
         digest.update(name.encode())
         digest.update(str(tensor.dtype).encode())
-        digest.update(tensor.view(torch.uint8).numpy().tobytes() if tensor.numel() else b"")
+        digest.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes() if tensor.numel() else b"")
     return digest.hexdigest()
 
 
@@ -52,6 +55,7 @@ def _describe(model: LandmarkModel, *, half_precision: bool) -> dict[str, object
         ],
         "targets": {"gamma": model.targets.gamma, "sigma_weight": model.sigma_weight},
         "half_precision": half_precision,
+        "refiner": None if model.refiner is None else model.refiner.config.to_dict(),
         "info": model.info,
     }
 
@@ -68,10 +72,15 @@ def save_model(model: LandmarkModel, path: str | Path, *, overwrite: bool = Fals
     """
     path = Path(path)
     state: dict[str, torch.Tensor] = {}
-    for prefix, module in (("network.", model.network), ("targets.", model.targets)):
+    modules = [("network.", model.network), ("targets.", model.targets)]
+    if model.refiner is not None:
+        modules.append(("refiner.", model.refiner))
+    for prefix, module in modules:
         for name, tensor in module.state_dict().items():
             tensor = tensor.detach().cpu()
-            if half_precision and tensor.is_floating_point() and not name.endswith("sigmas"):
+            # Batch-norm statistics stay float32: their variances can underflow in half precision.
+            keep = name.endswith(("sigmas", "running_mean", "running_var"))
+            if half_precision and tensor.is_floating_point() and not keep:
                 tensor = tensor.half()
             state[prefix + name] = tensor.clone()
     description = _describe(model, half_precision=half_precision)
@@ -157,23 +166,38 @@ def load_model(path: str | Path, *, device: torch.device | str = "cpu") -> Landm
         names = [str(item["name"]) for item in landmarks]
         descriptions = [str(item.get("description", "")) for item in landmarks]
         target_values = description["targets"]
+        refiner_values = description.get("refiner")
+        refiner_config = None if refiner_values is None else RefinerConfig.from_dict(dict(refiner_values))
     except (KeyError, TypeError, ValueError) as error:
         msg = f"{path} has an incomplete or invalid description ({error})"
         raise ModelFileError(msg) from error
     network = build_network(config)
+    refiner = None if refiner_config is None else RefinementNetwork(refiner_config)
     targets = HeatmapTargets(config.num_landmarks, config.dimension, initial_sigma=1.0, gamma=float(target_values["gamma"]))
     try:
         network.load_state_dict(
             {k[len("network.") :]: v.float() for k, v in state.items() if k.startswith("network.")}, strict=True
         )
         targets.load_state_dict({k[len("targets.") :]: v.float() for k, v in state.items() if k.startswith("targets.")}, strict=True)
+        refiner_state = {k[len("refiner.") :]: v for k, v in state.items() if k.startswith("refiner.")}
+        if refiner is not None:
+            floats = {k: v.float() if v.is_floating_point() else v for k, v in refiner_state.items()}
+            refiner.load_state_dict(floats, strict=True)
+        elif refiner_state:
+            msg = f"{path} is damaged: it holds refinement weights but describes no refinement stage"
+            raise ModelFileError(msg)
     except RuntimeError as error:
         msg = f"{path} is damaged: its weights do not fit the network it describes"
         raise ModelFileError(msg) from error
     if len(names) != config.num_landmarks:
         msg = f"{path} names {len(names)} landmarks for a network with {config.num_landmarks} outputs"
         raise ModelFileError(msg)
+    if refiner_config is not None and refiner_config.num_landmarks != config.num_landmarks:
+        msg = f"{path} has a refinement stage for {refiner_config.num_landmarks} landmarks but {config.num_landmarks} landmarks"
+        raise ModelFileError(msg)
     network.eval()
+    if refiner is not None:
+        refiner.eval()
     model = LandmarkModel(
         network=network,
         targets=targets,
@@ -183,5 +207,6 @@ def load_model(path: str | Path, *, device: torch.device | str = "cpu") -> Landm
         landmark_descriptions=descriptions,
         sigma_weight=float(target_values["sigma_weight"]),
         info=dict(description.get("info", {})),
+        refiner=refiner,
     )
     return model.to(torch.device(device) if isinstance(device, str) else device)

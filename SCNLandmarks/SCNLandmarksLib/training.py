@@ -24,7 +24,7 @@ import torch
 
 from .atomic import atomic_path
 from .augmentation import AugmentationConfig, random_intensity, random_transform
-from .detection import Detector
+from .detection import AS_IS, Detector
 from .device import describe_device, resolve_device
 from .errors import TrainingCancelled
 from .evaluation import point_errors
@@ -38,6 +38,7 @@ from .model_file import save_model
 from .network import build_network
 from .preprocess import OUTSIDE_VALUE, PreparedImage, prepare_image
 from .progress import Progress, ProgressCallback, estimate_eta
+from .refinement import RefinementNetwork, RefinerConfig
 
 __all__ = ["TrainingCase", "TrainingConfig", "TrainingResult", "adapt_to_landmarks", "train_model"]
 
@@ -190,10 +191,30 @@ def adapt_to_landmarks(model: LandmarkModel, names: Sequence[str], descriptions:
         landmark_descriptions=descriptions,
         sigma_weight=model.sigma_weight,
         info={"adapted_from_landmarks": list(model.landmark_names)},
+        refiner=None if model.refiner is None else _adapt_refiner(model.refiner, model.landmark_names, names),
     )
 
 
-def _align_landmarks(case: TrainingCase, names: list[str]) -> np.ndarray:
+def _adapt_refiner(refiner: RefinementNetwork, old_names: Sequence[str], names: Sequence[str]) -> RefinementNetwork:
+    """The local stage for another landmark set: same body, head rows of shared landmarks kept."""
+    config = RefinerConfig.from_dict({**refiner.config.to_dict(), "num_landmarks": len(names)})
+    adapted = RefinementNetwork(config)
+    heads = adapted.head_parameter_names()
+    state = adapted.state_dict()
+    old_index = {n: i for i, n in enumerate(old_names)}
+    for key, value in refiner.state_dict().items():
+        if key not in heads:
+            state[key] = value.clone()
+            continue
+        for new_i, name in enumerate(names):
+            if name in old_index:
+                state[key][new_i] = value[old_index[name]]
+    adapted.load_state_dict(state)
+    return adapted
+
+
+def aligned_positions(case: TrainingCase, names: list[str]) -> np.ndarray:
+    """The case's landmark positions ``(N, D)`` LPS mm in the order of ``names`` (NaN where missing)."""
     case_names = case.landmarks.names
     unknown = [n for n in case_names if n not in names]
     if unknown:
@@ -214,7 +235,7 @@ def _prepare_cases(cases: Sequence[TrainingCase], model: LandmarkModel) -> list[
         if case.landmarks.dimension != model.dimension:
             msg = f"{label} has {case.landmarks.dimension}D landmarks but the model is {model.dimension}D"
             raise ValueError(msg)
-        positions = _align_landmarks(case, model.landmark_names)
+        positions = aligned_positions(case, model.landmark_names)
         if not np.isfinite(positions).all(axis=1).any():
             msg = f"{label} has no placed landmarks; it cannot teach the model anything"
             raise ValueError(msg)
@@ -256,7 +277,8 @@ class _SampleStream(torch.utils.data.IterableDataset):
             yield _make_sample(case, self.augmentation, rng)
 
 
-def _split(cases: Sequence[TrainingCase], fraction: float, seed: int) -> tuple[list[TrainingCase], list[TrainingCase]]:
+def split_cases(cases: Sequence[TrainingCase], fraction: float, seed: int) -> tuple[list[TrainingCase], list[TrainingCase]]:
+    """``(training, validation)``: a seeded share held out, at least one case once there are 4 or more."""
     count = len(cases)
     held_out = int(round(count * fraction)) if count >= 4 else 0
     if fraction > 0 and count >= 4:
@@ -295,20 +317,23 @@ def _schedule(config: TrainingConfig) -> Callable[[int], float]:
 def validation_mre(model: LandmarkModel, cases: Sequence[TrainingCase], device: torch.device) -> float:
     """Mean radial error in mm of the model on un-augmented cases (NaN when nothing could be measured)."""
     was_training = model.network.training
-    detector = Detector(model, device=device)
+    # Validation images are read as they are: an untrained model has no orientation to trust.
+    detector = Detector(model, device=device, readings=AS_IS)
     errors = [point_errors(detector.detect(case.image), case.landmarks) for case in cases]
     model.network.train(was_training)
     values = np.concatenate(errors) if errors else np.array([np.nan])
     return float(np.nanmean(values)) if np.isfinite(values).any() else float("nan")
 
 
-def _save_checkpoint(path: Path, state: dict[str, object]) -> None:
+def save_checkpoint(path: Path, state: dict[str, object]) -> None:
+    """Write a training checkpoint atomically (plain tensors and strings only)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     with atomic_path(path, overwrite=True) as temporary:
         torch.save(state, temporary)
 
 
-def _load_checkpoint(path: Path) -> dict[str, object]:
+def load_checkpoint(path: Path) -> dict[str, object]:
+    """Read a checkpoint safely (``weights_only``); a damaged file is a ValueError naming it."""
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:
@@ -364,7 +389,7 @@ def train_model(
     device = resolve_device(config.device)
     torch.manual_seed(config.seed)
     if validation_cases is None:
-        training_cases, validation_cases = _split(list(cases), config.validation_fraction, config.seed)
+        training_cases, validation_cases = split_cases(list(cases), config.validation_fraction, config.seed)
     else:
         training_cases, validation_cases = list(cases), list(validation_cases)
     prepared = _prepare_cases(training_cases, model)
@@ -381,7 +406,7 @@ def train_model(
     best_state: dict[str, object] | None = None
     checkpoint = Path(checkpoint) if checkpoint is not None else None
     if resume and checkpoint is not None and checkpoint.exists():
-        saved = _load_checkpoint(checkpoint)
+        saved = load_checkpoint(checkpoint)
         model.network.load_state_dict(saved["network"])
         model.targets.load_state_dict(saved["targets"])
         optimizer.load_state_dict(saved["optimizer"])
@@ -434,7 +459,7 @@ def train_model(
         while iteration < config.iterations:
             if should_cancel is not None and should_cancel():
                 if checkpoint is not None:
-                    _save_checkpoint(checkpoint, checkpoint_state(iteration))
+                    save_checkpoint(checkpoint, checkpoint_state(iteration))
                 msg = f"Training cancelled at iteration {iteration} of {config.iterations}; no model file was written"
                 raise TrainingCancelled(msg)
             images, positions, valid = next(batches)
@@ -472,7 +497,7 @@ def train_model(
                 progress(Progress("train", iteration, config.iterations, elapsed, eta,
                                   loss=running_loss, validation_mre_mm=mre))
             if checkpoint is not None and config.checkpoint_every and iteration % config.checkpoint_every == 0:
-                _save_checkpoint(checkpoint, checkpoint_state(iteration))
+                save_checkpoint(checkpoint, checkpoint_state(iteration))
             if budget_over:
                 log.info("Time budget of %.0f s reached after %d iterations", config.time_budget_s, iteration)
                 break

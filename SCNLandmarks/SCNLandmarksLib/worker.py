@@ -4,7 +4,7 @@ Run with Slicer's Python (``PythonSlicer``) or any Python that has torch::
 
     python -m SCNLandmarksLib.worker finetune --cases <cases folder> --from-model <model.scn.pt>
         --output <new.scn.pt> [--iterations N | --time-budget SECONDS] [--device auto|cpu|cuda]
-        [--landmarks-from-cases] [--case NAME ...] [--learning-rate LR] [--seed S]
+        [--landmarks-from-cases] [--keep-worse] [--case NAME ...] [--seed S]
         [--threads N] [--cancel-file PATH]
 
 The cases folder has the layout of :mod:`SCNLandmarksLib.cases`.
@@ -15,8 +15,10 @@ Output protocol: standard output carries only JSON objects, one per line, flushe
 * ``{"event": "progress", "stage", "done", "total", "elapsed_s", "eta_s", "loss",
   "validation_mre_mm", "message", "fraction"}`` (``Progress.to_dict()`` plus ``fraction`` in [0, 1],
   which also accounts for a time budget)
-* ``{"event": "done", "output": "...", "iterations": N, "best_validation_mre_mm": x|null,
-  "seconds": s, "device": "..."}``
+* ``{"event": "done", "output": "..."|null, "verdict": "better"|"not better"|"unchecked",
+  "start_error_mm": x|null, "new_error_mm": x|null, "folds": k, "stages": [...], "message": "...",
+  "seconds": s, "device": "..."}``: the recipe of :mod:`SCNLandmarksLib.finetuning`; ``output`` is
+  null when the fine-tuned model was not better and the starting model is kept
 * ``{"event": "error", "message": "..."}`` (a sentence meant for the user)
 * ``{"event": "cancelled", "message": "..."}``
 
@@ -139,33 +141,14 @@ def _build_parser() -> argparse.ArgumentParser:
         help="learn the landmark set of the cases (new output heads) instead of the model's",
     )
     finetune.add_argument("--case", action="append", dest="case_names", metavar="NAME", help="use only this case")
-    finetune.add_argument("--learning-rate", type=float, default=None)
-    finetune.add_argument("--validation-fraction", type=float, default=None)
+    finetune.add_argument("--keep-worse", action="store_true", help="write the new model even when it is not better")
     finetune.add_argument("--seed", type=int, default=0)
-    finetune.add_argument("--progress-every", type=int, default=None, help="iterations between progress lines")
     finetune.add_argument(
         "--threads", type=int, default=None,
         help="CPU threads for torch (default: all cores but one, so the application stays responsive)",
     )
     finetune.add_argument("--cancel-file", type=Path, default=None, help="stop when this file appears")
     return parser
-
-
-# Iterations when only a time budget is given: the budget ends training long before.
-_ITERATIONS_FOR_TIME_BUDGET = 1_000_000
-DEFAULT_FINETUNE_ITERATIONS = 500
-DEFAULT_FINETUNE_LEARNING_RATE = 5e-5
-
-
-def _case_landmark_set(cases: Sequence[Any]) -> tuple[list[str], list[str]]:
-    names: list[str] = []
-    descriptions: list[str] = []
-    for case in cases:
-        for name, description in zip(case.landmarks.names, case.landmarks.descriptions):
-            if name not in names:
-                names.append(name)
-                descriptions.append(description)
-    return names, descriptions
 
 
 def _limit_threads(threads: int | None) -> None:
@@ -200,9 +183,9 @@ def _finetune(arguments: argparse.Namespace, emit: _Emitter, should_cancel: _Can
     from .cases import read_training_cases
     from .device import describe_device, resolve_device
     from .errors import TrainingCancelled
+    from .finetuning import fine_tune
     from .model_file import load_model
     from .progress import Progress
-    from .training import TrainingConfig, adapt_to_landmarks, train_model
 
     device = resolve_device(arguments.device)
     _limit_threads(arguments.threads)
@@ -210,56 +193,28 @@ def _finetune(arguments: argparse.Namespace, emit: _Emitter, should_cancel: _Can
     cases = read_training_cases(arguments.cases.expanduser(), arguments.case_names)
     if should_cancel():
         raise TrainingCancelled("Fine-tuning cancelled before it started; no model file was written")
-    if arguments.landmarks_from_cases:
-        names, descriptions = _case_landmark_set(cases)
-        model = adapt_to_landmarks(model, names, descriptions)
-
-    time_budget = arguments.time_budget
-    iterations = arguments.iterations
-    if iterations is None:
-        iterations = _ITERATIONS_FOR_TIME_BUDGET if time_budget is not None else DEFAULT_FINETUNE_ITERATIONS
-    progress_every = arguments.progress_every or max(1, min(50, iterations // 100 if time_budget is None else 5))
-    options: dict[str, Any] = {
-        "iterations": iterations,
-        "time_budget_s": time_budget,
-        "device": str(device),
-        "seed": arguments.seed,
-        "progress_every": progress_every,
-        "learning_rate": arguments.learning_rate or DEFAULT_FINETUNE_LEARNING_RATE,
-        # A few corrected cases are all the user has; with under 4 cases none is held out anyway.
-        "validate_every": max(progress_every, iterations // 5) if time_budget is None else 0,
-    }
-    if time_budget is not None and arguments.iterations is None:
-        # The schedule is stretched over the iteration count; with only a budget that count
-        # is a placeholder, so use a constant learning rate (no warm-up, no decay).
-        options["warmup_fraction"] = 0.0
-        options["final_learning_rate_fraction"] = 1.0
-    if arguments.validation_fraction is not None:
-        options["validation_fraction"] = arguments.validation_fraction
-    config = TrainingConfig(**options)
     model.info = {**model.info, "parent_model": source.name}
-
     emit(
         "started",
         cases=[case.name for case in cases],
         device=describe_device(device),
-        iterations=None if time_budget is not None and arguments.iterations is None else iterations,
-        time_budget_s=time_budget,
+        iterations=arguments.iterations,
+        time_budget_s=arguments.time_budget,
         from_model=str(source),
         output=str(output),
         landmarks=list(model.landmark_names),
     )
     started = time.monotonic()
+    time_budget = arguments.time_budget
 
     def report(progress: Progress) -> None:
         values = progress.to_dict()
         fraction = progress.fraction
         if time_budget is not None:
-            used = min(1.0, (time.monotonic() - started) / time_budget)
-            fraction = used if arguments.iterations is None else max(fraction, used)
-            remaining = max(0.0, time_budget - (time.monotonic() - started))
+            used = time.monotonic() - started
+            fraction = max(fraction, min(1.0, used / time_budget))
             eta = values.get("eta_s")
-            values["eta_s"] = remaining if eta is None else min(float(eta), remaining)  # type: ignore[arg-type]
+            values["eta_s"] = max(0.0, time_budget - used) if eta is None else min(float(eta), max(0.0, time_budget - used))  # type: ignore[arg-type]
             if arguments.iterations is None:
                 values["total"] = None  # unknown: the budget, not a count, ends training
         values["fraction"] = fraction
@@ -267,23 +222,23 @@ def _finetune(arguments: argparse.Namespace, emit: _Emitter, should_cancel: _Can
             values[key] = _finite_or_none(values.get(key))
         emit("progress", **values)
 
-    result = train_model(
-        cases,
-        model,
-        output=output,
-        config=config,
-        progress=report,
-        should_cancel=should_cancel,
-        overwrite=False,
+    result = fine_tune(
+        cases, model, output=output, iterations=arguments.iterations, time_budget_s=time_budget,
+        new_landmarks=arguments.landmarks_from_cases, keep_worse=arguments.keep_worse, device=str(device),
+        seed=arguments.seed, progress=report, should_cancel=should_cancel,
     )
     emit(
         "done",
-        output=str(result.output),
-        iterations=result.iterations,
-        best_validation_mre_mm=_finite_or_none(result.best_validation_mre_mm),
+        output=None if result.output is None else str(result.output),
+        verdict=result.verdict,
+        start_error_mm=_finite_or_none(result.start_error_mm),
+        new_error_mm=_finite_or_none(result.new_error_mm),
+        folds=result.folds,
+        stages=result.stages,
+        message=result.message,
         seconds=result.seconds,
-        device=result.device,
-        landmarks=list(result.model.landmark_names),
+        device=describe_device(device),
+        landmarks=list(load_model(result.output).landmark_names) if result.output is not None else list(model.landmark_names),
     )
     return EXIT_OK
 

@@ -351,14 +351,17 @@ def per_landmark(report: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
             for name, v in report["per_landmark"].items()}
 
 
-def detect_all(model: Any, cases: Sequence[Any], device: str) -> tuple[dict[str, Any], float]:
-    """Predicted landmarks per case name and the wall seconds of detection (preprocessing included)."""
+def detect_all(model: Any, cases: Sequence[Any], device: str, *, refine: bool = True) -> tuple[dict[str, Any], float]:
+    """Predicted landmarks per case name and the wall seconds of detection (preprocessing included).
+
+    ``refine=False`` uses the global stage only (for the ablation of two-stage models).
+    """
     import torch
     from SCNLandmarksLib.detection import Detector
 
     # Detector switches the network to evaluation mode; a model under training gets its mode back.
     was_training = bool(getattr(getattr(model, "network", None), "training", False))
-    detector = Detector(model, device=device)
+    detector = Detector(model, device=device, refine=refine)
     predictions = {}
     started = time.perf_counter()
     for case in cases:

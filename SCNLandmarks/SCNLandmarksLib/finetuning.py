@@ -1,0 +1,309 @@
+"""Fine-tuning on a user's own corrected cases: one recipe for the CLI, the worker and Slicer.
+
+The recipe is chosen from what the cases are:
+
+* **Same landmarks, two-stage model**: only the local refinement stage learns (batch-norm
+  statistics frozen, a low learning rate); the global SCN, which places every landmark
+  robustly, stays as it is. On few cases a retrained global stage mostly forgets.
+* **Same landmarks, global-only model**: the global stage learns at a low learning rate.
+* **A new landmark set** (an explicit choice): new output heads; the global stage learns, then
+  the local stage if the model has one.
+
+Whether it helped is judged on the user's own cases, never on one case: with three or more,
+k-fold cross-validation trains the recipe on all folds but one and measures the starting and
+the new model on the fold left out, with the same global estimates; the new model is written
+only when its cross-validated error is lower (or when asked to keep it anyway). The report
+states both errors, side by side. Landmarks are matched by name; a missing point is missing.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from .progress import Progress, ProgressCallback
+
+if TYPE_CHECKING:  # torch-heavy; imported where used so that the defaults load without torch
+    from .model import LandmarkModel
+    from .training import TrainingCase
+
+__all__ = ["FineTuneReport", "case_landmark_set", "fine_tune", "plan_landmarks", "suggested_iterations"]
+
+log = logging.getLogger(__name__)
+
+DEFAULT_ITERATIONS = 200
+MAX_FOLDS = 3
+LOCAL_LEARNING_RATE = 5e-4
+LOCAL_BATCH_SIZE = 16
+GLOBAL_LEARNING_RATE = 5e-5
+
+
+def suggested_iterations(num_cases: int) -> int:
+    """Steps per training run that suit this many cases (few cases: short, against over-fitting)."""
+    if num_cases <= 10:
+        return DEFAULT_ITERATIONS
+    if num_cases <= 30:
+        return 300
+    return 500
+
+
+@dataclass
+class FineTuneReport:
+    """What a fine-tuning did and whether it helped.
+
+    Attributes:
+        verdict: ``"better"`` (cross-validated error lower than the starting model's),
+            ``"not better"``, or ``"unchecked"`` (fewer than 3 cases, or a new landmark set
+            the starting model cannot be measured on).
+        output: the model file written, or None when the starting model was kept.
+        start_error_mm: cross-validated mean error of the starting model on the cases (mm).
+        new_error_mm: the same for the fine-tuned recipe (mm).
+        folds: number of cross-validation folds (0: none).
+        stages: what was trained: ``["local"]``, ``["global"]`` or ``["global", "local"]``.
+        cases: the case names used.
+        seconds: wall time of the whole procedure.
+        message: one sentence for the user.
+        per_fold: ``[{"start_mm", "new_mm", "held_out": [names]}]``.
+    """
+
+    verdict: str
+    output: Path | None
+    start_error_mm: float | None
+    new_error_mm: float | None
+    folds: int
+    stages: list[str]
+    cases: list[str]
+    seconds: float
+    message: str
+    per_fold: list[dict[str, object]] = field(default_factory=list)
+
+    @property
+    def kept_new_model(self) -> bool:
+        return self.output is not None
+
+    def to_dict(self) -> dict[str, object]:
+        return {
+            "verdict": self.verdict, "output": None if self.output is None else str(self.output),
+            "start_error_mm": self.start_error_mm, "new_error_mm": self.new_error_mm, "folds": self.folds,
+            "stages": self.stages, "cases": self.cases, "seconds": self.seconds, "message": self.message,
+            "per_fold": self.per_fold,
+        }
+
+
+def case_landmark_set(cases: Sequence[TrainingCase]) -> tuple[list[str], list[str]]:
+    """All landmark names of the cases (first appearance order) and their descriptions."""
+    names: list[str] = []
+    descriptions: list[str] = []
+    for case in cases:
+        for name, description in zip(case.landmarks.names, case.landmarks.descriptions):
+            if name not in names:
+                names.append(name)
+                descriptions.append(description)
+    return names, descriptions
+
+
+def plan_landmarks(model: LandmarkModel, cases: Sequence[TrainingCase], *, new_landmarks: bool) -> LandmarkModel:
+    """The model to start from for these cases: itself, or adapted to the cases' landmark set.
+
+    Raises:
+        ValueError: the cases name landmarks the model does not know and ``new_landmarks`` is False.
+    """
+    from .training import adapt_to_landmarks
+
+    names, descriptions = case_landmark_set(cases)
+    unknown = [n for n in names if n not in model.landmark_names]
+    if not unknown:
+        return model
+    if not new_landmarks:
+        shown = ", ".join(unknown[:5]) + (" ..." if len(unknown) > 5 else "")
+        msg = (
+            f"The cases name {len(unknown)} landmarks that are not in the model ({shown}). Points the model "
+            "has but a case lacks count as missing; to learn a different landmark set, ask for new "
+            "landmarks explicitly (CLI: --new-landmarks)."
+        )
+        raise ValueError(msg)
+    return adapt_to_landmarks(model, names, descriptions)
+
+
+def _folds(count: int, seed: int) -> list[np.ndarray]:
+    if count < 3:
+        return []
+    order = np.random.default_rng(seed).permutation(count)
+    return [np.sort(part) for part in np.array_split(order, min(MAX_FOLDS, count))]
+
+
+def _mean_error(model: LandmarkModel, cases: Sequence[TrainingCase], device: str) -> float:
+    from .detection import Detector
+    from .evaluation import point_errors
+
+    detector = Detector(model, device=device)
+    errors = np.concatenate([point_errors(detector.detect(c.image), c.landmarks) for c in cases])
+    return float(np.nanmean(errors)) if np.isfinite(errors).any() else float("nan")
+
+
+class _Stepper:
+    """Turns the trainings' own progress into one bar over the whole procedure."""
+
+    def __init__(self, total: int, progress: ProgressCallback | None) -> None:
+        self.total = total
+        self.finished = 0
+        self.progress = progress
+        self.started = time.monotonic()
+
+    def callback(self, label: str) -> ProgressCallback:
+        def report(event: Progress) -> None:
+            if self.progress is None or event.stage == "validate":
+                return
+            done = self.finished + event.done
+            elapsed = time.monotonic() - self.started
+            eta = elapsed / done * (self.total - done) if done else None
+            self.progress(Progress("fine-tune", done, self.total, elapsed, eta, loss=event.loss, message=label))
+
+        return report
+
+
+def fine_tune(
+    cases: Sequence[TrainingCase],
+    model: LandmarkModel | str | Path,
+    *,
+    output: str | Path,
+    iterations: int | None = None,
+    time_budget_s: float | None = None,
+    new_landmarks: bool = False,
+    keep_worse: bool = False,
+    device: str = "auto",
+    seed: int = 0,
+    progress: ProgressCallback | None = None,
+    should_cancel: Callable[[], bool] | None = None,
+) -> FineTuneReport:
+    """Fine-tune ``model`` on ``cases``, check it by cross-validation and write it if it is better.
+
+    Args:
+        cases: the user's cases (points they corrected are drawn more often).
+        model: the starting model or its file; it is never changed.
+        output: the new model file (never overwritten).
+        iterations: optimiser steps of each training run (default: :func:`suggested_iterations`).
+        time_budget_s: or a wall-time budget for the whole procedure, in seconds.
+        new_landmarks: the cases define a different landmark set (new output heads).
+        keep_worse: write the new model even when it is not better.
+        device: ``"auto"``, ``"cpu"`` or ``"cuda"``.
+        seed: seeds the folds and the trainings.
+        progress: called with a :class:`~SCNLandmarksLib.progress.Progress` over the whole procedure.
+        should_cancel: polled every step; True stops with ``TrainingCancelled`` (nothing written).
+
+    Raises:
+        ValueError: no cases, unknown landmarks without ``new_landmarks``, bad settings.
+        FileExistsError: ``output`` exists.
+        TrainingCancelled: cancelled.
+    """
+    from .model_file import load_model, save_model
+    from .refinement_training import RefinerTrainingConfig, train_refiner
+    from .training import TrainingConfig, train_model
+
+    started = time.monotonic()
+    output = Path(output)
+    if output.exists():
+        msg = f"The new model file {output} already exists; models are never overwritten"
+        raise FileExistsError(msg)
+    if not cases:
+        msg = "Fine-tuning needs at least one case"
+        raise ValueError(msg)
+    if iterations is not None and iterations < 1:
+        msg = f"The number of iterations must be at least 1, got {iterations}"
+        raise ValueError(msg)
+    if time_budget_s is not None and time_budget_s <= 0:
+        msg = f"The time budget must be more than 0 seconds, got {time_budget_s}"
+        raise ValueError(msg)
+    start = load_model(model) if isinstance(model, (str, Path)) else model
+    if isinstance(model, (str, Path)) and Path(model).resolve() == output.resolve():
+        msg = "The fine-tuned model must be saved under a new name, not over the model it starts from"
+        raise ValueError(msg)
+    base = plan_landmarks(start, cases, new_landmarks=new_landmarks)
+    changed_set = base is not start
+    stages = ["global", "local"] if changed_set and base.refiner is not None else (
+        ["global"] if changed_set or base.refiner is None else ["local"])
+    folds = [] if changed_set else _folds(len(cases), seed)
+    runs = len(folds) + 1
+    steps = iterations or suggested_iterations(len(cases))
+    budget_per_run = None if time_budget_s is None else 0.85 * time_budget_s / runs / len(stages)
+    if time_budget_s is not None and iterations is None:
+        steps = 100_000  # the budget ends each run
+    stepper = _Stepper(steps * runs * len(stages) if time_budget_s is None else runs * len(stages) * 1000, progress)
+
+    def train(train_cases: Sequence[TrainingCase], label: str, destination: Path) -> LandmarkModel:
+        trained = copy.deepcopy(base)
+        for stage in stages:
+            target = destination.with_name(f"{stage}-{destination.name}")
+            report = stepper.callback(f"{label}: {stage} stage")
+            if stage == "global":
+                config = TrainingConfig(
+                    iterations=steps, learning_rate=GLOBAL_LEARNING_RATE, device=device, seed=seed, validate_every=0,
+                    validation_fraction=0.0, time_budget_s=budget_per_run, checkpoint_every=0, progress_every=1,
+                )
+                trained = train_model(train_cases, trained, output=target, config=config, validation_cases=[],
+                                      progress=report, should_cancel=should_cancel).model
+            else:
+                config = RefinerTrainingConfig(
+                    iterations=steps, batch_size=LOCAL_BATCH_SIZE, learning_rate=LOCAL_LEARNING_RATE,
+                    freeze_batch_norm=True, device=device, seed=seed, validate_every=0, checkpoint_every=0,
+                    time_budget_s=budget_per_run, progress_every=1,
+                )
+                trained = train_refiner(train_cases, trained, output=target, config=config, validation_cases=[],
+                                        progress=report, should_cancel=should_cancel).model
+            stepper.finished += steps if time_budget_s is None else 1000
+        return trained
+
+    per_fold: list[dict[str, object]] = []
+    with tempfile.TemporaryDirectory(prefix="scn-finetune-") as scratch:
+        for number, held_out in enumerate(folds):
+            training = [c for i, c in enumerate(cases) if i not in set(held_out.tolist())]
+            testing = [cases[i] for i in held_out]
+            fold_model = train(training, f"fold {number + 1} of {len(folds)}", Path(scratch) / f"fold{number}.scn.pt")
+            per_fold.append({
+                "held_out": [c.name for c in testing],
+                "start_mm": _mean_error(start, testing, device),
+                "new_mm": _mean_error(fold_model, testing, device),
+            })
+        if per_fold:
+            start_error = float(np.nanmean([f["start_mm"] for f in per_fold]))  # type: ignore[misc]
+            new_error = float(np.nanmean([f["new_mm"] for f in per_fold]))  # type: ignore[misc]
+            verdict = "better" if new_error < start_error else "not better"
+        else:
+            start_error = new_error = None
+            verdict = "unchecked"
+        written: Path | None = None
+        if verdict != "not better" or keep_worse:
+            final = train(list(cases), "all cases", Path(scratch) / "final.scn.pt")
+            parent = Path(model).name if isinstance(model, (str, Path)) else final.info.get("parent_model", "")
+            final.info = {**final.info, "parent_model": parent,
+                          "fine_tune": {"verdict": verdict, "start_error_mm": start_error, "new_error_mm": new_error,
+                                        "folds": len(folds), "stages": stages, "cases": [c.name for c in cases]}}
+            written = save_model(final, output)
+    seconds = time.monotonic() - started
+    message = _message(verdict, start_error, new_error, len(folds), written, changed_set)
+    log.info(message)
+    return FineTuneReport(verdict, written, start_error, new_error, len(folds), stages, [c.name for c in cases],
+                          seconds, message, per_fold)
+
+
+def _message(verdict: str, start: float | None, new: float | None, folds: int, written: Path | None, changed: bool) -> str:
+    if verdict == "unchecked":
+        reason = "a new landmark set cannot be compared with the starting model" if changed else (
+            "fewer than 3 cases leave none to check on")
+        return f"Fine-tuned model written to {written}; not checked: {reason}."
+    numbers = f"{folds}-fold cross-validated error on your cases: starting model {start:.2f} mm, fine-tuned {new:.2f} mm"
+    if verdict == "better":
+        return f"{numbers}. The fine-tuned model is better; written to {written}."
+    if written is not None:
+        return f"{numbers}. The fine-tuned model is NOT better; written to {written} as you asked."
+    return f"{numbers}. The fine-tuned model is not better, so the starting model is kept (no new file written)."
+

@@ -1,0 +1,81 @@
+"""The one fine-tuning recipe: landmark matching, what it trains, and the guard that keeps the better model."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from engine_fixtures import synthetic_cases, tiny_model
+from SCNLandmarksLib import finetuning
+from SCNLandmarksLib.finetuning import fine_tune, plan_landmarks, suggested_iterations
+from SCNLandmarksLib.landmarks import Landmarks
+from SCNLandmarksLib.model_file import load_model, read_model_description, save_model
+from SCNLandmarksLib.refinement_training import attach_refiner
+from SCNLandmarksLib.training import TrainingCase
+
+REFINER = {"patch_size": 32, "spacing_mm": 0.5, "filters": (8, 16, 32), "target_sigma_mm": 1.0}
+
+
+@pytest.fixture
+def two_stage_file(tmp_path):
+    cases = synthetic_cases(4, seed=3)
+    torch.manual_seed(0)
+    model = attach_refiner(tiny_model(cases[0].landmarks.names), **REFINER)
+    return save_model(model, tmp_path / "start.scn.pt"), cases
+
+
+def test_landmarks_are_matched_by_name_and_a_new_set_needs_asking(two_stage_file):
+    path, cases = two_stage_file
+    model = load_model(path)
+    partial = [TrainingCase(c.image, Landmarks(c.landmarks.names[:3], c.landmarks.positions[:3]), c.name) for c in cases]
+    assert plan_landmarks(model, partial, new_landmarks=False) is model  # a landmark a case lacks is missing
+    renamed = [TrainingCase(c.image, Landmarks([f"X{i}" for i in range(4)], c.landmarks.positions), c.name) for c in cases]
+    with pytest.raises(ValueError, match="not in the model.*--new-landmarks"):
+        plan_landmarks(model, renamed, new_landmarks=False)
+    adapted = plan_landmarks(model, renamed, new_landmarks=True)
+    assert adapted.landmark_names == ["X0", "X1", "X2", "X3"] and adapted.refiner.config.num_landmarks == 4
+
+
+def test_two_stage_model_fine_tunes_its_local_stage_only(two_stage_file, tmp_path):
+    path, cases = two_stage_file
+    reports = []
+    report = fine_tune(cases, path, output=tmp_path / "new.scn.pt", iterations=3, keep_worse=True, device="cpu",
+                       progress=reports.append)
+    assert report.stages == ["local"] and report.folds == 3 and report.output == tmp_path / "new.scn.pt"
+    assert len(report.per_fold) == 3 and sorted(n for f in report.per_fold for n in f["held_out"]) == sorted(c.name for c in cases)
+    assert reports[-1].done == reports[-1].total == 12  # 3 folds + the final run, 3 steps each
+    start, new = load_model(path), load_model(report.output)
+    for key, value in start.network.state_dict().items():
+        assert torch.equal(value, new.network.state_dict()[key]), key
+    assert any(not torch.equal(v, new.refiner.state_dict()[k]) for k, v in start.refiner.state_dict().items())
+    info = read_model_description(report.output)["info"]["fine_tune"]
+    assert info["stages"] == ["local"] and info["folds"] == 3
+
+
+def test_a_fine_tune_that_is_not_better_keeps_the_starting_model(two_stage_file, tmp_path, monkeypatch):
+    path, cases = two_stage_file
+    start = load_model(path)
+
+    def measured(model, held_out, device):  # the starting model is better on every fold
+        return 1.0 if model is start else 2.0
+
+    monkeypatch.setattr(finetuning, "_mean_error", measured)
+    report = fine_tune(cases, start, output=tmp_path / "new.scn.pt", iterations=2, device="cpu")
+    assert report.verdict == "not better" and report.output is None and not (tmp_path / "new.scn.pt").exists()
+    assert (report.start_error_mm, report.new_error_mm) == (1.0, 2.0)
+    assert "starting model is kept" in report.message and "1.00 mm" in report.message
+    kept = fine_tune(cases, start, output=tmp_path / "anyway.scn.pt", iterations=2, device="cpu", keep_worse=True)
+    assert kept.output.exists() and "NOT better" in kept.message
+
+
+def test_few_cases_are_written_but_reported_unchecked(two_stage_file, tmp_path):
+    path, cases = two_stage_file
+    report = fine_tune(cases[:2], path, output=tmp_path / "new.scn.pt", iterations=2, device="cpu")
+    assert report.verdict == "unchecked" and report.folds == 0 and report.output.exists()
+    assert "not checked" in report.message
+    with pytest.raises(FileExistsError):
+        fine_tune(cases[:2], path, output=tmp_path / "new.scn.pt", iterations=2, device="cpu")
+
+
+def test_suggested_steps_grow_with_the_cases():
+    assert suggested_iterations(5) <= suggested_iterations(20) <= suggested_iterations(100)

@@ -1,0 +1,164 @@
+"""The two-stage model: crop targets, the local stage learning, model files, any orientation."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from engine_fixtures import synthetic_cases, tiny_model
+from SCNLandmarksLib.detection import AS_IS, Detector, ImageReading
+from SCNLandmarksLib.errors import ModelFileError, TrainingCancelled
+from SCNLandmarksLib.evaluation import point_errors
+from SCNLandmarksLib.image import Image
+from SCNLandmarksLib.image_io import read_image
+from SCNLandmarksLib.landmarks import Landmarks
+from SCNLandmarksLib.model_file import load_model, read_model_description, save_model
+from SCNLandmarksLib.refinement import RefinerConfig, crop_target
+from SCNLandmarksLib.refinement_training import RefinerTrainingConfig, attach_refiner, train_refiner
+from SCNLandmarksLib.training import TrainingConfig, train_model
+
+REPOSITORY = Path(__file__).resolve().parents[1]
+REFINER = {"patch_size": 32, "spacing_mm": 0.5, "filters": (8, 16, 32), "target_sigma_mm": 1.0}
+
+
+def mean_error(detector: Detector, cases) -> float:
+    return float(np.nanmean(np.concatenate([point_errors(detector.detect(c.image), c.landmarks) for c in cases])))
+
+
+@pytest.fixture(scope="module")
+def two_stage(tmp_path_factory):
+    """A tiny global SCN trained on oblique, anisotropic synthetic cases, then its local stage."""
+    torch.manual_seed(0)
+    folder = tmp_path_factory.mktemp("two_stage")
+    cases = synthetic_cases(14)
+    train, test = cases[:10], cases[10:]
+    model = tiny_model(train[0].landmarks.names)
+    config = TrainingConfig(iterations=300, learning_rate=1e-3, device="cpu", validate_every=100)
+    train_model(train, model, output=folder / "global.scn.pt", config=config)
+    model = attach_refiner(load_model(folder / "global.scn.pt"), **REFINER)
+    refiner_config = RefinerTrainingConfig(iterations=200, batch_size=16, device="cpu", validate_every=100, offset_mm=2.0)
+    result = train_refiner(train, model, output=folder / "two_stage.scn.pt", config=refiner_config)
+    return {"folder": folder, "train": train, "test": test, "result": result}
+
+
+def test_crop_target_is_a_distribution_peaking_at_the_subpixel_position():
+    config = RefinerConfig(dimension=2, num_landmarks=1, patch_size=32, spacing_mm=0.5, filters=(4, 8), target_sigma_mm=1.0)
+    position = torch.tensor([[10.3, 20.7]])  # x, y crop index
+    target = crop_target(position, config)[0]
+    assert target.shape == (32, 32)
+    assert float(target.sum()) == pytest.approx(1.0, abs=1e-5)
+    ys, xs = torch.meshgrid(torch.arange(32.0), torch.arange(32.0), indexing="ij")
+    assert float((target * xs).sum()) == pytest.approx(10.3, abs=1e-3)
+    assert float((target * ys).sum()) == pytest.approx(20.7, abs=1e-3)
+    config3 = RefinerConfig(dimension=3, num_landmarks=1, patch_size=16, spacing_mm=1.0, filters=(4, 8), target_sigma_mm=1.5)
+    target3 = crop_target(torch.tensor([[3.0, 8.0, 12.0]]), config3)[0]
+    assert target3.shape == (16, 16, 16)
+    assert tuple(int(i) for i in np.unravel_index(int(target3.argmax()), target3.shape)) == (12, 8, 3)  # z, y, x
+
+
+def test_refiner_settings_are_checked():
+    with pytest.raises(ValueError, match="multiple of 4"):
+        RefinerConfig(dimension=2, num_landmarks=3, patch_size=30, filters=(8, 16, 32))
+    with pytest.raises(ValueError, match="does not fit"):
+        attach_refiner(tiny_model(["a", "b"]), RefinerConfig(dimension=2, num_landmarks=3, patch_size=32, filters=(8, 16)))
+
+
+@pytest.mark.slow
+def test_local_stage_makes_held_out_points_more_accurate(two_stage):
+    model = load_model(two_stage["result"].output)
+    global_only = mean_error(Detector(model, device="cpu", refine=False), two_stage["test"])
+    refined = mean_error(Detector(model, device="cpu"), two_stage["test"])
+    history = two_stage["result"].history
+    assert history[0]["iteration"] == 0 and history[0]["validation_mre_mm"] > 2.0  # untrained local stage
+    assert refined < 0.75 * global_only, f"refined {refined:.3f} mm vs global only {global_only:.3f} mm"
+    assert refined < 0.3
+
+
+@pytest.mark.slow
+def test_two_stage_file_round_trips_in_half_precision_and_old_files_still_load(two_stage, tmp_path):
+    model = load_model(two_stage["result"].output)
+    description = read_model_description(two_stage["result"].output)
+    assert description["refiner"]["patch_size"] == 32 and description["refiner"]["filters"] == [8, 16, 32]
+    assert "refiner_training" in description["info"]
+    half = save_model(model, tmp_path / "half.scn.pt", half_precision=True)
+    image = two_stage["test"][0].image
+    full_points = Detector(model, device="cpu").detect(image).positions
+    half_points = Detector(half, device="cpu").detect(image).positions
+    np.testing.assert_allclose(half_points, full_points, atol=0.05)
+    global_only = load_model(two_stage["folder"] / "global.scn.pt")
+    assert global_only.refiner is None
+    assert Detector(global_only, device="cpu").detect(image).positions.shape == (4, 2)
+
+
+@pytest.mark.slow
+def test_refinement_weights_without_their_description_are_refused(two_stage, tmp_path):
+    payload = torch.load(two_stage["result"].output, weights_only=True)
+    description = read_model_description(two_stage["result"].output)
+    description["refiner"] = None
+    payload["description"] = __import__("json").dumps(description)
+    torch.save(payload, tmp_path / "tampered.scn.pt")
+    with pytest.raises(ModelFileError, match="refinement weights"):
+        load_model(tmp_path / "tampered.scn.pt")
+
+
+def mirrored(image: Image, landmarks: Landmarks) -> tuple[Image, Landmarks]:
+    """The image flipped along its own x index axis (a left-facing radiograph), and its points."""
+    geometry = image.geometry
+    index = geometry.physical_to_index(landmarks.positions)
+    index[:, 0] = geometry.size[0] - 1 - index[:, 0]
+    flipped = Image(np.ascontiguousarray(image.array[:, ::-1]), geometry)
+    return flipped, Landmarks(landmarks.names, geometry.index_to_physical(index))
+
+
+@pytest.mark.slow
+def test_a_mirrored_or_inverted_reading_maps_points_back_into_the_image_frame(two_stage):
+    usual_detector = Detector(two_stage["result"].output, device="cpu", readings=AS_IS)
+    for case in two_stage["test"]:
+        usual_error = point_errors(usual_detector.detect(case.image), case.landmarks)
+        image, truth = mirrored(case.image, case.landmarks)
+        negative = Image(image.array.max() + image.array.min() - image.array, image.geometry)
+        for variant, reading in ((image, ImageReading(mirrored=True)), (negative, ImageReading(True, True))):
+            found = Detector(usual_detector.model, device="cpu", readings=[reading]).detect(variant)
+            np.testing.assert_allclose(point_errors(found, truth), usual_error, atol=0.05)
+    image, truth = mirrored(two_stage["test"][0].image, two_stage["test"][0].landmarks)
+    assert np.nanmean(point_errors(usual_detector.detect(image), truth)) > 1.0
+
+
+def test_the_bundled_model_finds_the_reading_of_a_left_facing_or_negative_radiograph():
+    """The bundled sample cephalogram as it is, mirrored and inverted: the same points, in each image's frame."""
+    sample = sorted((REPOSITORY / "SCNLandmarks" / "Resources" / "Sample").glob("*.jpg"))
+    models = REPOSITORY / "SCNLandmarks" / "Resources" / "Models" / "cephalometric_isbi2015.scn.pt"
+    if not sample or not models.exists():
+        pytest.skip("no bundled sample image or model")
+    image = read_image(sample[0], spacing=(0.1, 0.1))
+    detector = Detector(models, device="cpu")
+    usual = detector.detect(image)
+    assert detector.last_reading == ImageReading()
+    flipped, expected = mirrored(image, usual)
+    negative = Image(flipped.array.max() + flipped.array.min() - flipped.array, flipped.geometry)
+    for variant, reading in ((flipped, ImageReading(mirrored=True)), (negative, ImageReading(True, True))):
+        found = detector.detect(variant)
+        assert detector.last_reading == reading
+        assert float(np.max(point_errors(found, expected))) < 0.5
+
+
+def test_cancelled_local_stage_training_writes_no_model_and_resumes(tmp_path):
+    cases = synthetic_cases(5)
+    model = attach_refiner(tiny_model(cases[0].landmarks.names), **REFINER)
+    config = RefinerTrainingConfig(iterations=6, batch_size=4, device="cpu", validate_every=0)
+    calls = iter(range(100))
+    with pytest.raises(TrainingCancelled):
+        train_refiner(cases, model, output=tmp_path / "m.scn.pt", config=config, checkpoint=tmp_path / "c.pt",
+                      should_cancel=lambda: next(calls) >= 3)
+    assert not (tmp_path / "m.scn.pt").exists() and (tmp_path / "c.pt").exists()
+    result = train_refiner(cases, model, output=tmp_path / "m.scn.pt", config=config, checkpoint=tmp_path / "c.pt", resume=True)
+    assert result.iterations == 6 and result.output.exists() and not (tmp_path / "c.pt").exists()
+    other = attach_refiner(tiny_model(cases[0].landmarks.names), **{**REFINER, "patch_size": 64})
+    with pytest.raises(TrainingCancelled):
+        train_refiner(cases, other, output=tmp_path / "n.scn.pt", config=config, checkpoint=tmp_path / "d.pt",
+                      should_cancel=lambda: True)
+    with pytest.raises(ValueError, match="another training"):
+        train_refiner(cases, model, output=tmp_path / "o.scn.pt", config=config, checkpoint=tmp_path / "d.pt", resume=True)

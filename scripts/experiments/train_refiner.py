@@ -1,0 +1,147 @@
+"""Table 1b: the two-stage cephalometric model (global SCN + local refinement) on ISBI 2015.
+
+Takes a trained global stage (by default the bundled model, itself trained by
+``train_isbi.py`` on ``splits/train_N135.txt``), attaches the local refinement stage and trains
+it on the same 135 images (mean of both annotations), selecting the best step on the 15 images
+of ``splits/validation.txt``. Then evaluates the half-precision model file on test1 with the
+global stage only and with refinement, against the senior annotation and the mean of both,
+and prints the ablation table. test1 chooses nothing.
+
+    python scripts/experiments/train_refiner.py --output scripts/experiments/results/cpu/refiner
+    python scripts/experiments/train_refiner.py --quick ...   # a few minutes: pipeline check only
+
+Rerunning with the same output folder resumes from the checkpoint there.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import isbi2015 as X
+
+NAME = "train_refiner"
+BUNDLED = X.REPOSITORY / "SCNLandmarks" / "Resources" / "Models" / "cephalometric_isbi2015.scn.pt"
+MODEL_FILE = "cephalometric_isbi2015_two_stage.scn.pt"
+
+
+def parse_arguments(argv: Sequence[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--data", type=Path, default=None, help="shared data folder (default: $SCN_DATA_DIR or ../shared/data)")
+    parser.add_argument("--global-model", type=Path, default=BUNDLED, help="trained global stage (default: the bundled model)")
+    parser.add_argument("--output", type=Path, required=True, help="folder for the model, checkpoint, tables and JSON")
+    parser.add_argument("--iterations", type=int, default=6000)
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--learning-rate", type=float, default=2e-3)
+    parser.add_argument("--patch-size", type=int, default=128)
+    parser.add_argument("--spacing", type=float, default=0.3, help="crop pixel size, mm")
+    parser.add_argument("--filters", default="16,32,48,64,96")
+    parser.add_argument("--target-sigma", type=float, default=0.6, help="target Gaussian width, mm")
+    parser.add_argument("--offset", type=float, default=2.5, help="std of the training crop offset, mm")
+    parser.add_argument("--passes", type=int, default=1)
+    parser.add_argument("--annotation", choices=("mean", "senior"), default="mean")
+    parser.add_argument("--time-budget-min", type=float, default=None)
+    parser.add_argument("--test-images", type=int, default=None, help="evaluate on this many test1 images (default all)")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--quick", action="store_true", help="tiny run: 200 steps, 20 training images, 10 test images")
+    parser.add_argument("--evaluate-only", action="store_true", help="evaluate the model file already in --output")
+    return parser.parse_args(argv)
+
+
+def evaluate_model(path: Path, cases: Sequence[Any], truths: dict[str, Any], device: str) -> dict[str, Any]:
+    """Ablation rows: global stage only and two-stage, per ground truth, plus timing."""
+    from SCNLandmarksLib.model_file import load_model
+
+    model = load_model(path)
+    rows = {}
+    for label, refine in (("global SCN only", False), ("global SCN + refinement", True)):
+        predictions, seconds = X.detect_all(model, cases, device, refine=refine)
+        reports = X.evaluate_against(predictions, {k: truths[k] for k in X.GROUND_TRUTHS})
+        rows[label] = {
+            "seconds_per_image": seconds / max(1, len(cases)),
+            **{gt: {"summary": X.summary(r), "per_landmark": X.per_landmark(r)} for gt, r in reports.items()},
+        }
+    return rows
+
+
+def ablation_table(rows: dict[str, Any]) -> str:
+    body = []
+    for gt in X.GROUND_TRUTHS:
+        table_rows = []
+        for label, values in rows.items():
+            s = values[gt]["summary"]
+            table_rows.append([label, f"{X.fmt(s['mre_mm'])} ± {X.fmt(s['std_mm'])}", *X.sdr_cells(s),
+                               X.fmt(values["seconds_per_image"])])
+        headers = ["configuration", "MRE ± SD (mm)", *[f"SDR {r:g} mm (%)" for r in X.SDR_RADII_MM], "s / image"]
+        body.append(f"### Ground truth: {gt}\n\n" + X.markdown_table(headers, table_rows))
+    names = list(next(iter(rows.values()))["mean"]["per_landmark"])
+    per = [[n, *[X.fmt(v["mean"]["per_landmark"][n]["mre_mm"]) for v in rows.values()]] for n in names]
+    body.append("### Per landmark, MRE (mm), mean ground truth\n\n" + X.markdown_table(["landmark", *rows], per))
+    return "\n\n".join(body)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_arguments(argv)
+    import torch
+
+    torch.set_num_threads(args.threads)
+    from SCNLandmarksLib.model_file import load_model, save_model
+    from SCNLandmarksLib.refinement_training import RefinerTrainingConfig, attach_refiner, train_refiner
+
+    data = X.isbi_folder(X.find_data_folder(args.data))
+    output = args.output
+    output.mkdir(parents=True, exist_ok=True)
+    train_ids = X.checked_training_ids("train_N135", data)
+    validation_ids = X.checked_training_ids("validation", data)
+    test_ids = X.test1_ids(data, 10 if args.quick else args.test_images)
+    iterations = 200 if args.quick else args.iterations
+    if args.quick:
+        train_ids = X.spread(train_ids, 20)
+        validation_ids = validation_ids[:5]
+    full_precision = output / ("full-" + MODEL_FILE)
+    shipped = output / MODEL_FILE
+    timings: dict[str, float] = {}
+    if not args.evaluate_only:
+        started = time.perf_counter()
+        cases = X.load_isbi_cases(data, train_ids, annotation=args.annotation)
+        validation = X.load_isbi_cases(data, validation_ids, annotation=args.annotation)
+        timings["load_s"] = time.perf_counter() - started
+        model = load_model(args.global_model)
+        filters = tuple(int(f) for f in args.filters.split(","))
+        attach_refiner(model, patch_size=args.patch_size, spacing_mm=args.spacing, filters=filters,
+                       target_sigma_mm=args.target_sigma, passes=args.passes)
+        config = RefinerTrainingConfig(
+            iterations=iterations, batch_size=args.batch_size, learning_rate=args.learning_rate,
+            offset_mm=args.offset, validate_every=max(50, iterations // 12), checkpoint_every=100,
+            device=args.device, time_budget_s=None if args.time_budget_min is None else 60 * args.time_budget_min,
+        )
+        result = train_refiner(cases, model, output=full_precision, config=config, validation_cases=validation,
+                               checkpoint=output / "refiner.checkpoint.pt", resume=True,
+                               progress=X.progress_bar(), overwrite=True)
+        timings["refiner_training_s"] = result.seconds
+        model.info = {**model.info, "annotation": args.annotation, "training_ids": "splits/train_N135.txt",
+                      "validation_ids": "splits/validation.txt"}
+        save_model(model, shipped, overwrite=True, half_precision=True)
+        print(f"Refinement stage trained in {result.seconds / 60:.1f} min; best validation MRE "
+              f"{X.fmt(result.best_validation_mre_mm)} mm ({args.annotation} annotation)")
+    test_cases = X.load_isbi_cases(data, test_ids)
+    truths = X.load_ground_truths(data, test_ids)
+    rows = evaluate_model(shipped, test_cases, truths, args.device)
+    note = "QUICK / REDUCED RUN, NOT A RESULT" if args.quick else f"ISBI 2015 test1, {len(test_ids)} images, half-precision model file"
+    table = ablation_table(rows)
+    X.write_table(output, "Two-stage model: global SCN vs + local refinement", note, table)
+    X.write_json(output / "results.json", {"rows": rows, "timings": timings, "environment": X.environment(),
+                                           "arguments": {k: str(v) for k, v in vars(args).items()}})
+    print(table)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
