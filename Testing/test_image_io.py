@@ -185,3 +185,31 @@ def test_real_jpeg_cephalogram_is_grey(data_dir: Path) -> None:
     image = read_image(path, spacing=(0.1, 0.1))
     assert image.array.shape == (2400, 1935)
     assert image.geometry.spacing == (0.1, 0.1)
+
+
+def _radiograph_dicom(path: Path, raw: np.ndarray, photometric: str) -> Path:
+    """A one-frame DICOM radiograph whose header declares ``photometric`` (MONOCHROME1 or 2)."""
+    image = sitk.GetImageFromArray(raw[None])
+    writer = sitk.ImageFileWriter()
+    writer.SetFileName(str(path))
+    writer.Execute(image)  # GDCM always writes MONOCHROME2 for grey pixels ...
+    data = path.read_bytes()
+    assert data.count(b"MONOCHROME2 ") == 1
+    path.write_bytes(data.replace(b"MONOCHROME2 ", photometric.encode() + b" "))  # ... so set the tag afterwards
+    return path
+
+
+@pytest.mark.parametrize("as_folder", [False, True])
+def test_monochrome1_dicom_reads_bright_where_dense_as_the_standard_says(tmp_path, as_folder):
+    """MONOCHROME1 means the lowest stored value is displayed white: reading gives display values."""
+    raw = np.zeros((24, 32), dtype=np.uint16)
+    raw[8:16, 10:20] = 1000  # stored high: displayed dark under MONOCHROME1
+    folder = tmp_path / "series"
+    folder.mkdir()
+    inverted = _radiograph_dicom(folder / "m1.dcm", raw, "MONOCHROME1")
+    usual = _radiograph_dicom(tmp_path / "m2.dcm", raw, "MONOCHROME2")
+    read_inverted = read_image(folder if as_folder else inverted).array.reshape(raw.shape)
+    read_usual = read_image(usual).array.reshape(raw.shape)
+    np.testing.assert_array_equal(read_usual, raw)
+    assert read_inverted[12, 15] < read_inverted[0, 0]  # the stored-high block is dark
+    np.testing.assert_allclose(np.corrcoef(read_inverted.ravel(), raw.ravel())[0, 1], -1.0, atol=1e-6)

@@ -45,6 +45,8 @@ MAX_FOLDS = 3
 LOCAL_LEARNING_RATE = 5e-4
 LOCAL_BATCH_SIZE = 16
 GLOBAL_LEARNING_RATE = 5e-5
+# New output heads start near zero and must move much further than a body that only adapts.
+NEW_LANDMARKS_LEARNING_RATE = 2e-4
 
 
 def suggested_iterations(num_cases: int) -> int:
@@ -246,7 +248,8 @@ def fine_tune(
             report = stepper.callback(f"{label}: {stage} stage")
             if stage == "global":
                 config = TrainingConfig(
-                    iterations=steps, learning_rate=GLOBAL_LEARNING_RATE, device=device, seed=seed, validate_every=0,
+                    iterations=steps, learning_rate=NEW_LANDMARKS_LEARNING_RATE if changed_set else GLOBAL_LEARNING_RATE,
+                    device=device, seed=seed, validate_every=0,
                     validation_fraction=0.0, time_budget_s=budget_per_run, checkpoint_every=0, progress_every=1,
                 )
                 trained = train_model(train_cases, trained, output=target, config=config, validation_cases=[],

@@ -134,7 +134,10 @@ def read_image(path: str | os.PathLike[str], *, spacing: Sequence[float] | float
     """Read a 2D or 3D image, or the first DICOM series in a folder.
 
     Any format SimpleITK reads works (NRRD, NIfTI, MHA, DICOM, PNG, JPEG, BMP, TIFF...).
-    Colour pixels become grey. A single-slice 3D volume stays 3D here.
+    Colour pixels become grey. A single-slice 3D volume stays 3D here. A DICOM image whose
+    photometric interpretation is ``MONOCHROME1`` (lowest value displayed white) comes back
+    inverted, as displayed, like ``MONOCHROME2``: SimpleITK's GDCM reader does this, and a test
+    keeps it so. Detection copes with negatives anyway (see :mod:`SCNLandmarksLib.detection`).
 
     Args:
         path: image file, or a folder of DICOM files.

@@ -59,15 +59,22 @@ def evaluate_model(path: Path, cases: Sequence[Any], truths: dict[str, Any], dev
     """Ablation rows: global stage only and two-stage, per ground truth, plus timing."""
     from SCNLandmarksLib.model_file import load_model
 
+    import dataclasses
+
     model = load_model(path)
+    shipped_passes = model.refiner.config.passes
     rows = {}
-    for label, refine in (("global SCN only", False), ("global SCN + refinement", True)):
+    variants = [("global SCN only", False, shipped_passes), ("global SCN + refinement", True, 1),
+                ("global SCN + refinement, second pass", True, 2)]
+    for label, refine, passes in variants:
+        model.refiner.config = dataclasses.replace(model.refiner.config, passes=passes)
         predictions, seconds = X.detect_all(model, cases, device, refine=refine)
         reports = X.evaluate_against(predictions, {k: truths[k] for k in X.GROUND_TRUTHS})
         rows[label] = {
             "seconds_per_image": seconds / max(1, len(cases)),
             **{gt: {"summary": X.summary(r), "per_landmark": X.per_landmark(r)} for gt, r in reports.items()},
         }
+    model.refiner.config = dataclasses.replace(model.refiner.config, passes=shipped_passes)
     return rows
 
 
