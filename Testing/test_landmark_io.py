@@ -464,3 +464,46 @@ def test_slicer_loads_our_fcsv(tmp_path: Path, mrml_scene: dict) -> None:
     defined = ~landmarks.missing
     np.testing.assert_allclose(positions_ras[defined], lps_to_ras(landmarks.positions[defined]), atol=1e-9)
     assert statuses[1] == slicer.vtkMRMLMarkupsNode.PositionMissing
+
+
+def _summary_images(path) -> list[str]:
+    import csv as csv_module
+
+    rows = list(csv_module.reader(path.read_text().splitlines()))
+    return [row[0] for row in rows[1:]]
+
+
+def _merge_many(path: str, prefix: str, count: int) -> None:
+    from SCNLandmarksLib.landmark_io import merge_detection_summary_csv
+
+    for number in range(count):
+        points = Landmarks(["A", "B"], np.array([[1.0, 2.0], [3.0, 4.0]]), confidences=np.array([0.9, 0.2]))
+        merge_detection_summary_csv([(f"{prefix}{number}", points)], path)
+
+
+def test_detection_summary_keeps_earlier_rows_and_survives_concurrent_runs(tmp_path):
+    import multiprocessing
+
+    from SCNLandmarksLib.landmark_io import merge_detection_summary_csv
+
+    path = tmp_path / "landmarks.csv"
+    first = Landmarks(["A", "B"], np.array([[1.0, 2.0], [3.0, 4.0]]))
+    merge_detection_summary_csv([("img1", first)], path)
+    merge_detection_summary_csv([("img2", first)], path)
+    assert _summary_images(path) == ["img1", "img1", "img2", "img2"]
+    moved = Landmarks(["A", "B"], np.array([[5.0, 6.0], [7.0, 8.0]]))
+    merge_detection_summary_csv([("img1", moved)], path)  # detected again: its rows are replaced
+    assert _summary_images(path) == ["img2", "img2", "img1", "img1"]
+    assert "5.0,6.0" in path.read_text()
+    workers = [multiprocessing.get_context("fork").Process(target=_merge_many, args=(str(path), p, 15)) for p in "xy"]
+    for worker in workers:
+        worker.start()
+    for worker in workers:
+        worker.join(60)
+    images = set(_summary_images(path))
+    assert {f"{p}{n}" for p in "xy" for n in range(15)} <= images and {"img1", "img2"} <= images
+    foreign = tmp_path / "other.csv"
+    foreign.write_text("id,x,y\n1,2,3\n")
+    with pytest.raises(ValueError, match="not a landmarks summary"):
+        merge_detection_summary_csv([("img1", first)], foreign)
+    assert foreign.read_text() == "id,x,y\n1,2,3\n"

@@ -14,7 +14,7 @@ import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
-__all__ = ["atomic_path", "atomic_write_bytes", "atomic_write_text", "check_writable"]
+__all__ = ["atomic_path", "atomic_write_bytes", "atomic_write_text", "check_writable", "file_lock"]
 
 
 def check_writable(path: str | os.PathLike[str], *, overwrite: bool) -> Path:
@@ -97,3 +97,33 @@ def atomic_write_text(
     Line endings are written as given (``"\\n"``), on every platform.
     """
     return atomic_write_bytes(path, text.encode(encoding), overwrite=overwrite)
+
+
+@contextlib.contextmanager
+def file_lock(path: str | os.PathLike[str]) -> Iterator[None]:
+    """Hold an exclusive lock tied to ``path`` (a hidden ``.<name>.lock`` beside it) for a read-modify-write.
+
+    Two processes that update the same file under this lock never lose each other's changes.
+    The lock file is left in place: removing it would race with a process waiting for it.
+    """
+    path = Path(path).expanduser()
+    lock = path.with_name(f".{path.name}.lock")
+    with open(lock, "a+b") as handle:
+        if os.name == "nt":  # pragma: no cover - exercised on Windows only
+            import msvcrt
+
+            handle.seek(0)
+            msvcrt.locking(handle.fileno(), msvcrt.LK_LOCK, 1)
+            try:
+                yield
+            finally:
+                handle.seek(0)
+                msvcrt.locking(handle.fileno(), msvcrt.LK_UNLCK, 1)
+        else:
+            import fcntl
+
+            fcntl.flock(handle.fileno(), fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(handle.fileno(), fcntl.LOCK_UN)

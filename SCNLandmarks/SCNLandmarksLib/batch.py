@@ -12,7 +12,7 @@ import torch
 
 from .detection import Detector
 from .image_io import read_image
-from .landmark_io import write_detection_summary_csv, write_mrk_json
+from .landmark_io import merge_detection_summary_csv, write_mrk_json
 from .landmarks import Landmarks
 from .model import LandmarkModel
 from .progress import Progress, ProgressCallback, estimate_eta
@@ -94,7 +94,8 @@ def detect_files(
 
     Args:
         images: image files (or DICOM folders).
-        output_folder: receives ``<image name>.mrk.json`` per image and ``landmarks.csv``.
+        output_folder: receives ``<image name>.mrk.json`` per image and ``landmarks.csv`` (rows
+            of earlier runs into the same folder are kept; an image detected again replaces its rows).
         model: model file or loaded model.
         device: ``"auto"``, ``"cpu"`` or ``"cuda"``.
         spacing: pixel size in mm for formats without one (PNG, JPEG, ...).
@@ -136,7 +137,8 @@ def detect_files(
                               message=image_path.name + (" failed" if item.error else "")))
     results = [(output_stem(item.image), item.landmarks) for item in report.succeeded if item.landmarks is not None]
     if results:
-        report.summary_csv = write_detection_summary_csv(results, output_folder / SUMMARY_NAME, overwrite=True)
+        # Earlier runs into this folder keep their rows: the summary is merged, never replaced.
+        report.summary_csv = merge_detection_summary_csv(results, output_folder / SUMMARY_NAME)
     return report
 
 

@@ -33,7 +33,7 @@ from typing import Any, Literal
 
 import numpy as np
 
-from .atomic import atomic_write_text, check_writable
+from .atomic import atomic_write_text, check_writable, file_lock
 from .geometry import lps_to_ras, ras_to_lps
 from .landmarks import Landmarks
 
@@ -666,8 +666,40 @@ def write_detection_summary_csv(
     ``missing`` is ``true`` or ``false``.
     """
     path = check_writable(path, overwrite=overwrite)
-    header = "image,landmark,x_lps,y_lps,z_lps,x_ras,y_ras,z_ras,confidence,missing".split(",")
-    lines = [_csv_line(header)]
+    lines = [_csv_line(SUMMARY_HEADER)] + _summary_rows(results)
+    return atomic_write_text(path, "".join(lines), overwrite=overwrite)
+
+
+SUMMARY_HEADER = "image,landmark,x_lps,y_lps,z_lps,x_ras,y_ras,z_ras,confidence,missing".split(",")
+
+
+def merge_detection_summary_csv(results: Sequence[tuple[str, Landmarks]], path: str | os.PathLike[str]) -> Path:
+    """Add detection results to a summary CSV (see :func:`write_detection_summary_csv`), keeping every earlier row.
+
+    Rows of an image that ``results`` holds again are replaced by the new ones; all other rows
+    stay, in their order. Runs into the same folder at the same time are serialised by a file
+    lock, so neither loses the other's rows; the file is replaced atomically.
+
+    Raises:
+        ValueError: the existing file is not a detection summary (it is left as it is).
+    """
+    path = check_writable(path, overwrite=True)
+    new_images = {str(image_id) for image_id, _ in results}
+    with file_lock(path):
+        kept: list[str] = []
+        if path.exists():
+            text = path.read_text(encoding="utf-8")
+            rows = list(csv.reader(io.StringIO(text)))
+            if not rows or rows[0] != SUMMARY_HEADER:
+                msg = f"{path} exists but is not a landmarks summary written by SCNLandmarks; move it away or choose another folder"
+                raise ValueError(msg)
+            kept = [_csv_line(row) for row in rows[1:] if row and row[0] not in new_images]
+        lines = [_csv_line(SUMMARY_HEADER), *kept, *_summary_rows(results)]
+        return atomic_write_text(path, "".join(lines), overwrite=True)
+
+
+def _summary_rows(results: Sequence[tuple[str, Landmarks]]) -> list[str]:
+    lines = []
     for image_id, landmarks in results:
         lps = np.full((len(landmarks), 3), np.nan)
         lps[:, : landmarks.dimension] = landmarks.positions
@@ -686,7 +718,7 @@ def write_detection_summary_csv(
                     ]
                 )
             )
-    return atomic_write_text(path, "".join(lines), overwrite=overwrite)
+    return lines
 
 
 # --------------------------------------------------------------------------- dispatch
