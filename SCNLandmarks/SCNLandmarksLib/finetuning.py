@@ -2,8 +2,9 @@
 
 The recipe is chosen from what the cases are:
 
-* **Same landmarks, two-stage model**: only the local refinement stage learns (batch-norm
-  statistics frozen, a low learning rate); the global SCN, which places every landmark
+* **Same landmarks, two-stage model**: only the local refinement stage learns (a low learning
+  rate; its batch-norm statistics follow the user's images, which is much of what adapting to
+  another device takes); the global SCN, which places every landmark
   robustly, stays as it is. On few cases a retrained global stage mostly forgets.
 * **Same landmarks, global-only model**: the global stage learns at a low learning rate.
 * **A new landmark set** (an explicit choice): new output heads; the global stage learns, then
@@ -155,18 +156,22 @@ def _mean_error(model: LandmarkModel, cases: Sequence[TrainingCase], device: str
 class _Stepper:
     """Turns the trainings' own progress into one bar over the whole procedure."""
 
-    def __init__(self, total: int, progress: ProgressCallback | None) -> None:
+    def __init__(self, total: int, progress: ProgressCallback | None, budget_s: float | None) -> None:
         self.total = total
         self.finished = 0
         self.progress = progress
+        self.budget_s = budget_s
         self.started = time.monotonic()
 
     def callback(self, label: str) -> ProgressCallback:
         def report(event: Progress) -> None:
             if self.progress is None or event.stage == "validate":
                 return
-            done = self.finished + event.done
             elapsed = time.monotonic() - self.started
+            if self.budget_s is None:
+                done = self.finished + event.done
+            else:  # a time budget: the share of it used, in thousandths
+                done = min(self.total, int(self.total * elapsed / self.budget_s))
             eta = elapsed / done * (self.total - done) if done else None
             self.progress(Progress("fine-tune", done, self.total, elapsed, eta, loss=event.loss, message=label))
 
@@ -239,7 +244,7 @@ def fine_tune(
     budget_per_run = None if time_budget_s is None else 0.85 * time_budget_s / runs / len(stages)
     if time_budget_s is not None and iterations is None:
         steps = 100_000  # the budget ends each run
-    stepper = _Stepper(steps * runs * len(stages) if time_budget_s is None else runs * len(stages) * 1000, progress)
+    stepper = _Stepper(steps * runs * len(stages) if time_budget_s is None else 1000, progress, time_budget_s)
 
     def train(train_cases: Sequence[TrainingCase], label: str, destination: Path) -> LandmarkModel:
         trained = copy.deepcopy(base)
@@ -257,12 +262,12 @@ def fine_tune(
             else:
                 config = RefinerTrainingConfig(
                     iterations=steps, batch_size=LOCAL_BATCH_SIZE, learning_rate=LOCAL_LEARNING_RATE,
-                    freeze_batch_norm=True, device=device, seed=seed, validate_every=0, checkpoint_every=0,
+                    device=device, seed=seed, validate_every=0, checkpoint_every=0,
                     time_budget_s=budget_per_run, progress_every=1,
                 )
                 trained = train_refiner(train_cases, trained, output=target, config=config, validation_cases=[],
                                         progress=report, should_cancel=should_cancel).model
-            stepper.finished += steps if time_budget_s is None else 1000
+            stepper.finished += steps
         return trained
 
     per_fold: list[dict[str, object]] = []

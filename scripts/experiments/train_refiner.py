@@ -91,6 +91,15 @@ def ablation_table(rows: dict[str, Any]) -> str:
     names = list(next(iter(rows.values()))["mean"]["per_landmark"])
     per = [[n, *[X.fmt(v["mean"]["per_landmark"][n]["mre_mm"]) for v in rows.values()]] for n in names]
     body.append("### Per landmark, MRE (mm), mean ground truth\n\n" + X.markdown_table(["landmark", *rows], per))
+    shipped = rows["global SCN + refinement"]
+    detail = []
+    for n in names:
+        senior, mean = shipped["senior"]["per_landmark"][n], shipped["mean"]["per_landmark"][n]
+        detail.append([n, X.fmt(senior["mre_mm"]), X.pct(senior["sdr"]["2"]), X.fmt(mean["mre_mm"]),
+                       X.pct(mean["sdr"]["2"]), X.pct(mean["sdr"]["4"])])
+    headers = ["landmark", "MRE senior (mm)", "SDR 2 mm senior (%)", "MRE mean (mm)", "SDR 2 mm mean (%)",
+               "SDR 4 mm mean (%)"]
+    body.append("### Per landmark, two-stage model (one pass)\n\n" + X.markdown_table(headers, detail))
     return "\n\n".join(body)
 
 
