@@ -5,11 +5,11 @@ exports are negatives). For 2D models the global stage therefore reads the image
 mirrored left-right, inverted, and both, and keeps the reading whose landmarks it is most
 confident of; the spatial-configuration part makes a wrong reading score clearly lower
 (bundled model on ISBI test1: mean confidence 0.72-0.80 read as is, 0.10-0.16 mirrored or
-inverted). A reading as it is that is already confident (``CONFIDENT_READING``) is kept at
-once, so usual images cost one pass; another reading replaces it only when it is clearly more
-confident (``OTHER_READING_MARGIN`` times), so that a weak model does not swap a usual image
-for a slightly more confident misreading. The mirror is a flip of the sampling grid's x axis, so points map back into the image's own
-physical frame with no extra step.
+inverted). A confident reading (``CONFIDENT_READING``) ends the search, so usual images cost
+one global pass; another reading replaces the usual one only when it is clearly more confident
+(``OTHER_READING_MARGIN`` times), so that a weak model does not swap a usual image for a slightly
+more confident misreading. The mirror is a flip of the sampling grid's x axis, so points map
+back into the image's own physical frame with no extra step.
 """
 
 from __future__ import annotations
@@ -191,6 +191,8 @@ class Detector:
                     break
             elif score > best[0] and score > OTHER_READING_MARGIN * as_is_score:
                 best = (score, reading, grid.grid_to_physical(positions), confidences)
+                if score >= CONFIDENT_READING:
+                    break
         _, reading, physical, confidences = best  # type: ignore[misc]
         self.last_reading = reading
         if reading != ImageReading():
