@@ -92,3 +92,16 @@ def test_progress_bar_in_a_log_is_throttled_but_keeps_validation_results():
     lines = stream.getvalue().splitlines()
     assert len(lines) == 3  # the first report, the validation at 30, the end
     assert "val MRE 2.50 mm" in lines[1] and "100/100" in lines[2]
+
+
+def test_train_with_a_refinement_stage_writes_a_two_stage_model(annotated_folder, tmp_path, capsys):
+    output = tmp_path / "two.scn.pt"
+    assert main(["train", "--images", str(annotated_folder), "--output", str(output), "--iterations", "3",
+                 "--refine-iterations", "2", *TINY]) == 0
+    assert "global + refinement stage" in capsys.readouterr().out
+    assert main(["info", str(output)]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["refinement_stage"]["patch_size"] == 128 and info["info"]["refiner_training"]["iterations"] == 2
+    # A third of the global grid's pixel (86 mm / 64 / 3 = 0.45 mm) would be finer than the
+    # images' own 0.9 x 1.2 mm pixels, so the crops use 0.9 mm.
+    assert info["refinement_stage"]["spacing_mm"] == pytest.approx(0.9)
