@@ -162,3 +162,24 @@ def test_cancelled_local_stage_training_writes_no_model_and_resumes(tmp_path):
                       should_cancel=lambda: True)
     with pytest.raises(ValueError, match="another training"):
         train_refiner(cases, model, output=tmp_path / "o.scn.pt", config=config, checkpoint=tmp_path / "d.pt", resume=True)
+
+
+def test_a_local_stage_that_sees_nothing_it_knows_keeps_the_global_estimate():
+    import dataclasses
+
+    from SCNLandmarksLib.intensity import IntensityConfig
+    from SCNLandmarksLib.refinement import RefinementNetwork, prepare_for_refiner, refine_positions
+
+    case = synthetic_cases(1)[0]
+    config = RefinerConfig(dimension=2, num_landmarks=4, **REFINER)
+    network = RefinementNetwork(config).eval()
+    torch.nn.init.zeros_(network.head.weight)  # a flat distribution: no peak anywhere
+    torch.nn.init.zeros_(network.head.bias)
+    prepared = prepare_for_refiner(case.image, config, IntensityConfig())
+    estimates = case.landmarks.positions + 1.0
+    kept, peaks = refine_positions(network, prepared, estimates, device=torch.device("cpu"))
+    np.testing.assert_array_equal(kept, estimates)
+    assert np.allclose(peaks, 1.0 / config.patch_size**2)
+    network.config = dataclasses.replace(config, min_peak_fraction=0.0)
+    moved, _ = refine_positions(network, prepared, estimates, device=torch.device("cpu"))
+    assert np.all(np.linalg.norm(moved - estimates, axis=1) > 1.0)  # trusted blindly, it jumps to a corner

@@ -51,6 +51,9 @@ class RefinerConfig:
         filters: channels at each U-Net level, finest first.
         target_sigma_mm: width of the Gaussian the crop distribution is trained towards.
         passes: crops per landmark at detection; a second pass re-centres on the first result.
+        min_peak_fraction: the local stage is trusted only where its distribution peaks at least
+            this fraction of the trained target's peak; elsewhere (an image unlike its training
+            images, where it would wander to the crop's edge) the global estimate is kept.
     """
 
     dimension: int
@@ -60,6 +63,7 @@ class RefinerConfig:
     filters: tuple[int, ...] = (16, 32, 48, 64)
     target_sigma_mm: float = 0.6
     passes: int = 1
+    min_peak_fraction: float = 0.2
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "filters", tuple(int(f) for f in self.filters))
@@ -79,6 +83,12 @@ class RefinerConfig:
     @property
     def size_divisor(self) -> int:
         return 2 ** (len(self.filters) - 1)
+
+    @property
+    def target_peak(self) -> float:
+        """Largest pixel probability of the normalised target Gaussian (continuous approximation)."""
+        sigma = self.target_sigma_mm / self.spacing_mm
+        return float((2.0 * np.pi * sigma**2) ** (-self.dimension / 2.0))
 
     @property
     def half_extent_mm(self) -> float:
@@ -218,7 +228,8 @@ def refine_positions(
 
     Returns:
         ``(positions, peak_probability)``: ``(N, D)`` refined LPS mm and ``(N,)`` the largest
-        pixel probability of each crop's distribution (NaN where not refined).
+        pixel probability of each crop's distribution (NaN where not refined). Where that peak
+        is below ``config.min_peak_fraction`` of the target's, the estimate is returned unchanged.
     """
     config = network.config
     positions = np.array(estimates, dtype=float, copy=True)
@@ -235,7 +246,9 @@ def refine_positions(
             probabilities = F.softmax(own.flatten(1), dim=1).view_as(own).cpu().numpy()
         # Parabola through log-probabilities (= logits): exact for a Gaussian-shaped distribution.
         found, values = heatmap_maxima(probabilities)
+        trusted = values >= config.min_peak_fraction * config.target_peak
         for row, channel in enumerate(channels):
-            positions[channel] = transforms[row].grid_to_physical(found[row])[0]
+            if trusted[row]:
+                positions[channel] = transforms[row].grid_to_physical(found[row])[0]
         peaks[channels] = values
     return positions, peaks
