@@ -72,7 +72,8 @@ def test_local_stage_makes_held_out_points_more_accurate(two_stage):
     global_only = mean_error(Detector(model, device="cpu", refine=False), two_stage["test"])
     refined = mean_error(Detector(model, device="cpu"), two_stage["test"])
     history = two_stage["result"].history
-    assert history[0]["iteration"] == 0 and history[0]["validation_mre_mm"] > 2.0  # untrained local stage
+    # The untrained local stage is trusted nowhere (no peak), so validation starts at the global stage's error.
+    assert history[0]["iteration"] == 0 and history[0]["validation_mre_mm"] < 1.0
     assert refined < 0.75 * global_only, f"refined {refined:.3f} mm vs global only {global_only:.3f} mm"
     assert refined < 0.3
 

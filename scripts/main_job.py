@@ -30,17 +30,23 @@ def data_folder() -> Path | None:
     return folder if (folder / "isbi2015").is_dir() else None
 
 
-def sample_truth():  # noqa: ANN201 - Landmarks or None
-    """The senior annotation of the sample (ISBI image 151) when the data folder is reachable."""
+def sample_truth():  # noqa: ANN201 - {annotation: Landmarks} or None
+    """The sample's (ISBI image 151) senior annotation and the mean of both doctors, when the data is reachable."""
     folder = data_folder()
     if folder is None:
         return None
     from SCNLandmarksLib.dataset import read_landmark_names
     from SCNLandmarksLib.landmark_io import read_landmark_csv
+    from SCNLandmarksLib.landmarks import Landmarks
 
     names, _ = read_landmark_names(NAMES)
-    table = read_landmark_csv(folder / "isbi2015" / "landmarks" / "senior.csv", dimension=2, names=names)
-    return table.get("151")
+    tables = {who: read_landmark_csv(folder / "isbi2015" / "landmarks" / f"{who}.csv", dimension=2, names=names)
+              for who in ("senior", "junior")}
+    if "151" not in tables["senior"] or "151" not in tables["junior"]:
+        return None
+    senior, junior = tables["senior"]["151"], tables["junior"]["151"]
+    return {"senior annotation": senior,
+            "mean of both doctors": Landmarks(names, 0.5 * (senior.positions + junior.positions))}
 
 
 def detect_and_report(model_path: Path, image_path: Path, output: Path, *, device: str, spacing, truth=None) -> None:
@@ -59,9 +65,10 @@ def detect_and_report(model_path: Path, image_path: Path, output: Path, *, devic
     print(f"Detected {len(item.landmarks)} landmarks on {image_path.name} with {model_path.name} on {report.device} "
           f"in {time.perf_counter() - started:.1f} s (model load included)")
     print(f"  markups: {item.output}\n  summary: {report.summary_csv}\n  picture: {picture}")
-    if truth is not None:
-        errors = point_errors(item.landmarks, truth)
-        print(f"  error against the senior annotation: mean {errors.mean():.2f} mm, "
+    truths = truth if isinstance(truth, dict) else ({} if truth is None else {"senior annotation": truth})
+    for label, reference in truths.items():
+        errors = point_errors(item.landmarks, reference)
+        print(f"  error against the {label}: mean {errors.mean():.2f} mm, "
               f"within 2 mm: {100 * (errors <= 2).mean():.0f} %")
 
 

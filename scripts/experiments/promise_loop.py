@@ -121,6 +121,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     torch.set_num_threads(args.threads)
     from SCNLandmarksLib.model_file import load_model
+    from SCNLandmarksLib.training import TrainingCase
 
     scenarios = args.scenarios.split(",")
     data = X.find_data_folder(args.data)
@@ -141,7 +142,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         after = measure(load_model(report["output"]), tests, truths, args.device) if report["output"] else usual
         rows["same domain, 10 corrected cases"] = {"before": usual, "after": after, "fine_tune": report}
     if "left" in scenarios:
-        mirrored = [mirrored_case(c) for c in tests]
+        # Mirror the mean ground truth with the image (the cases carry the senior annotation).
+        mirrored = [mirrored_case(TrainingCase(c.image, truths[c.name], c.name)) for c in tests]
         rows["left-facing"] = {"before": measure(start, mirrored, {c.name: c.landmarks for c in mirrored}, args.device)}
     if "inverted" in scenarios:
         rows["inverted"] = {"before": measure(start, [inverted_case(c) for c in tests], truths, args.device)}
