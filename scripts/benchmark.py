@@ -1,7 +1,9 @@
 """Speed benchmark: parameter counts and time per training iteration and per detection.
 
 Prints one line per measurement. Sizes are the paper configurations: 2D SCN on a 512x512
-grid with 19 landmarks (cephalograms), 3D SCN on a 96^3 grid with 32 landmarks.
+grid with 19 landmarks (cephalograms), 3D SCN on a 96^3 grid with 32 landmarks; and the shipped
+local refinement stage (19 landmarks, 128x128 crops): a training step of 32 crops in float32 and
+with bfloat16 autocast, and the 19 crops of one detection.
 
     python scripts/benchmark.py                    # CPU, 2 threads
     python scripts/benchmark.py --device cuda      # GPU, with peak memory
@@ -24,6 +26,7 @@ from SCNLandmarksLib.heatmaps import heatmap_loss
 from SCNLandmarksLib.image import Image
 from SCNLandmarksLib.model import create_model
 from SCNLandmarksLib.network import NetworkConfig, count_parameters
+from SCNLandmarksLib.refinement import RefinementNetwork, RefinerConfig, crop_target, refinement_loss
 
 CASES = {
     "2d-512": (NetworkConfig.paper_2d, 19, (512, 512)),
@@ -74,12 +77,48 @@ def time_detection(model, device: torch.device, size: tuple[int, ...], repeats: 
     return times[1:]
 
 
+def time_local_stage(device: torch.device, repeats: int) -> None:
+    """Local refinement stage of the shipped model: training step (fp32 and bf16) and one detection's crops."""
+    config = RefinerConfig(dimension=2, num_landmarks=19, filters=(16, 32, 48, 64, 96))
+    network = RefinementNetwork(config).to(device)
+    print(f"parameters local stage 2d ({config.num_landmarks} landmarks): {count_parameters(network):,}")
+    optimizer = torch.optim.AdamW(network.parameters(), lr=1e-3)
+    crops = torch.randn(32, 1, config.patch_size, config.patch_size, device=device)
+    channels = torch.randint(0, config.num_landmarks, (32,), device=device)
+    targets = crop_target(torch.rand(32, 2, device=device) * (config.patch_size - 1), config)
+    for amp in (False, True):
+        times = []
+        for _ in range(repeats + 1):  # the first step warms up
+            _sync(device)
+            started = time.perf_counter()
+            with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=amp):
+                logits = network(crops)
+            loss = refinement_loss(logits, channels, targets)
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+            _sync(device)
+            times.append(time.perf_counter() - started)
+        print(f"local-2d: training step of 32 crops, {'bfloat16 autocast' if amp else 'float32'}: "
+              f"{statistics.median(times[1:]):.3f} s (min {min(times[1:]):.3f})")
+    network.eval()
+    times = []
+    with torch.inference_mode():
+        for _ in range(repeats + 1):
+            _sync(device)
+            started = time.perf_counter()
+            network(crops[:19])
+            _sync(device)
+            times.append(time.perf_counter() - started)
+    print(f"local-2d: the 19 crops of one detection: {statistics.median(times[1:]):.3f} s (min {min(times[1:]):.3f})")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=2)
-    parser.add_argument("--cases", nargs="+", default=list(CASES), choices=list(CASES))
+    parser.add_argument("--cases", nargs="+", default=[*CASES, "local-2d"], choices=[*CASES, "local-2d"])
     parser.add_argument("--no-amp", action="store_true", help="no bfloat16 autocast on the GPU")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -92,7 +131,9 @@ def main() -> None:
                                                   grid=GridSpec(size=CASES[name][2]),
                                                   landmark_names=[f"L{i}" for i in range(landmarks)]).network)
             print(f"parameters {name} {architecture} ({landmarks} landmarks): {count:,}")
-    for name in args.cases:
+    if "local-2d" in args.cases:
+        time_local_stage(device, args.repeats)
+    for name in [c for c in args.cases if c in CASES]:
         factory, landmarks, size = CASES[name]
         model = create_model(factory(landmarks), grid=GridSpec(size=size), landmark_names=[f"L{i}" for i in range(landmarks)])
         if device.type == "cuda":
