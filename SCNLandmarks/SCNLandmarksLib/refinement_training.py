@@ -17,7 +17,6 @@ from __future__ import annotations
 import copy
 import json
 import logging
-import math
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
@@ -46,7 +45,7 @@ from .refinement import (
     refinement_loss,
     sample_crop,
 )
-from .training import TrainingCase, aligned_positions, load_checkpoint, save_checkpoint, split_cases
+from .training import TrainingCase, aligned_positions, load_checkpoint, save_checkpoint, split_cases, warmup_cosine
 
 __all__ = ["RefinerTrainingConfig", "RefinerTrainingResult", "attach_refiner", "train_refiner"]
 
@@ -230,19 +229,6 @@ def _set_mode(network: RefinementNetwork, *, training: bool, freeze_batch_norm: 
                 module.eval()
 
 
-def _schedule(settings: RefinerTrainingConfig) -> Callable[[int], float]:
-    warmup = max(1, int(0.03 * settings.iterations))
-    final = settings.final_learning_rate_fraction
-
-    def factor(step: int) -> float:
-        if step < warmup:
-            return (step + 1) / warmup
-        progress = (step - warmup) / max(1, settings.iterations - warmup)
-        return final + (1 - final) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
-
-    return factor
-
-
 def train_refiner(
     cases: Sequence[TrainingCase],
     model: LandmarkModel,
@@ -289,7 +275,8 @@ def train_refiner(
     model.to(device)
     model.network.eval()
     optimizer = torch.optim.AdamW(_trainable_parameters(network, settings), lr=settings.learning_rate)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _schedule(settings))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(
+        settings.iterations, warmup_fraction=0.03, final_fraction=settings.final_learning_rate_fraction))
     start_iteration = 0
     history: list[dict[str, float | int | None]] = []
     best_mre: float | None = None

@@ -301,15 +301,15 @@ def _parameter_groups(model: LandmarkModel, config: TrainingConfig) -> list[dict
     ]
 
 
-def _schedule(config: TrainingConfig) -> Callable[[int], float]:
-    warmup = max(1, int(config.iterations * config.warmup_fraction))
-    final = config.final_learning_rate_fraction
+def warmup_cosine(iterations: int, *, warmup_fraction: float, final_fraction: float) -> Callable[[int], float]:
+    """Learning-rate factor per step: linear warm-up, then cosine decay to ``final_fraction`` of the peak."""
+    warmup = max(1, int(iterations * warmup_fraction))
 
     def factor(step: int) -> float:
         if step < warmup:
             return (step + 1) / warmup
-        progress = (step - warmup) / max(1, config.iterations - warmup)
-        return final + (1 - final) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+        progress = (step - warmup) / max(1, iterations - warmup)
+        return final_fraction + (1 - final_fraction) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
 
     return factor
 
@@ -399,7 +399,8 @@ def train_model(
     model.to(device)
     model.network.train()
     optimizer = torch.optim.AdamW(_parameter_groups(model, config))
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _schedule(config))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(
+        config.iterations, warmup_fraction=config.warmup_fraction, final_fraction=config.final_learning_rate_fraction))
     start_iteration = 0
     history: list[dict[str, float | int | None]] = []
     best_mre: float | None = None
