@@ -9,7 +9,7 @@ Validation runs the whole two-stage detection on held-out cases, reusing the fro
 stage's estimates, so its error is what a user would see.
 
 bfloat16 autocast is used on the CPU as on CUDA: on CPUs with AVX512-BF16 it trains this
-network about 2.4 times faster than float32 (measured on 32 crops of 128x128).
+network 2-3 times faster than float32 (``scripts/benchmark.py --cases local-2d``).
 """
 
 from __future__ import annotations
