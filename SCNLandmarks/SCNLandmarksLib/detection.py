@@ -177,22 +177,19 @@ class Detector:
         model = self.model
         prepared = prepare_image(image, grid=model.grid, intensity=model.intensity, dimension=model.dimension)
         peaks = model.targets.peak_values().detach().cpu().numpy()
-        readings = self.readings
         best: tuple[float, ImageReading, np.ndarray, np.ndarray] | None = None
-        for reading in readings:
+        for reading in self.readings:
             heatmaps, grid = self._heatmaps(reading.apply(prepared))
             positions, values = heatmap_maxima(heatmaps)
             confidences = np.clip(values / peaks, 0.0, 1.0)
             score = float(np.mean(confidences))
             if best is None:
-                as_is_score = score
-                best = (score, reading, grid.grid_to_physical(positions), confidences)
-                if score >= CONFIDENT_READING:
-                    break
-            elif score > best[0] and score > OTHER_READING_MARGIN * as_is_score:
-                best = (score, reading, grid.grid_to_physical(positions), confidences)
-                if score >= CONFIDENT_READING:
-                    break
+                as_is_score = score  # the first reading is the usual one
+            elif score <= best[0] or score <= OTHER_READING_MARGIN * as_is_score:
+                continue
+            best = (score, reading, grid.grid_to_physical(positions), confidences)
+            if score >= CONFIDENT_READING:
+                break
         _, reading, physical, confidences = best  # type: ignore[misc]
         self.last_reading = reading
         if reading != ImageReading():

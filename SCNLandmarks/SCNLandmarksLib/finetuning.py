@@ -76,6 +76,7 @@ class FineTuneReport:
         seconds: wall time of the whole procedure.
         message: one sentence for the user.
         per_fold: ``[{"start_mm", "new_mm", "held_out": [names]}]``.
+        landmarks: the landmark names of the fine-tuned model, in channel order.
     """
 
     verdict: str
@@ -88,6 +89,7 @@ class FineTuneReport:
     seconds: float
     message: str
     per_fold: list[dict[str, object]] = field(default_factory=list)
+    landmarks: list[str] = field(default_factory=list)
 
     @property
     def kept_new_model(self) -> bool:
@@ -98,7 +100,7 @@ class FineTuneReport:
             "verdict": self.verdict, "output": None if self.output is None else str(self.output),
             "start_error_mm": self.start_error_mm, "new_error_mm": self.new_error_mm, "folds": self.folds,
             "stages": self.stages, "cases": self.cases, "seconds": self.seconds, "message": self.message,
-            "per_fold": self.per_fold,
+            "per_fold": self.per_fold, "landmarks": self.landmarks,
         }
 
 
@@ -236,8 +238,9 @@ def fine_tune(
         raise ValueError(msg)
     base = plan_landmarks(start, cases, new_landmarks=new_landmarks)
     changed_set = base is not start
-    stages = ["global", "local"] if changed_set and base.refiner is not None else (
-        ["global"] if changed_set or base.refiner is None else ["local"])
+    stages = ["global"] if changed_set or base.refiner is None else []
+    if base.refiner is not None:
+        stages.append("local")
     folds = [] if changed_set else _folds(len(cases), seed)
     runs = len(folds) + 1
     steps = iterations or suggested_iterations(len(cases))
@@ -273,7 +276,8 @@ def fine_tune(
     per_fold: list[dict[str, object]] = []
     with tempfile.TemporaryDirectory(prefix="scn-finetune-") as scratch:
         for number, held_out in enumerate(folds):
-            training = [c for i, c in enumerate(cases) if i not in set(held_out.tolist())]
+            held_out_set = set(held_out.tolist())
+            training = [c for i, c in enumerate(cases) if i not in held_out_set]
             testing = [cases[i] for i in held_out]
             fold_model = train(training, f"fold {number + 1} of {len(folds)}", Path(scratch) / f"fold{number}.scn.pt")
             per_fold.append({
@@ -300,7 +304,7 @@ def fine_tune(
     message = _message(verdict, start_error, new_error, len(folds), written, changed_set)
     log.info(message)
     return FineTuneReport(verdict, written, start_error, new_error, len(folds), stages, [c.name for c in cases],
-                          seconds, message, per_fold)
+                          seconds, message, per_fold, list(base.landmark_names))
 
 
 def _message(verdict: str, start: float | None, new: float | None, folds: int, written: Path | None, changed: bool) -> str:

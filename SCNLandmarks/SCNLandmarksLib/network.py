@@ -16,12 +16,15 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass, fields
+from typing import TypeVar
 
 import torch
 from torch import nn
 from torch.nn import functional as F
 
-__all__ = ["NetworkConfig", "LandmarkNetwork", "build_network", "count_parameters"]
+__all__ = ["NetworkConfig", "LandmarkNetwork", "build_network", "count_parameters", "settings_from_dict"]
+
+_Settings = TypeVar("_Settings")
 
 ARCHITECTURES = ("scn", "unet")
 
@@ -106,12 +109,16 @@ class NetworkConfig:
 
     @classmethod
     def from_dict(cls, values: dict[str, object]) -> NetworkConfig:
-        known = {f.name for f in fields(cls)}
-        unknown = set(values) - known
-        if unknown:
-            msg = f"Unknown network settings in model file: {sorted(unknown)}"
-            raise ValueError(msg)
-        return cls(**values)  # type: ignore[arg-type]
+        return settings_from_dict(cls, values, kind="network")
+
+
+def settings_from_dict(cls: type[_Settings], values: dict[str, object], *, kind: str) -> _Settings:
+    """A settings dataclass from a model file's description; an unknown key is an error (a newer or foreign file)."""
+    unknown = set(values) - {f.name for f in fields(cls)}
+    if unknown:
+        msg = f"Unknown {kind} settings in model file: {sorted(unknown)}"
+        raise ValueError(msg)
+    return cls(**values)
 
 
 def _conv(dimension: int) -> type[nn.Module]:

@@ -15,7 +15,7 @@ indices are x, y[, z] order, arrays ``([z,] y, x)``.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 
 import numpy as np
 import torch
@@ -26,6 +26,7 @@ from .decode import heatmap_maxima
 from .grid import GridSpec, SamplingTransform, resample
 from .image import Image
 from .intensity import IntensityConfig, finish
+from .network import settings_from_dict
 from .preprocess import OUTSIDE_VALUE, PreparedImage, prepare_image
 
 __all__ = [
@@ -102,12 +103,7 @@ class RefinerConfig:
 
     @classmethod
     def from_dict(cls, values: dict[str, object]) -> RefinerConfig:
-        known = {f.name for f in fields(cls)}
-        unknown = set(values) - known
-        if unknown:
-            msg = f"Unknown refiner settings in model file: {sorted(unknown)}"
-            raise ValueError(msg)
-        return cls(**values)  # type: ignore[arg-type]
+        return settings_from_dict(cls, values, kind="refiner")
 
 
 def _block(dimension: int, in_channels: int, out_channels: int) -> nn.Sequential:

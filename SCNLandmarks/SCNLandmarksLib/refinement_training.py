@@ -17,7 +17,6 @@ from __future__ import annotations
 import copy
 import json
 import logging
-import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -28,13 +27,12 @@ import torch
 from .augmentation import random_linear
 from .detection import AS_IS, Detector
 from .device import describe_device, resolve_device
-from .errors import TrainingCancelled
 from .evaluation import point_errors
 from .landmarks import Landmarks
 from .model import LandmarkModel
 from .model_file import save_model
 from .preprocess import PreparedImage
-from .progress import Progress, ProgressCallback, estimate_eta
+from .progress import ProgressCallback
 from .refinement import (
     RefinementNetwork,
     RefinerConfig,
@@ -45,7 +43,8 @@ from .refinement import (
     refinement_loss,
     sample_crop,
 )
-from .training import TrainingCase, aligned_positions, load_checkpoint, save_checkpoint, split_cases, warmup_cosine
+from .step_loop import StepLoop, load_checkpoint
+from .training import TrainingCase, aligned_positions, split_cases, warmup_cosine
 
 __all__ = ["RefinerTrainingConfig", "RefinerTrainingResult", "attach_refiner", "train_refiner"]
 
@@ -340,15 +339,12 @@ def train_refiner(
         history.append({"iteration": 0, "loss": None, "validation_mre_mm": initial})
     _set_mode(network, training=True, freeze_batch_norm=settings.freeze_batch_norm)
     rng = np.random.default_rng([settings.seed, start_iteration])
-    started = time.monotonic()
-    running_loss: float | None = None
+    loop = StepLoop("train refinement", settings.iterations, start_iteration, settings.time_budget_s,
+                    settings.validate_every, settings.progress_every, settings.checkpoint_every, checkpoint,
+                    progress, should_cancel, history)
     iteration = start_iteration
     while iteration < settings.iterations:
-        if should_cancel is not None and should_cancel():
-            if checkpoint is not None:
-                save_checkpoint(checkpoint, checkpoint_state(iteration))
-            msg = f"Training cancelled at iteration {iteration} of {settings.iterations}; no model file was written"
-            raise TrainingCancelled(msg)
+        loop.stop_if_cancelled(iteration, lambda: checkpoint_state(iteration))
         crops, channels, truths = _draw_batch(crop_cases, refiner_config, settings, rng)
         crops_t = torch.from_numpy(crops).to(device)
         targets = crop_target(torch.from_numpy(truths).to(device), refiner_config)
@@ -363,36 +359,15 @@ def train_refiner(
         optimizer.step()
         scheduler.step()
         iteration += 1
-        value = float(loss.detach())
-        running_loss = value if running_loss is None else 0.95 * running_loss + 0.05 * value
-        elapsed = time.monotonic() - started
-        budget_over = settings.time_budget_s is not None and elapsed >= settings.time_budget_s
-        validate_now = settings.validate_every and iteration % settings.validate_every == 0
-        mre = validate() if validate_now and iteration < settings.iterations and not budget_over else None
-        if mre is not None or iteration % settings.progress_every == 0:
-            history.append({"iteration": iteration, "loss": running_loss, "validation_mre_mm": mre})
-        if progress is not None and (iteration % settings.progress_every == 0 or mre is not None):
-            eta = estimate_eta(iteration - start_iteration, settings.iterations - start_iteration, elapsed)
-            if settings.time_budget_s is not None and eta is not None:
-                eta = max(0.0, min(eta, settings.time_budget_s - elapsed))
-            progress(Progress("train refinement", iteration, settings.iterations, elapsed, eta,
-                              loss=running_loss, validation_mre_mm=mre))
-        if checkpoint is not None and settings.checkpoint_every and iteration % settings.checkpoint_every == 0:
-            save_checkpoint(checkpoint, checkpoint_state(iteration))
-        if budget_over:
-            log.info("Time budget of %.0f s reached after %d iterations", settings.time_budget_s, iteration)
+        if loop.after_step(iteration, float(loss.detach()), validate, lambda: checkpoint_state(iteration)):
             break
-    final_mre = validate()
-    history.append({"iteration": iteration, "loss": running_loss, "validation_mre_mm": final_mre})
-    if progress is not None and final_mre is not None:
-        progress(Progress("validate", iteration, settings.iterations, time.monotonic() - started, 0.0,
-                          loss=running_loss, validation_mre_mm=final_mre))
+    loop.finish(iteration, validate())
     if best_state is not None:
         network.load_state_dict(best_state)
     for parameter in network.parameters():
         parameter.requires_grad_(True)
     network.eval()
-    seconds = time.monotonic() - started
+    seconds = loop.elapsed_s
     model.info = {
         **copy.deepcopy(model.info),
         "refiner_training": {
@@ -407,6 +382,5 @@ def train_refiner(
         },
     }
     save_model(model, output, overwrite=overwrite)
-    if checkpoint is not None and checkpoint.exists():
-        checkpoint.unlink()
+    loop.remove_checkpoint()
     return RefinerTrainingResult(model, output, iteration, history, best_mre, seconds, describe_device(device))

@@ -14,7 +14,6 @@ import copy
 import json
 import logging
 import math
-import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -22,11 +21,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .atomic import atomic_path
 from .augmentation import AugmentationConfig, random_intensity, random_transform
 from .detection import AS_IS, Detector
 from .device import describe_device, resolve_device
-from .errors import TrainingCancelled
 from .evaluation import point_errors
 from .grid import resample
 from .heatmaps import heatmap_loss
@@ -37,8 +34,9 @@ from .model import LandmarkModel
 from .model_file import save_model
 from .network import build_network
 from .preprocess import OUTSIDE_VALUE, PreparedImage, prepare_image
-from .progress import Progress, ProgressCallback, estimate_eta
+from .progress import ProgressCallback
 from .refinement import RefinementNetwork, RefinerConfig
+from .step_loop import StepLoop, load_checkpoint
 
 __all__ = ["TrainingCase", "TrainingConfig", "TrainingResult", "adapt_to_landmarks", "train_model"]
 
@@ -325,22 +323,6 @@ def validation_mre(model: LandmarkModel, cases: Sequence[TrainingCase], device: 
     return float(np.nanmean(values)) if np.isfinite(values).any() else float("nan")
 
 
-def save_checkpoint(path: Path, state: dict[str, object]) -> None:
-    """Write a training checkpoint atomically (plain tensors and strings only)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with atomic_path(path, overwrite=True) as temporary:
-        torch.save(state, temporary)
-
-
-def load_checkpoint(path: Path) -> dict[str, object]:
-    """Read a checkpoint safely (``weights_only``); a damaged file is a ValueError naming it."""
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as error:
-        msg = f"The checkpoint {path} cannot be resumed from: it is damaged ({type(error).__name__})"
-        raise ValueError(msg) from error
-
-
 def train_model(
     cases: Sequence[TrainingCase],
     model: LandmarkModel,
@@ -452,17 +434,13 @@ def train_model(
         persistent_workers=config.num_workers > 0, pin_memory=device.type == "cuda",
     )
     use_autocast = config.mixed_precision and device.type == "cuda"
-    started = time.monotonic()
-    running_loss: float | None = None
+    loop = StepLoop("train", config.iterations, start_iteration, config.time_budget_s, config.validate_every,
+                    config.progress_every, config.checkpoint_every, checkpoint, progress, should_cancel, history)
     iteration = start_iteration
     batches = iter(loader)
     try:
         while iteration < config.iterations:
-            if should_cancel is not None and should_cancel():
-                if checkpoint is not None:
-                    save_checkpoint(checkpoint, checkpoint_state(iteration))
-                msg = f"Training cancelled at iteration {iteration} of {config.iterations}; no model file was written"
-                raise TrainingCancelled(msg)
+            loop.stop_if_cancelled(iteration, lambda: checkpoint_state(iteration))
             images, positions, valid = next(batches)
             images, positions, valid = images.to(device), positions.to(device), valid.to(device)
             with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=use_autocast):
@@ -483,39 +461,16 @@ def train_model(
             optimizer.step()
             scheduler.step()
             iteration += 1
-            value = float(loss.detach())
-            running_loss = value if running_loss is None else 0.95 * running_loss + 0.05 * value
-            elapsed = time.monotonic() - started
-            budget_over = config.time_budget_s is not None and elapsed >= config.time_budget_s
-            validate_now = config.validate_every and iteration % config.validate_every == 0
-            mre = validate(iteration) if validate_now and iteration < config.iterations and not budget_over else None
-            if mre is not None or iteration % config.progress_every == 0:
-                history.append({"iteration": iteration, "loss": running_loss, "validation_mre_mm": mre})
-            if progress is not None and (iteration % config.progress_every == 0 or mre is not None):
-                eta = estimate_eta(iteration - start_iteration, config.iterations - start_iteration, elapsed)
-                if config.time_budget_s is not None and eta is not None:
-                    eta = max(0.0, min(eta, config.time_budget_s - elapsed))
-                progress(Progress("train", iteration, config.iterations, elapsed, eta,
-                                  loss=running_loss, validation_mre_mm=mre))
-            if checkpoint is not None and config.checkpoint_every and iteration % config.checkpoint_every == 0:
-                save_checkpoint(checkpoint, checkpoint_state(iteration))
-            if budget_over:
-                log.info("Time budget of %.0f s reached after %d iterations", config.time_budget_s, iteration)
+            if loop.after_step(iteration, float(loss.detach()), lambda: validate(iteration),
+                               lambda: checkpoint_state(iteration)):
                 break
     finally:
         del batches, loader
-    final_mre = validate(iteration)
-    if final_mre is not None or not history or history[-1]["iteration"] != iteration:
-        history.append({"iteration": iteration, "loss": running_loss, "validation_mre_mm": final_mre})
-    if final_mre is not None:
-        if progress is not None:
-            elapsed = time.monotonic() - started
-            progress(Progress("validate", iteration, config.iterations, elapsed, 0.0,
-                              loss=running_loss, validation_mre_mm=final_mre))
+    loop.finish(iteration, validate(iteration))
     if best_state is not None:
         model.network.load_state_dict(best_state["network"])
         model.targets.load_state_dict(best_state["targets"])
-    seconds = time.monotonic() - started
+    seconds = loop.elapsed_s
     model.network.eval()
     model.info = {
         **{k: v for k, v in model.info.items() if k not in ("training",)},
@@ -531,6 +486,5 @@ def train_model(
         },
     }
     save_model(model, output, overwrite=overwrite)
-    if checkpoint is not None and checkpoint.exists():
-        checkpoint.unlink()
+    loop.remove_checkpoint()
     return TrainingResult(model, output, iteration, history, best_mre, seconds, describe_device(device))

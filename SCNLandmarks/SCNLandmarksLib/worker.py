@@ -214,7 +214,8 @@ def _finetune(arguments: argparse.Namespace, emit: _Emitter, should_cancel: _Can
             used = time.monotonic() - started
             fraction = max(fraction, min(1.0, used / time_budget))
             eta = values.get("eta_s")
-            values["eta_s"] = max(0.0, time_budget - used) if eta is None else min(float(eta), max(0.0, time_budget - used))  # type: ignore[arg-type]
+            remaining = max(0.0, time_budget - used)
+            values["eta_s"] = remaining if eta is None else min(float(eta), remaining)  # type: ignore[arg-type]
             if arguments.iterations is None:
                 values["total"] = None  # unknown: the budget, not a count, ends training
         values["fraction"] = fraction
@@ -238,7 +239,7 @@ def _finetune(arguments: argparse.Namespace, emit: _Emitter, should_cancel: _Can
         message=result.message,
         seconds=result.seconds,
         device=describe_device(device),
-        landmarks=list(load_model(result.output).landmark_names) if result.output is not None else list(model.landmark_names),
+        landmarks=result.landmarks,
     )
     return EXIT_OK
 

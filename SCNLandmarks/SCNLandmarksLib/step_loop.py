@@ -1,0 +1,131 @@
+"""The bookkeeping every training loop shares: cancel, running loss, validation schedule,
+history, progress with ETA, periodic checkpoints and the time budget.
+
+The global stage (:func:`~SCNLandmarksLib.training.train_model`) and the local stage
+(:func:`~SCNLandmarksLib.refinement_training.train_refiner`) differ in what one step computes;
+everything around the step is this one piece of code.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from .atomic import atomic_path
+from .errors import TrainingCancelled
+from .progress import Progress, ProgressCallback, estimate_eta
+
+__all__ = ["StepLoop", "load_checkpoint", "save_checkpoint"]
+
+log = logging.getLogger(__name__)
+
+def save_checkpoint(path: Path, state: dict[str, object]) -> None:
+    """Write a training checkpoint atomically (plain tensors and strings only)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_path(path, overwrite=True) as temporary:
+        torch.save(state, temporary)
+
+
+def load_checkpoint(path: Path) -> dict[str, object]:
+    """Read a checkpoint safely (``weights_only``); a damaged file is a ValueError naming it."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:
+        msg = f"The checkpoint {path} cannot be resumed from: it is damaged ({type(error).__name__})"
+        raise ValueError(msg) from error
+
+
+# Weight of the newest loss in the running loss shown to the user.
+_LOSS_SMOOTHING = 0.05
+
+
+@dataclass
+class StepLoop:
+    """Around-the-step bookkeeping of one training run.
+
+    Attributes:
+        stage: the progress stage name (``"train"``, ``"train refinement"``).
+        total: planned iterations.
+        start: iteration the run starts (or resumes) at.
+        time_budget_s: stop (successfully) after this many seconds, or None.
+        validate_every: iterations between validations (0: only at the end).
+        progress_every: iterations between progress reports and history entries.
+        checkpoint_every: iterations between checkpoints (0: only on cancel).
+        checkpoint: checkpoint file, or None.
+        progress: progress callback, or None.
+        should_cancel: polled before every step, or None.
+        history: ``[{"iteration", "loss", "validation_mre_mm"}, ...]``, extended in place.
+    """
+
+    stage: str
+    total: int
+    start: int
+    time_budget_s: float | None
+    validate_every: int
+    progress_every: int
+    checkpoint_every: int
+    checkpoint: Path | None
+    progress: ProgressCallback | None
+    should_cancel: Callable[[], bool] | None
+    history: list[dict[str, float | int | None]]
+    running_loss: float | None = None
+    started: float = field(default_factory=time.monotonic)
+
+    @property
+    def elapsed_s(self) -> float:
+        return time.monotonic() - self.started
+
+    def stop_if_cancelled(self, iteration: int, state: Callable[[], dict[str, object]]) -> None:
+        """Raise :class:`TrainingCancelled` (after writing the checkpoint) when the user asked to stop."""
+        if self.should_cancel is None or not self.should_cancel():
+            return
+        if self.checkpoint is not None:
+            save_checkpoint(self.checkpoint, state())
+        msg = f"Training cancelled at iteration {iteration} of {self.total}; no model file was written"
+        raise TrainingCancelled(msg)
+
+    def after_step(
+        self,
+        iteration: int,
+        loss: float,
+        validate: Callable[[], float | None],
+        state: Callable[[], dict[str, object]],
+    ) -> bool:
+        """Record step ``iteration`` (already counted) with its ``loss``; True when the time budget is spent."""
+        self.running_loss = loss if self.running_loss is None else (
+            (1 - _LOSS_SMOOTHING) * self.running_loss + _LOSS_SMOOTHING * loss)
+        elapsed = self.elapsed_s
+        budget_over = self.time_budget_s is not None and elapsed >= self.time_budget_s
+        validate_now = self.validate_every and iteration % self.validate_every == 0
+        mre = validate() if validate_now and iteration < self.total and not budget_over else None
+        if mre is not None or iteration % self.progress_every == 0:
+            self.history.append({"iteration": iteration, "loss": self.running_loss, "validation_mre_mm": mre})
+        if self.progress is not None and (iteration % self.progress_every == 0 or mre is not None):
+            eta = estimate_eta(iteration - self.start, self.total - self.start, elapsed)
+            if self.time_budget_s is not None and eta is not None:
+                eta = max(0.0, min(eta, self.time_budget_s - elapsed))
+            self.progress(Progress(self.stage, iteration, self.total, elapsed, eta,
+                                   loss=self.running_loss, validation_mre_mm=mre))
+        if self.checkpoint is not None and self.checkpoint_every and iteration % self.checkpoint_every == 0:
+            save_checkpoint(self.checkpoint, state())
+        if budget_over:
+            log.info("Time budget of %.0f s reached after %d iterations", self.time_budget_s, iteration)
+        return budget_over
+
+    def finish(self, iteration: int, final_mre: float | None) -> None:
+        """Record the end of the run: the final validation in the history and as a progress report."""
+        if final_mre is not None or not self.history or self.history[-1]["iteration"] != iteration:
+            self.history.append({"iteration": iteration, "loss": self.running_loss, "validation_mre_mm": final_mre})
+        if final_mre is not None and self.progress is not None:
+            self.progress(Progress("validate", iteration, self.total, self.elapsed_s, 0.0,
+                                   loss=self.running_loss, validation_mre_mm=final_mre))
+
+    def remove_checkpoint(self) -> None:
+        """The run finished and its model is written: the checkpoint is no longer needed."""
+        if self.checkpoint is not None and self.checkpoint.exists():
+            self.checkpoint.unlink()
