@@ -188,7 +188,7 @@ def _run_training(args: argparse.Namespace, model, cases) -> int:  # noqa: ANN00
         time_budget_s=args.time_budget,
         augmentation=AugmentationConfig.none() if args.no_augmentation else AugmentationConfig(),
     )
-    refine_steps = getattr(args, "refine_iterations", 0)
+    refine_steps = args.refine_iterations
     global_output = args.output.with_name("global-" + args.output.name) if refine_steps else args.output
     cancel = _CancelOnInterrupt()
     result = train_model(cases, model, output=global_output, config=config, validation_cases=validation,
