@@ -113,7 +113,8 @@ class SCNLandmarksParameterNode:
     inputVolume - The volume (2D single slice or 3D) to detect landmarks on.
     landmarksNode - The point list shown and corrected; set by detection.
     device - Where the network runs.
-    confidenceThreshold - Points with a lower confidence are flagged for checking.
+    confidenceThreshold - For models without expected errors: points with a lower confidence are flagged.
+    checkAboveMm - Points expected further off than this (mm) are flagged; 0: the model's validated threshold.
     fineTuneIterations - Training iterations of a fine-tuning run.
     useTimeBudget - Train for a fixed time instead of a number of iterations.
     timeBudgetMinutes - That time, in minutes.
@@ -125,6 +126,7 @@ class SCNLandmarksParameterNode:
     landmarksNode: vtkMRMLMarkupsFiducialNode
     device: ComputeDevice = ComputeDevice.AUTO
     confidenceThreshold: Annotated[float, WithinRange(0.0, 1.0)] = DEFAULT_LOW_CONFIDENCE_THRESHOLD
+    checkAboveMm: Annotated[float, WithinRange(0.0, 10.0)] = 0.0
     fineTuneIterations: Annotated[int, WithinRange(1, 100000)] = 300
     useTimeBudget: bool = False
     timeBudgetMinutes: Annotated[float, WithinRange(0.5, 1440.0)] = 10.0
@@ -330,9 +332,10 @@ class SCNLandmarksWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                 device=parameters.device.value,
                 outputNode=outputNode,
                 lowConfidenceThreshold=parameters.confidenceThreshold,
+                checkAboveMm=parameters.checkAboveMm or None,
             )
             parameters.landmarksNode = node
-            flagged = self.logic.lowConfidenceCount(node, parameters.confidenceThreshold)
+            flagged = self.logic.pointsToCheckCount(node)
             self.ui.detectStatusLabel.text = _(
                 "{count} landmarks in '{name}' ({seconds:.1f} s); {flagged} to check (orange)."
             ).format(count=node.GetNumberOfControlPoints(), name=node.GetName(),
@@ -485,11 +488,17 @@ class SCNLandmarksWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                     model=self.selectedModelPath(),
                     device=parameters.device.value,
                     lowConfidenceThreshold=parameters.confidenceThreshold,
+                    checkAboveMm=parameters.checkAboveMm or None,
                     progressCallback=onProgress,
                     shouldCancel=lambda: self._batchCancelRequested,
                 )
                 text = _("{ok} images done, {failed} skipped.").format(
                     ok=len(report.succeeded), failed=len(report.failed))
+                ranked = [row for row in report.review_order if row[1] == row[1]][:3]  # NaN: no expected error
+                if ranked:
+                    text += " " + _("Review first: {images} (all in review_order.csv).").format(
+                        images=", ".join(_("{image} ({error:.1f} mm, {count} to check)").format(
+                            image=image, error=error, count=count) for image, error, count in ranked))
                 self.ui.batchStatusLabel.text = text
                 if report.failed:
                     slicer.util.warningDisplay(
@@ -813,7 +822,7 @@ class SCNLandmarksLogic(ScriptedLoadableModuleLogic):
 
         return read_model_description(self.resolveModel(model))
 
-    def _getDetector(self, modelPath: Path, device: str):
+    def _getDetector(self, modelPath: Path, device: str, checkAboveMm: Optional[float], lowConfidence: float):
         from SCNLandmarksLib.detection import Detector
 
         # Loading a model and moving it to the GPU takes a while; reuse it while file and device are the same.
@@ -821,6 +830,8 @@ class SCNLandmarksLogic(ScriptedLoadableModuleLogic):
         if self._detector is None or self._detectorKey != key:
             self._detector = Detector(modelPath, device=device)
             self._detectorKey = key
+        self._detector.check_above_mm = checkAboveMm
+        self._detector.low_confidence = lowConfidence
         return self._detector
 
     # ------------------------------------------------------------------ detection
@@ -832,6 +843,7 @@ class SCNLandmarksLogic(ScriptedLoadableModuleLogic):
         device: str = "auto",
         outputNode: Optional[vtkMRMLMarkupsFiducialNode] = None,
         lowConfidenceThreshold: float = DEFAULT_LOW_CONFIDENCE_THRESHOLD,
+        checkAboveMm: Optional[float] = None,
     ) -> vtkMRMLMarkupsFiducialNode:
         """Detect the model's landmarks on a volume and show them as an editable point list.
 
@@ -841,9 +853,13 @@ class SCNLandmarksLogic(ScriptedLoadableModuleLogic):
         :param device: "auto" (GPU when usable), "cpu" or "cuda".
         :param outputNode: point list to fill. It is reused only when it is empty or an unedited
             detection result; a list the user edited is never overwritten (a new one is made).
-        :param lowConfidenceThreshold: points with a lower confidence (0..1) are flagged in orange.
+        :param lowConfidenceThreshold: for a model without an error model, points with a lower
+            confidence (0..1) are to be checked.
+        :param checkAboveMm: points whose expected error exceeds this (mm) are to be checked;
+            None: the threshold the model was validated with. Points to check are drawn in orange.
         :return: the point list, named "<volume> - <model>", one point per landmark (label = name,
-            description = definition and confidence); missing landmarks are missing points.
+            description = definition, confidence, expected error and "please check" where it
+            applies); missing landmarks are missing points.
         """
         from SCNLandmarksLib import mrml_adapter
 
@@ -851,7 +867,8 @@ class SCNLandmarksLogic(ScriptedLoadableModuleLogic):
             raise ValueError(_("Select an input volume first."))
         self.setupPythonRequirements()
         modelPath = self.resolveModel(model)
-        detector = self._getDetector(modelPath, str(getattr(device, "value", device)))
+        detector = self._getDetector(modelPath, str(getattr(device, "value", device)), checkAboveMm,
+                                     lowConfidenceThreshold)
         self.lastDeviceDescription = detector.device_description
         image = mrml_adapter.image_from_volume_node(volumeNode)
         startTime = time.time()
@@ -880,14 +897,12 @@ class SCNLandmarksLogic(ScriptedLoadableModuleLogic):
 
         return mrml_adapter.markups_edited(markupsNode)
 
-    def lowConfidenceCount(self, markupsNode: vtkMRMLMarkupsFiducialNode, threshold: float) -> int:
-        """How many points of a detection result have a confidence below ``threshold``."""
-        from SCNLandmarksLib import mrml_adapter
+    def pointsToCheckCount(self, markupsNode: vtkMRMLMarkupsFiducialNode) -> int:
+        """How many points of a detection result the detector asked to check (described "please check")."""
+        from SCNLandmarksLib.landmark_io import CHECK_NOTE
 
-        landmarks = mrml_adapter.landmarks_from_markups(markupsNode)
-        if landmarks.confidences is None:
-            return 0
-        return int(sum(1 for c in landmarks.confidences if math.isfinite(c) and c < threshold))
+        count = markupsNode.GetNumberOfControlPoints()
+        return sum(1 for i in range(count) if markupsNode.GetNthControlPointDescription(i).endswith(CHECK_NOTE))
 
     # ------------------------------------------------------------------ training cases
 
@@ -1067,6 +1082,7 @@ class SCNLandmarksLogic(ScriptedLoadableModuleLogic):
         model: Union[str, Path, None] = None,
         device: str = "auto",
         lowConfidenceThreshold: float = DEFAULT_LOW_CONFIDENCE_THRESHOLD,
+        checkAboveMm: Optional[float] = None,
         progressCallback: Optional[Callable[[Any], None]] = None,
         shouldCancel: Optional[Callable[[], bool]] = None,
         overwrite: bool = False,
@@ -1075,6 +1091,7 @@ class SCNLandmarksLogic(ScriptedLoadableModuleLogic):
 
         A file that cannot be read or processed is reported in the result and skipped.
 
+        :param lowConfidenceThreshold, checkAboveMm: which points are to be checked, as in :meth:`detect`.
         :param progressCallback: called after each image with a ``SCNLandmarksLib.progress.Progress``.
         :param shouldCancel: polled between images; True stops (finished images are kept).
         :return: ``SCNLandmarksLib.batch.BatchReport`` (``succeeded``, ``failed``, ``summary_csv``).
@@ -1093,6 +1110,7 @@ class SCNLandmarksLogic(ScriptedLoadableModuleLogic):
             modelPath,
             device=str(getattr(device, "value", device)),
             low_confidence_threshold=lowConfidenceThreshold,
+            check_above_mm=checkAboveMm,
             progress=progressCallback,
             should_cancel=shouldCancel,
             overwrite=overwrite,

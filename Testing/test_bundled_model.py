@@ -36,3 +36,24 @@ def test_default_model_on_the_sample_against_the_senior_annotation(data_dir):
     # doctors, which the local stage learned); the card gives 1.68 mm against senior on all of test1.
     assert np.mean(errors) < 2.5, f"mean error {np.mean(errors):.2f} mm on the sample"
     assert found.confidences is not None and np.median(found.confidences) > 0.3
+
+
+def test_default_model_flags_a_landmark_it_cannot_see():
+    """The sample as it is, then with one landmark's surroundings hidden (filled with the median grey)."""
+    import dataclasses
+
+    image = read_image(SAMPLE, spacing=(0.1, 0.1))
+    detector = Detector(default_model(), device="cpu")
+    assert detector.check_threshold_mm is not None and detector.check_threshold_mm > 0.5
+    found = detector.detect(image)
+    assert found.expected_errors is not None and np.isfinite(found.expected_errors).all()
+    assert found.check.mean() < 0.5  # a usual image: most points need no check
+    rows, columns = np.mgrid[0 : image.array.shape[0], 0 : image.array.shape[1]]
+    for name in ("upper_lip", "articulare"):
+        row = found.names.index(name)
+        x, y = image.geometry.physical_to_index(found.positions[row : row + 1])[0]
+        hidden = image.array.copy()
+        hidden[np.hypot(columns - x, rows - y) * 0.1 < 6.0] = np.median(hidden)  # 6 mm around the point
+        again = detector.detect(dataclasses.replace(image, array=hidden))
+        assert again.check[row], f"{name}: expected error {again.expected_errors[row]:.2f} mm, not flagged"
+        assert again.expected_errors[row] > 2 * found.expected_errors[row]

@@ -105,3 +105,37 @@ def test_train_with_a_refinement_stage_writes_a_two_stage_model(annotated_folder
     # A third of the global grid's pixel (86 mm / 64 / 3 = 0.45 mm) would be finer than the
     # images' own 0.9 x 1.2 mm pixels, so the crops use 0.9 mm.
     assert info["refinement_stage"]["spacing_mm"] == pytest.approx(0.9)
+
+
+def test_detect_with_the_bundled_model_flags_points_and_ranks_images_for_review(tmp_path, capsys):
+    """The default model has an error model: expected errors, check flags, overlay legend and a review order."""
+    import csv
+    import shutil
+
+    import numpy as np
+
+    from SCNLandmarksLib.catalog import bundled_models_folder
+    from SCNLandmarksLib.image_io import read_image
+
+    sample = bundled_models_folder().parent / "Sample" / "isbi2015_151.jpg"
+    folder = tmp_path / "images"
+    folder.mkdir()
+    shutil.copy(sample, folder / "usual.jpg")
+    image = read_image(sample, spacing=(0.1, 0.1))
+    blurred = image.array.copy()
+    blurred[:, 1100:] = np.median(blurred)  # the face hidden: its points are expected far off
+    write_image(type(image)(blurred, image.geometry), folder / "hidden_face.nrrd")
+    output = tmp_path / "out"
+    assert main(["detect", str(folder), "--output", str(output), "--spacing", "0.1", "--overlay", "--device", "cpu"]) == 0
+    printed = capsys.readouterr().out
+    assert "Review first" in printed and "check" in printed
+    with open(output / "review_order.csv", newline="") as stream:
+        order = list(csv.DictReader(stream))
+    assert [row["image"] for row in order] == ["hidden_face", "usual"]
+    assert float(order[0]["mean_expected_error_mm"]) > float(order[1]["mean_expected_error_mm"])
+    assert int(order[0]["points_to_check"]) > int(order[1]["points_to_check"])
+    with open(output / "landmarks.csv", newline="") as stream:
+        rows = list(csv.DictReader(stream))
+    assert all(row["expected_error_mm"] for row in rows) and {row["check"] for row in rows} == {"true", "false"}
+    picture = read_image(output / "usual.png", spacing=(1.0, 1.0))
+    assert picture.array.shape[-1] > image.array.shape[1]  # the legend panel beside the image

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import csv
 import json
 from pathlib import Path
@@ -302,7 +304,8 @@ def test_detection_summary_csv(tmp_path: Path) -> None:
     with open(path, newline="") as stream:
         rows = list(csv.DictReader(stream))
     assert list(rows[0]) == [
-        "image", "landmark", "x_lps", "y_lps", "z_lps", "x_ras", "y_ras", "z_ras", "confidence", "missing",
+        "image", "landmark", "x_lps", "y_lps", "z_lps", "x_ras", "y_ras", "z_ras", "confidence",
+        "expected_error_mm", "check", "missing",
     ]  # fmt: skip
     assert len(rows) == 7
     assert rows[0]["landmark"] == "Sella"
@@ -313,6 +316,54 @@ def test_detection_summary_csv(tmp_path: Path) -> None:
     assert rows[1]["x_lps"] == "" and rows[1]["missing"] == "true"
     assert rows[4]["image"] == "xray" and rows[4]["z_lps"] == "" and rows[4]["confidence"] == ""
     assert float(rows[4]["x_ras"]) == -83.5
+    assert rows[0]["expected_error_mm"] == "" and rows[0]["check"] == "false"
+
+
+def _checked(landmarks: Landmarks) -> Landmarks:
+    """The landmarks as a detector with an error model returns them: the last placed point to check."""
+    count = len(landmarks)
+    expected = np.linspace(0.5, 4.5, count)
+    expected[landmarks.missing] = np.nan
+    check = np.zeros(count, dtype=bool)
+    check[np.flatnonzero(~landmarks.missing)[-1]] = True
+    return dataclasses.replace(landmarks, expected_errors=expected, check=check)
+
+
+def test_summary_csv_carries_expected_error_and_check(tmp_path: Path) -> None:
+    path = write_detection_summary_csv([("ct1", _checked(_landmarks_3d()))], tmp_path / "summary.csv")
+    with open(path, newline="") as stream:
+        rows = list(csv.DictReader(stream))
+    assert [r["expected_error_mm"] for r in rows] == ["0.5", "", "3.17", "4.5"]
+    assert [r["check"] for r in rows] == ["false", "false", "false", "true"]
+
+
+def test_mrk_json_describes_points_to_check_with_their_expected_error(tmp_path: Path) -> None:
+    # A confident point (0.875) is flagged because the detector expects it far off: the check
+    # decision, not the confidence, drives the note and the colour.
+    path = write_mrk_json(_checked(_landmarks_3d()), tmp_path / "x.mrk.json", low_confidence_threshold=0.5)
+    points = json.loads(path.read_text())["markups"][0]["controlPoints"]
+    assert points[3]["description"].endswith("expected_error_mm=4.5; please check")
+    assert points[3]["selected"] is False
+    assert "please check" not in points[2]["description"] and points[2]["selected"] is True
+    back = read_mrk_json(path)
+    assert back.descriptions == _landmarks_3d().descriptions
+    assert back.confidences[3] == pytest.approx(0.875)
+
+
+def test_merging_into_a_summary_of_the_earlier_columns_keeps_its_rows(tmp_path: Path) -> None:
+    from SCNLandmarksLib.landmark_io import merge_detection_summary_csv
+
+    path = tmp_path / "landmarks.csv"
+    path.write_text(
+        "image,landmark,x_lps,y_lps,z_lps,x_ras,y_ras,z_ras,confidence,missing\n"
+        "old,L1,1.0,2.0,,-1.0,-2.0,,0.9,false\n"
+    )
+    merge_detection_summary_csv([("new", _checked(_landmarks_2d()))], path)
+    with open(path, newline="") as stream:
+        rows = list(csv.DictReader(stream))
+    assert rows[0]["image"] == "old" and rows[0]["confidence"] == "0.9" and rows[0]["missing"] == "false"
+    assert rows[0]["expected_error_mm"] == "" and rows[0]["check"] == ""
+    assert [r["check"] for r in rows[1:]] == ["false", "true", "false"]
 
 
 # --------------------------------------------------------------------------- dispatch, overwrite, atomic

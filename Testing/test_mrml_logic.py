@@ -102,7 +102,7 @@ def test_detect_places_engine_predictions_in_world_ras(logic, scene, model_path)
     np.testing.assert_allclose([confidences[n] for n in NAMES], expected.confidences, atol=1e-6)
     low = [bool(c < 0.5) for c in expected.confidences]
     assert [not plain.GetNthControlPointSelected(i) for i in range(3)] == low
-    assert logic.lowConfidenceCount(plain, 0.5) == sum(low)
+    assert logic.pointsToCheckCount(plain) == sum(low)
     assert "Used: cpu" in logic.environmentSummary()
 
 

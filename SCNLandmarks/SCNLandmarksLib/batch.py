@@ -2,13 +2,18 @@
 
 from __future__ import annotations
 
+import csv
+import io
 import logging
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import torch
+
+from .atomic import atomic_write_text
 
 from .detection import Detector
 from .image_io import read_image
@@ -16,6 +21,7 @@ from .landmark_io import merge_detection_summary_csv, write_mrk_json
 from .landmarks import Landmarks
 from .model import LandmarkModel
 from .progress import Progress, ProgressCallback, estimate_eta
+from .quality import review_order
 
 __all__ = ["BatchItem", "BatchReport", "detect_files", "detect_folder", "find_images", "output_stem"]
 
@@ -23,6 +29,7 @@ log = logging.getLogger(__name__)
 
 IMAGE_SUFFIXES = (".nrrd", ".nhdr", ".nii", ".nii.gz", ".mha", ".mhd", ".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".dcm")
 SUMMARY_NAME = "landmarks.csv"
+REVIEW_NAME = "review_order.csv"
 
 
 def output_stem(path: Path) -> str:
@@ -67,6 +74,8 @@ class BatchReport:
     items: list[BatchItem] = field(default_factory=list)
     summary_csv: Path | None = None
     device: str = ""
+    review_order: list[tuple[str, float, int]] = field(default_factory=list)
+    review_csv: Path | None = None
 
     @property
     def failed(self) -> list[BatchItem]:
@@ -85,6 +94,7 @@ def detect_files(
     device: str | torch.device = "auto",
     spacing: Sequence[float] | None = None,
     low_confidence_threshold: float | None = 0.3,
+    check_above_mm: float | None = None,
     overwrite: bool = False,
     progress: ProgressCallback | None = None,
     should_cancel: Callable[[], bool] | None = None,
@@ -95,11 +105,16 @@ def detect_files(
     Args:
         images: image files (or DICOM folders).
         output_folder: receives ``<image name>.mrk.json`` per image and ``landmarks.csv`` (rows
-            of earlier runs into the same folder are kept; an image detected again replaces its rows).
+            of earlier runs into the same folder are kept; an image detected again replaces its rows);
+            with a model that gives expected errors and more than one image, also ``review_order.csv``:
+            this run's images ranked for review, the one expected furthest off first.
         model: model file or loaded model.
         device: ``"auto"``, ``"cpu"`` or ``"cuda"``.
         spacing: pixel size in mm for formats without one (PNG, JPEG, ...).
-        low_confidence_threshold: points below it are flagged in the ``.mrk.json``.
+        low_confidence_threshold: for a model without an error model, points below this
+            confidence are to be checked (None: none).
+        check_above_mm: points whose expected error exceeds this (mm) are to be checked
+            (default: the model's validated threshold).
         overwrite: replace existing output files (by default an existing file fails that image).
         progress: called after each image.
         should_cancel: polled between images; the images done so far are kept.
@@ -107,7 +122,8 @@ def detect_files(
     """
     output_folder = Path(output_folder)
     output_folder.mkdir(parents=True, exist_ok=True)
-    detector = Detector(model, device=device)
+    detector = Detector(model, device=device, check_above_mm=check_above_mm,
+                        low_confidence=-1.0 if low_confidence_threshold is None else low_confidence_threshold)
     report = BatchReport(device=detector.device_description)
     started = time.monotonic()
     total = len(images)
@@ -139,7 +155,23 @@ def detect_files(
     if results:
         # Earlier runs into this folder keep their rows: the summary is merged, never replaced.
         report.summary_csv = merge_detection_summary_csv(results, output_folder / SUMMARY_NAME)
+    report.review_order = review_order(results)
+    if len(results) > 1 and any(landmarks.expected_errors is not None for _, landmarks in results):
+        report.review_csv = write_review_order_csv(report.review_order, output_folder / REVIEW_NAME)
     return report
+
+
+def write_review_order_csv(order: Sequence[tuple[str, float, int]], path: Path) -> Path:
+    """``image,rank,mean_expected_error_mm,points_to_check``, the first row the first to review.
+
+    Written for each run (the previous run's ranking is replaced: it ranked other images).
+    """
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, lineterminator="\n")
+    writer.writerow(["image", "rank", "mean_expected_error_mm", "points_to_check"])
+    for rank, (image, expected, checks) in enumerate(order, start=1):
+        writer.writerow([image, rank, f"{expected:.2f}" if np.isfinite(expected) else "", checks])
+    return atomic_write_text(path, buffer.getvalue(), overwrite=True)
 
 
 def detect_folder(

@@ -79,7 +79,10 @@ def build_parser() -> argparse.ArgumentParser:
     detect.add_argument("input", type=Path, help="an image file, a DICOM folder, or a folder of images")
     detect.add_argument("--model", help="model file (.scn.pt) or the name of an installed model (default: the bundled default)")
     detect.add_argument("--output", type=Path, default=Path("scn-output"), help="output folder (default: ./scn-output)")
-    detect.add_argument("--threshold", type=float, default=0.3, help="flag points with confidence below this (default: 0.3)")
+    detect.add_argument("--check-above", type=float, default=None, metavar="MM",
+                        help="flag points whose expected error exceeds this many mm (default: the model's validated threshold)")
+    detect.add_argument("--threshold", type=float, default=0.3,
+                        help="for models without an error model: flag points with confidence below this (default: 0.3)")
     detect.add_argument("--overlay", action="store_true", help="also write <image>.png with the points drawn")
     detect.add_argument("--overwrite", action="store_true", help="replace existing output files")
     _spacing_arg(detect)
@@ -208,6 +211,15 @@ def _run_training(args: argparse.Namespace, model, cases) -> int:  # noqa: ANN00
         best = refined.best_validation_mre_mm
         print(f"Wrote {refined.output} (global + refinement stage) after {refined.seconds:.0f} s more"
               + (f"; best validation MRE {best:.2f} mm" if best is not None else ""))
+        result = refined
+    from .model_file import save_model
+    from .quality_fitting import fit_point_quality
+    from .training import split_cases
+
+    # The same validation cases the training used (its own split when none were given).
+    shape_cases, checked = (cases, validation) if validation else split_cases(list(cases), config.validation_fraction, config.seed)
+    print(fit_point_quality(result.model, shape_cases, checked, device=args.device))
+    save_model(result.model, result.output, overwrite=True)  # the file this run just wrote, now with both parts
     return 0
 
 
@@ -277,21 +289,27 @@ def _command_detect(args: argparse.Namespace) -> int:
     def overlay(item) -> None:  # noqa: ANN001
         if args.overlay and item.landmarks is not None:
             write_overlay_png(read_image(item.image, spacing=spacing), item.landmarks,
-                              args.output / f"{output_stem(item.image)}.png", overwrite=args.overwrite)
+                              args.output / f"{output_stem(item.image)}.png", overwrite=args.overwrite,
+                              low_confidence_threshold=args.threshold)
 
     report = detect_files(images, args.output, model_path, device=args.device, spacing=spacing,
-                          low_confidence_threshold=args.threshold, overwrite=args.overwrite,
-                          progress=TextProgressBar() if len(images) > 1 else None, on_item=overlay)
+                          low_confidence_threshold=args.threshold, check_above_mm=args.check_above,
+                          overwrite=args.overwrite, progress=TextProgressBar() if len(images) > 1 else None,
+                          on_item=overlay)
     print(f"Model {model_path.name} on {report.device}")
     for item in report.items:
         if item.error:
             print(f"  FAILED {item.image.name}: {item.error}")
             continue
-        low = int((item.landmarks.confidences < args.threshold).sum()) if item.landmarks.confidences is not None else 0
+        to_check = [n for n, c in zip(item.landmarks.names, item.landmarks.check) if c] if item.landmarks.check is not None else []
         print(f"  {item.image.name}: {len(item.landmarks)} landmarks in {item.seconds:.2f} s -> {item.output}"
-              + (f" ({low} below confidence {args.threshold})" if low else ""))
+              + (f"; check {len(to_check)}: {', '.join(to_check)}" if to_check else ""))
     if report.summary_csv:
         print(f"Summary: {report.summary_csv}")
+    if report.review_csv:
+        print(f"Review first (expected error, points to check; all in {report.review_csv}):")
+        for image, expected, checks in report.review_order[:10]:
+            print(f"  {image}: {expected:.2f} mm, {checks} to check")
     return 0 if not report.failed else EXIT_ERROR
 
 
@@ -331,6 +349,9 @@ def _command_info(args: argparse.Namespace) -> int:
         "info": info,
         "training": {k: training.get(k) for k in ("iterations", "best_validation_mre_mm", "seconds", "device")},
         "refinement_stage": description.get("refiner"),
+        "expected_errors": None if not description.get("error_model") else {
+            key: description["error_model"].get(key) for key in ("signals", "check_above_mm", "fitted_on")},
+        "shape_model": bool(description.get("shape_model")),
     }
     print(json.dumps(summary, indent=2))
     return 0

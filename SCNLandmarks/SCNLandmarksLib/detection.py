@@ -10,6 +10,10 @@ one global pass; another reading replaces the usual one only when it is clearly 
 (``OTHER_READING_MARGIN`` times), so that a weak model does not swap a usual image for a slightly
 more confident misreading. The mirror is a flip of the sampling grid's x axis, so points map
 back into the image's own physical frame with no extra step.
+
+Every point gets an expected error in mm when the model has an error model (see
+:mod:`.quality`), from the signals the detection produces anyway; points above the threshold
+are to be checked. Models without one flag the points of low confidence instead.
 """
 
 from __future__ import annotations
@@ -43,6 +47,8 @@ log = logging.getLogger(__name__)
 CONFIDENT_READING = 0.5
 # How many times more confident another reading must be to replace the image as it is.
 OTHER_READING_MARGIN = 2.0
+# Points below this confidence are to be checked when the model has no error model.
+LOW_CONFIDENCE = 0.3
 
 
 @dataclasses.dataclass(frozen=True)
@@ -114,6 +120,10 @@ class Detector:
         readings: the ways to read each image, the usual one first (default: for 2D images
             as it is, mirrored, inverted and both, see :func:`image_readings`; ``AS_IS`` reads
             the image only as it is).
+        check_above_mm: points whose expected error exceeds this (mm) are to be checked
+            (default: the threshold the model's error model was validated with).
+        low_confidence: for models without an error model, points below this confidence are
+            to be checked instead.
 
     Example:
         >>> detector = Detector("cephalometric.scn.pt", device="auto")  # doctest: +SKIP
@@ -127,6 +137,8 @@ class Detector:
         device: str | torch.device = "auto",
         refine: bool = True,
         readings: Sequence[ImageReading] | None = None,
+        check_above_mm: float | None = None,
+        low_confidence: float = LOW_CONFIDENCE,
     ) -> None:
         self.device = resolve_device(device)
         self.model = load_model(model, device=self.device) if isinstance(model, (str, Path)) else model.to(self.device)
@@ -136,7 +148,13 @@ class Detector:
         if not self.readings:
             msg = "Give at least one way to read the images"
             raise ValueError(msg)
+        if check_above_mm is not None and not check_above_mm > 0:
+            msg = f"The check threshold must be a positive distance in mm, got {check_above_mm}"
+            raise ValueError(msg)
+        self.check_above_mm = check_above_mm
+        self.low_confidence = low_confidence
         self.last_reading = ImageReading()
+        self.last_signals: dict[str, np.ndarray] = {}
         if self.model.refiner is not None:
             self.model.refiner.eval()
 
@@ -167,12 +185,20 @@ class Detector:
                 merged[target] = np.maximum(merged[target], output)
         return merged, grid
 
+    @property
+    def check_threshold_mm(self) -> float | None:
+        """The expected error above which a point is to be checked (None: no error model)."""
+        if self.model.error_model is None:
+            return None
+        return self.check_above_mm if self.check_above_mm is not None else self.model.error_model.check_above_mm
+
     def detect(self, image: Image) -> Landmarks:
-        """Landmarks in LPS mm with a confidence in [0, 1] per point.
+        """Landmarks in LPS mm with a confidence in [0, 1], an expected error and a check flag per point.
 
         The confidence is the heatmap maximum divided by the peak of the model's target
         Gaussian for that landmark: about 1 where the network is as sure as on its training
-        targets, near 0 where it sees nothing.
+        targets, near 0 where it sees nothing. The signals behind the expected error are kept
+        in ``last_signals`` (name -> ``(N,)``).
         """
         model = self.model
         prepared = prepare_image(image, grid=model.grid, intensity=model.intensity, dimension=model.dimension)
@@ -194,16 +220,32 @@ class Detector:
         self.last_reading = reading
         if reading != ImageReading():
             log.info("Read the image %s (the most confident reading)", reading.label)
+        signals = {"global_confidence": confidences}
         if self.refine:
             refiner = model.refiner
             fine = reading.apply(prepare_for_refiner(image, refiner.config, model.intensity))
-            physical, _ = refine_positions(refiner, fine, physical, device=self.device)
+            physical, peaks = refine_positions(refiner, fine, physical, device=self.device)
+            signals["local_peak"] = peaks / refiner.config.target_peak
+        if model.shape_model is not None:
+            signals["shape_deviation"] = model.shape_model.deviations(physical) / model.shape_model.spread_mm
+        self.last_signals = signals
+        expected, check = self._point_quality(signals, physical)
         return Landmarks(
             names=list(self.model.landmark_names),
             positions=physical,
             descriptions=list(self.model.landmark_descriptions),
             confidences=confidences,
+            expected_errors=expected,
+            check=check,
         )
+
+    def _point_quality(self, signals: dict[str, np.ndarray], positions: np.ndarray) -> tuple[np.ndarray | None, np.ndarray]:
+        found = np.isfinite(positions).all(axis=1)
+        errors = self.model.error_model
+        if errors is None or not all(name in signals for name in errors.signals):
+            return None, found & (signals["global_confidence"] < self.low_confidence)
+        expected = np.where(found, errors.expected_errors(signals), np.nan)
+        return expected, found & (expected > self.check_threshold_mm)
 
 
 def detect(image: Image, model: LandmarkModel | str | Path, *, device: str | torch.device = "auto") -> Landmarks:

@@ -38,6 +38,7 @@ from .geometry import lps_to_ras, ras_to_lps
 from .landmarks import Landmarks
 
 __all__ = [
+    "CHECK_NOTE",
     "LOW_CONFIDENCE_NOTE",
     "MARKUPS_SCHEMA_URL",
     "compose_point_description",
@@ -66,6 +67,8 @@ MARKUPS_SCHEMA_URL = (
 )
 
 LOW_CONFIDENCE_NOTE = "low confidence: please check"
+CHECK_NOTE = "please check"
+_EXPECTED_ERROR_PATTERN = re.compile(r"^expected_error_mm=([-+0-9.eE]+|nan)$")
 _CORRECTED_TOKEN = "corrected=yes"
 _CONFIDENCE_PATTERN = re.compile(r"^confidence=([-+0-9.eE]+|nan)$")
 
@@ -79,14 +82,21 @@ _FCSV_STATUS_MISSING = 3
 
 
 def compose_point_description(
-    description: str, confidence: float | None, *, low: bool, corrected: bool
+    description: str, confidence: float | None, *, low: bool, corrected: bool, expected_error: float | None = None
 ) -> str:
-    """Landmark description followed by machine-readable tokens, separated by ``"; "``."""
+    """Landmark description followed by machine-readable tokens, separated by ``"; "``.
+
+    ``low`` marks a point to check: the note says "please check" after its expected error
+    (``expected_error_mm=4.2``) when one is known, "low confidence: please check" otherwise.
+    """
     parts = [description] if description else []
     if confidence is not None and math.isfinite(confidence):
         parts.append(f"confidence={confidence:.3f}")
+    known_error = expected_error is not None and math.isfinite(expected_error)
+    if known_error:
+        parts.append(f"expected_error_mm={expected_error:.1f}")
     if low:
-        parts.append(LOW_CONFIDENCE_NOTE)
+        parts.append(CHECK_NOTE if known_error else LOW_CONFIDENCE_NOTE)
     if corrected:
         parts.append(_CORRECTED_TOKEN)
     return "; ".join(parts)
@@ -109,7 +119,7 @@ def parse_point_description(text: str) -> tuple[str, float, bool]:
             confidence = float(match.group(1))
         elif token == _CORRECTED_TOKEN:
             corrected = True
-        elif token != LOW_CONFIDENCE_NOTE:
+        elif token not in (LOW_CONFIDENCE_NOTE, CHECK_NOTE) and not _EXPECTED_ERROR_PATTERN.match(token):
             break
         remaining = head if separator else ""
     return remaining, confidence, corrected
@@ -157,19 +167,32 @@ def _to_frame(landmarks: Landmarks, coordinate_system: str) -> np.ndarray:
 
 def _point_flags(
     landmarks: Landmarks, low_confidence_threshold: float | None
-) -> tuple[list[float | None], list[bool], list[bool]]:
+) -> tuple[list[float | None], list[bool], list[bool], list[float | None]]:
+    """Confidence, to-check flag, corrected flag and expected error of each point.
+
+    A point is to be checked as the detector decided (``landmarks.check``); landmarks without
+    that decision fall back to ``confidence < low_confidence_threshold``.
+    """
     count = len(landmarks)
     confidences: list[float | None] = (
         [float(c) if math.isfinite(c) else None for c in landmarks.confidences]
         if landmarks.confidences is not None
         else [None] * count
     )
-    low = [
-        low_confidence_threshold is not None and c is not None and c < low_confidence_threshold
-        for c in confidences
-    ]
+    if landmarks.check is not None:
+        low = [bool(c) for c in landmarks.check]
+    else:
+        low = [
+            low_confidence_threshold is not None and c is not None and c < low_confidence_threshold
+            for c in confidences
+        ]
     corrected = [bool(c) for c in landmarks.corrected] if landmarks.corrected is not None else [False] * count
-    return confidences, low, corrected
+    expected: list[float | None] = (
+        [float(e) if math.isfinite(e) else None for e in landmarks.expected_errors]
+        if landmarks.expected_errors is not None
+        else [None] * count
+    )
+    return confidences, low, corrected, expected
 
 
 # --------------------------------------------------------------------------- .mrk.json
@@ -289,7 +312,7 @@ def mrk_json_text(
 ) -> str:
     """The ``.mrk.json`` document for ``landmarks`` as text; see :func:`write_mrk_json`."""
     positions = _to_frame(landmarks, coordinate_system)
-    confidences, low, corrected = _point_flags(landmarks, low_confidence_threshold)
+    confidences, low, corrected, expected = _point_flags(landmarks, low_confidence_threshold)
     # Slicer writes the orientation of a point in the file frame; identity in RAS.
     orientation = [-1.0, 0.0, 0.0, 0.0, -1.0, 0.0, 0.0, 0.0, 1.0] if coordinate_system == "LPS" else [
         1.0, 0.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0, 1.0,
@@ -302,7 +325,8 @@ def mrk_json_text(
                 "id": str(row + 1),
                 "label": name,
                 "description": compose_point_description(
-                    landmarks.descriptions[row], confidences[row], low=low[row], corrected=corrected[row]
+                    landmarks.descriptions[row], confidences[row], low=low[row], corrected=corrected[row],
+                    expected_error=expected[row],
                 ),
                 "associatedNodeID": "",
                 "position": "" if missing else [float(v) for v in positions[row]],
@@ -488,7 +512,7 @@ def write_fcsv(
     """
     path = check_writable(path, overwrite=overwrite)
     positions = _to_frame(landmarks, coordinate_system)
-    confidences, low, corrected = _point_flags(landmarks, low_confidence_threshold)
+    confidences, low, corrected, expected = _point_flags(landmarks, low_confidence_threshold)
     lines = [
         "# Markups fiducial file version = 4.6\n",
         f"# CoordinateSystem = {0 if coordinate_system == 'RAS' else 1}\n",
@@ -498,7 +522,8 @@ def write_fcsv(
         missing = bool(landmarks.missing[row])
         coordinates = ["NaN"] * 3 if missing else [_number(v) for v in positions[row]]
         description = compose_point_description(
-            landmarks.descriptions[row], confidences[row], low=low[row], corrected=corrected[row]
+            landmarks.descriptions[row], confidences[row], low=low[row], corrected=corrected[row],
+                    expected_error=expected[row],
         )
         lines.append(
             _csv_line(
@@ -661,16 +686,19 @@ def write_detection_summary_csv(
 ) -> Path:
     """Write detection results in long format, one row per image and landmark.
 
-    Columns: ``image,landmark,x_lps,y_lps,z_lps,x_ras,y_ras,z_ras,confidence,missing``;
+    Columns: ``image,landmark,x_lps,y_lps,z_lps,x_ras,y_ras,z_ras,confidence,expected_error_mm,check,missing``;
     coordinates in mm, z empty for 2D, coordinates empty for missing landmarks,
-    ``missing`` is ``true`` or ``false``.
+    ``expected_error_mm`` empty where the model gives none; ``check`` (the detector asks a
+    person to check the point) and ``missing`` are ``true`` or ``false``.
     """
     path = check_writable(path, overwrite=overwrite)
     lines = [_csv_line(SUMMARY_HEADER)] + _summary_rows(results)
     return atomic_write_text(path, "".join(lines), overwrite=overwrite)
 
 
-SUMMARY_HEADER = "image,landmark,x_lps,y_lps,z_lps,x_ras,y_ras,z_ras,confidence,missing".split(",")
+SUMMARY_HEADER = "image,landmark,x_lps,y_lps,z_lps,x_ras,y_ras,z_ras,confidence,expected_error_mm,check,missing".split(",")
+# Written before expected errors existed; merged into the current columns.
+_SUMMARY_HEADER_V1 = "image,landmark,x_lps,y_lps,z_lps,x_ras,y_ras,z_ras,confidence,missing".split(",")
 
 
 def merge_detection_summary_csv(results: Sequence[tuple[str, Landmarks]], path: str | os.PathLike[str]) -> Path:
@@ -690,10 +718,12 @@ def merge_detection_summary_csv(results: Sequence[tuple[str, Landmarks]], path: 
         if path.exists():
             text = path.read_text(encoding="utf-8")
             rows = list(csv.reader(io.StringIO(text)))
-            if not rows or rows[0] != SUMMARY_HEADER:
+            if not rows or rows[0] not in (SUMMARY_HEADER, _SUMMARY_HEADER_V1):
                 msg = f"{path} exists but is not a landmarks summary written by SCNLandmarks; move it away or choose another folder"
                 raise ValueError(msg)
-            kept = [_csv_line(row) for row in rows[1:] if row and row[0] not in new_images]
+            upgrade = rows[0] == _SUMMARY_HEADER_V1
+            kept = [_csv_line([*row[:9], "", "", row[9]] if upgrade and len(row) == 10 else row)
+                    for row in rows[1:] if row and row[0] not in new_images]
         lines = [_csv_line(SUMMARY_HEADER), *kept, *_summary_rows(results)]
         return atomic_write_text(path, "".join(lines), overwrite=True)
 
@@ -706,6 +736,8 @@ def _summary_rows(results: Sequence[tuple[str, Landmarks]]) -> list[str]:
         ras = lps_to_ras(lps)
         for row, name in enumerate(landmarks.names):
             confidence = landmarks.confidences[row] if landmarks.confidences is not None else math.nan
+            expected = landmarks.expected_errors[row] if landmarks.expected_errors is not None else math.nan
+            check = bool(landmarks.check[row]) if landmarks.check is not None else False
             lines.append(
                 _csv_line(
                     [
@@ -714,6 +746,8 @@ def _summary_rows(results: Sequence[tuple[str, Landmarks]]) -> list[str]:
                         *(_number(v) for v in lps[row]),
                         *(_number(v) for v in ras[row]),
                         _number(confidence),
+                        _number(round(expected, 2) if math.isfinite(expected) else expected),
+                        "true" if check else "false",
                         "true" if landmarks.missing[row] else "false",
                     ]
                 )

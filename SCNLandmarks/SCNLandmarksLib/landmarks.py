@@ -1,4 +1,4 @@
-"""The landmark set of one image: names, LPS positions, missing points, confidences."""
+"""The landmark set of one image: names, LPS positions, missing points, confidences, points to check."""
 
 from __future__ import annotations
 
@@ -22,6 +22,9 @@ class Landmarks:
         descriptions: optional free text per landmark (for example the anatomical definition).
         confidences: optional ``(N,)`` detection confidence in [0, 1]; NaN where unknown.
         corrected: optional ``(N,)`` bool, True where a person moved the point after detection.
+        expected_errors: optional ``(N,)`` the detector's expected distance, in mm, between each
+            point and where an expert would place it; NaN where unknown.
+        check: optional ``(N,)`` bool, True where the detector asks a person to check the point.
     """
 
     names: list[str]
@@ -29,6 +32,8 @@ class Landmarks:
     descriptions: list[str] = field(default_factory=list)
     confidences: np.ndarray | None = None
     corrected: np.ndarray | None = None
+    expected_errors: np.ndarray | None = None
+    check: np.ndarray | None = None
 
     def __post_init__(self) -> None:
         self.names = [str(n) for n in self.names]
@@ -60,6 +65,16 @@ class Landmarks:
             self.corrected = np.asarray(self.corrected, dtype=bool).reshape(-1)
             if self.corrected.shape[0] != count:
                 msg = f"{count} landmarks but {self.corrected.shape[0]} corrected flags"
+                raise ValueError(msg)
+        if self.expected_errors is not None:
+            self.expected_errors = np.asarray(self.expected_errors, dtype=float).reshape(-1)
+            if self.expected_errors.shape[0] != count:
+                msg = f"{count} landmarks but {self.expected_errors.shape[0]} expected errors"
+                raise ValueError(msg)
+        if self.check is not None:
+            self.check = np.asarray(self.check, dtype=bool).reshape(-1)
+            if self.check.shape[0] != count:
+                msg = f"{count} landmarks but {self.check.shape[0]} check flags"
                 raise ValueError(msg)
 
     @property
@@ -105,6 +120,8 @@ class Landmarks:
         descriptions = []
         confidences = np.full(len(names), np.nan) if self.confidences is not None else None
         corrected = np.zeros(len(names), dtype=bool) if self.corrected is not None else None
+        expected = np.full(len(names), np.nan) if self.expected_errors is not None else None
+        check = np.zeros(len(names), dtype=bool) if self.check is not None else None
         for row, name in enumerate(names):
             source = lookup.get(name)
             descriptions.append(self.descriptions[source] if source is not None else "")
@@ -115,4 +132,8 @@ class Landmarks:
                 confidences[row] = self.confidences[source]
             if corrected is not None:
                 corrected[row] = self.corrected[source]
-        return Landmarks(list(names), positions, descriptions, confidences, corrected)
+            if expected is not None:
+                expected[row] = self.expected_errors[source]
+            if check is not None:
+                check[row] = self.check[source]
+        return Landmarks(list(names), positions, descriptions, confidences, corrected, expected, check)

@@ -10,7 +10,9 @@ from .grid import GridSpec
 from .heatmaps import HeatmapTargets
 from .intensity import IntensityConfig
 from .network import LandmarkNetwork, NetworkConfig, build_network
+from .quality import ErrorModel
 from .refinement import RefinementNetwork
+from .shape_model import ShapeModel
 
 __all__ = ["LandmarkModel", "create_model", "default_target_settings"]
 
@@ -36,6 +38,9 @@ class LandmarkModel:
         sigma_weight: weight of the sigma penalty in the loss.
         info: provenance: training data, iterations, measured accuracy, parent model, ...
         refiner: the local high-resolution stage, or None for a global-only model.
+        shape_model: where each landmark lies given the others (training shapes), or None.
+        error_model: expected error per point from the detector's signals, or None (then the
+            points to check are those of low confidence).
     """
 
     network: LandmarkNetwork
@@ -47,6 +52,8 @@ class LandmarkModel:
     sigma_weight: float
     info: dict[str, object] = field(default_factory=dict)
     refiner: RefinementNetwork | None = None
+    shape_model: ShapeModel | None = None
+    error_model: ErrorModel | None = None
 
     @property
     def config(self) -> NetworkConfig:

@@ -26,7 +26,9 @@ from .heatmaps import HeatmapTargets
 from .intensity import IntensityConfig
 from .model import LandmarkModel
 from .network import NetworkConfig, build_network
+from .quality import ErrorModel
 from .refinement import RefinementNetwork, RefinerConfig
+from .shape_model import ShapeModel
 
 __all__ = ["FORMAT_TAG", "MODEL_SUFFIX", "load_model", "read_model_description", "save_model"]
 
@@ -56,6 +58,8 @@ def _describe(model: LandmarkModel, *, half_precision: bool) -> dict[str, object
         "targets": {"gamma": model.targets.gamma, "sigma_weight": model.sigma_weight},
         "half_precision": half_precision,
         "refiner": None if model.refiner is None else model.refiner.config.to_dict(),
+        "shape_model": None if model.shape_model is None else model.shape_model.to_dict(),
+        "error_model": None if model.error_model is None else model.error_model.to_dict(),
         "info": model.info,
     }
 
@@ -168,6 +172,9 @@ def load_model(path: str | Path, *, device: torch.device | str = "cpu") -> Landm
         target_values = description["targets"]
         refiner_values = description.get("refiner")
         refiner_config = None if refiner_values is None else RefinerConfig.from_dict(dict(refiner_values))
+        shape_values, error_values = description.get("shape_model"), description.get("error_model")
+        shape_model = None if shape_values is None else ShapeModel.from_dict(dict(shape_values))
+        error_model = None if error_values is None else ErrorModel.from_dict(dict(error_values))
     except (KeyError, TypeError, ValueError) as error:
         msg = f"{path} has an incomplete or invalid description ({error})"
         raise ModelFileError(msg) from error
@@ -208,5 +215,12 @@ def load_model(path: str | Path, *, device: torch.device | str = "cpu") -> Landm
         sigma_weight=float(target_values["sigma_weight"]),
         info=dict(description.get("info", {})),
         refiner=refiner,
+        shape_model=shape_model,
+        error_model=error_model,
     )
+    for part, count in (("shape model", None if shape_model is None else shape_model.num_landmarks),
+                        ("error model", None if error_model is None else error_model.landmark_offsets.size)):
+        if count is not None and count != len(names):
+            msg = f"{path} has a {part} for {count} landmarks but {len(names)} landmarks"
+            raise ModelFileError(msg)
     return model.to(torch.device(device) if isinstance(device, str) else device)

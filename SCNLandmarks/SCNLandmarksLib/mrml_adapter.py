@@ -214,16 +214,17 @@ def markups_from_landmarks(
         landmarks: positions in LPS mm (world); NaN rows are missing landmarks.
         scene: the MRML scene.
         name: name of a new point list (made unique in the scene).
-        low_confidence_threshold: points with a confidence below it are flagged: drawn in
-            :data:`WARNING_COLOR` (left unselected) and described "low confidence: please check".
-            None flags nothing.
+        low_confidence_threshold: for landmarks without the detector's check decision
+            (``landmarks.check``), points with a confidence below it are flagged. Flagged points
+            are drawn in :data:`WARNING_COLOR` (left unselected) and described "please check"
+            with their expected error. None flags nothing of that kind.
         existing_node: fill this point list instead of creating one (its points are replaced).
         reference_geometry: world LPS geometry of the image; needed to put 2D landmarks in
             the plane of a single-slice volume (z of the slice).
         model_name: recorded on the node (attribute ``SCNLandmarks.model``).
 
     Each point: label = landmark name; description = landmark description,
-    ``confidence=0.930`` and the low-confidence note; missing landmarks are missing points
+    ``confidence=0.930``, ``expected_error_mm=1.2`` and the check note; missing landmarks are missing points
     (``positionStatus`` missing). The list gets a fixed number of points, so the landmark
     set stays complete while the user moves points or marks them missing. The detected
     world positions and confidences are stored as node attributes so that
@@ -257,9 +258,15 @@ def markups_from_landmarks(
         for row, label in enumerate(landmarks.names):
             confidence = float(confidences[row])
             known = math.isfinite(confidence)
-            low = bool(low_confidence_threshold is not None and known and confidence < low_confidence_threshold)
+            if landmarks.check is not None:
+                low = bool(landmarks.check[row])
+            else:
+                low = bool(low_confidence_threshold is not None and known and confidence < low_confidence_threshold)
+            expected = None if landmarks.expected_errors is None else float(landmarks.expected_errors[row])
             index = node.AddControlPoint(vtk.vtkVector3d(0.0, 0.0, 0.0), label)
-            node.SetNthControlPointDescription(index, compose_point_description(landmarks.descriptions[row], confidence if known else None, low=low, corrected=False))
+            node.SetNthControlPointDescription(index, compose_point_description(
+                landmarks.descriptions[row], confidence if known else None, low=low, corrected=False,
+                expected_error=expected))
             node.SetNthControlPointSelected(index, not low)
             if landmarks.missing[row]:
                 node.SetNthControlPointPositionMissing(index)

@@ -1,0 +1,150 @@
+"""Where each landmark should be, given the others: a statistical shape model of the training set.
+
+Training shapes are aligned by similarity (translation, rotation, uniform scale; Procrustes)
+and modelled as one Gaussian over all coordinates. For a detected shape, every landmark in
+turn is left out: the others are aligned to the mean shape, the left-out point is predicted
+as the Gaussian's conditional mean given them, and the prediction is mapped back to the
+image. A point far from where the others place it is implausible (a global miss, a jump to a
+neighbouring structure). Positions are physical mm (LPS), rows in model channel order,
+columns x, y[, z].
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+__all__ = ["ShapeModel", "similarity_transform"]
+
+MIN_SHAPES = 5
+MIN_OTHERS = 3
+# Shrinks the covariance toward its diagonal: with few shapes it is singular.
+SHRINKAGE = 0.1
+
+
+def similarity_transform(source: np.ndarray, target: np.ndarray) -> tuple[float, np.ndarray, np.ndarray]:
+    """Scale, rotation and translation mapping ``source`` onto ``target`` in least squares.
+
+    Args:
+        source, target: ``(K, D)`` corresponding points.
+
+    Returns:
+        ``(scale, rotation, translation)`` with ``target ~= scale * source @ rotation.T + translation``;
+        ``rotation`` is a proper rotation (no reflection).
+    """
+    source_mean, target_mean = source.mean(0), target.mean(0)
+    a, b = source - source_mean, target - target_mean
+    u, singular, vt = np.linalg.svd(b.T @ a)
+    sign = np.ones(len(singular))
+    sign[-1] = np.sign(np.linalg.det(u @ vt)) or 1.0
+    rotation = (u * sign) @ vt
+    variance = float((a**2).sum())
+    scale = float((singular * sign).sum() / variance) if variance > 0 else 1.0
+    return scale, rotation, target_mean - scale * source_mean @ rotation.T
+
+
+@dataclass
+class ShapeModel:
+    """A Gaussian over similarity-aligned shapes.
+
+    Attributes:
+        mean: ``(N, D)`` mean aligned shape (centred, in the units of the first training shape).
+        covariance: ``(N*D, N*D)`` covariance of the aligned shapes, rows in (landmark, axis) order.
+        spread_mm: ``(N,)`` root-mean-square distance, on the training shapes, between each point
+            and where the others place it (leave-one-landmark-out): the scale of a normal deviation.
+    """
+
+    mean: np.ndarray
+    covariance: np.ndarray
+    spread_mm: np.ndarray
+
+    @property
+    def num_landmarks(self) -> int:
+        return int(self.mean.shape[0])
+
+    @property
+    def dimension(self) -> int:
+        return int(self.mean.shape[1])
+
+    @classmethod
+    def fit(cls, shapes: Sequence[np.ndarray] | np.ndarray, *, iterations: int = 10) -> ShapeModel:
+        """Fit to ``(M, N, D)`` training shapes in mm; missing points are NaN rows.
+
+        Raises:
+            ValueError: fewer than five shapes, or a landmark placed in fewer than five of them.
+        """
+        stack = np.asarray(shapes, dtype=float)
+        if stack.ndim != 3 or stack.shape[0] < MIN_SHAPES:
+            msg = f"A shape model needs at least {MIN_SHAPES} shapes of (N, D) points, got {stack.shape}"
+            raise ValueError(msg)
+        present = np.isfinite(stack).all(axis=2)
+        if (present.sum(0) < MIN_SHAPES).any():
+            msg = f"A shape model needs every landmark in at least {MIN_SHAPES} shapes"
+            raise ValueError(msg)
+        mean = np.nanmean(stack, axis=0)
+        mean = mean - mean.mean(0)
+        aligned = stack.copy()
+        for _ in range(iterations):
+            for m in range(len(stack)):
+                rows = present[m]
+                scale, rotation, shift = similarity_transform(stack[m, rows], mean[rows])
+                aligned[m] = scale * stack[m] @ rotation.T + shift
+            new_mean = np.nanmean(aligned, axis=0)
+            new_mean -= new_mean.mean(0)
+            # Keep the first shape's size so that the model's units stay millimetres.
+            new_mean *= np.sqrt((mean**2).sum() / (new_mean**2).sum())
+            converged = np.abs(new_mean - mean).max() < 1e-6
+            mean = new_mean
+            if converged:
+                break
+        flat = aligned.reshape(len(stack), -1)
+        centred = np.where(np.isfinite(flat), flat - mean.reshape(-1), 0.0)
+        counts = np.isfinite(flat).astype(float)
+        covariance = (centred.T @ centred) / np.maximum(counts.T @ counts - 1.0, 1.0)
+        covariance = (1 - SHRINKAGE) * covariance + SHRINKAGE * np.diag(np.diag(covariance))
+        model = cls(mean=mean, covariance=covariance, spread_mm=np.ones(mean.shape[0]))
+        distances = np.stack([model.deviations(shape) for shape in stack])
+        model.spread_mm = np.sqrt(np.nanmean(distances**2, axis=0))
+        return model
+
+    def predictions(self, positions: np.ndarray) -> np.ndarray:
+        """Each landmark's position predicted from the others, ``(N, D)`` mm; NaN where unknown."""
+        positions = np.asarray(positions, dtype=float)
+        count, dim = self.mean.shape
+        if positions.shape != (count, dim):
+            msg = f"The shape model has {count} landmarks in {dim}D; got positions of shape {positions.shape}"
+            raise ValueError(msg)
+        present = np.isfinite(positions).all(axis=1)
+        predicted = np.full_like(positions, np.nan)
+        for landmark in range(count):
+            others = present.copy()
+            others[landmark] = False
+            if others.sum() < MIN_OTHERS:
+                continue
+            scale, rotation, shift = similarity_transform(positions[others], self.mean[others])
+            aligned = scale * positions[others] @ rotation.T + shift
+            known = np.repeat(others, dim)
+            wanted = np.repeat(np.arange(count) == landmark, dim)
+            gain = np.linalg.solve(self.covariance[np.ix_(known, known)], self.covariance[np.ix_(known, wanted)]).T
+            estimate = self.mean[landmark] + gain @ (aligned - self.mean[others]).reshape(-1)
+            predicted[landmark] = ((estimate - shift) @ rotation) / scale
+        return predicted
+
+    def deviations(self, positions: np.ndarray) -> np.ndarray:
+        """``(N,)`` mm between each landmark and where the others place it; NaN where unknown."""
+        return np.linalg.norm(np.asarray(positions, dtype=float) - self.predictions(positions), axis=1)
+
+    def to_dict(self) -> dict[str, object]:
+        return {"mean": self.mean.tolist(), "covariance": self.covariance.tolist(), "spread_mm": self.spread_mm.tolist()}
+
+    @classmethod
+    def from_dict(cls, values: dict[str, object]) -> ShapeModel:
+        mean = np.asarray(values["mean"], dtype=float)
+        covariance = np.asarray(values["covariance"], dtype=float)
+        spread = np.asarray(values["spread_mm"], dtype=float)
+        if mean.ndim != 2 or covariance.shape != (mean.size, mean.size) or spread.shape != (mean.shape[0],):
+            msg = "The shape model's arrays do not fit together"
+            raise ValueError(msg)
+        return cls(mean=mean, covariance=covariance, spread_mm=spread)

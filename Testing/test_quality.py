@@ -1,0 +1,152 @@
+"""Expected errors and points to check: the shape model, the error model and their use in detection."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from SCNLandmarksLib.landmarks import Landmarks
+from SCNLandmarksLib.quality import ErrorModel, review_order
+from SCNLandmarksLib.shape_model import ShapeModel, similarity_transform
+
+BASE_SHAPE = np.array([[0, 0], [40, 5], [70, 30], [60, 70], [20, 80], [-10, 50], [30, 40], [50, 15]], dtype=float)
+
+
+def _shapes(count: int, *, seed: int = 0, noise_mm: float = 0.5, dimension: int = 2) -> np.ndarray:
+    """The base shape under random similarity transforms (posed like patients) plus noise, mm."""
+    rng = np.random.default_rng(seed)
+    depth = np.linspace(-20, 20, len(BASE_SHAPE))[[3, 0, 6, 1, 7, 2, 5, 4], None]
+    base = BASE_SHAPE if dimension == 2 else np.concatenate([BASE_SHAPE, depth], 1)
+    shapes = []
+    for _ in range(count):
+        angle = rng.uniform(-0.4, 0.4)
+        rotation = np.eye(dimension)
+        rotation[:2, :2] = [[np.cos(angle), -np.sin(angle)], [np.sin(angle), np.cos(angle)]]
+        scale = rng.uniform(0.85, 1.15)
+        shift = rng.uniform(-50, 50, dimension)
+        shapes.append(scale * (base + rng.normal(0, noise_mm, base.shape)) @ rotation.T + shift)
+    return np.stack(shapes)
+
+
+def test_similarity_transform_recovers_rotation_scale_and_shift() -> None:
+    source = BASE_SHAPE
+    angle = 0.3
+    rotation = np.array([[np.cos(angle), -np.sin(angle)], [np.sin(angle), np.cos(angle)]])
+    target = 1.7 * source @ rotation.T + [5.0, -3.0]
+    scale, found, shift = similarity_transform(source, target)
+    assert scale == pytest.approx(1.7)
+    np.testing.assert_allclose(found, rotation, atol=1e-9)
+    np.testing.assert_allclose(shift, [5.0, -3.0], atol=1e-9)
+
+
+@pytest.mark.parametrize("dimension", [2, 3])
+def test_shape_model_places_each_point_from_the_others_whatever_the_pose(dimension: int) -> None:
+    model = ShapeModel.fit(_shapes(40, dimension=dimension))
+    shape = _shapes(1, seed=99, dimension=dimension)[0]
+    deviations = model.deviations(shape)
+    assert deviations.shape == (len(BASE_SHAPE),)
+    assert deviations.max() < 3.0  # noise 0.5 mm, scaled by up to 1.15
+    assert model.spread_mm.max() < 3.0
+
+
+def test_a_displaced_point_deviates_and_the_others_do_not_follow_it() -> None:
+    model = ShapeModel.fit(_shapes(40))
+    shape = _shapes(1, seed=7)[0]
+    displaced = shape.copy()
+    displaced[3] += [12.0, -9.0]  # a global miss of 15 mm
+    deviations = model.deviations(displaced) / model.spread_mm
+    assert int(np.argmax(deviations)) == 3
+    assert deviations[3] > 3 * np.median(deviations)
+
+
+def test_shape_model_skips_missing_points_and_round_trips() -> None:
+    shapes = _shapes(30)
+    shapes[0, 2] = np.nan  # a training case without that landmark
+    model = ShapeModel.fit(shapes)
+    shape = _shapes(1, seed=3)[0]
+    shape[5] = np.nan
+    deviations = model.deviations(shape)
+    assert np.isnan(deviations[5]) and np.isfinite(np.delete(deviations, 5)).all()
+    again = ShapeModel.from_dict(model.to_dict())
+    np.testing.assert_allclose(again.deviations(shape), deviations)
+
+
+def test_shape_model_refuses_too_few_shapes() -> None:
+    with pytest.raises(ValueError, match="at least 5 shapes"):
+        ShapeModel.fit(_shapes(3))
+
+
+def _validation_signals(images: int = 60, landmarks: int = 8, seed: int = 0) -> tuple[dict[str, np.ndarray], np.ndarray]:
+    """Signals and errors where a low local peak and a large shape deviation mean a large error."""
+    rng = np.random.default_rng(seed)
+    peak = rng.uniform(0.05, 1.0, (images, landmarks))
+    deviation = rng.uniform(0.2, 3.0, (images, landmarks))
+    confidence = rng.uniform(0.3, 1.0, (images, landmarks))
+    log_error = -0.8 * np.log(peak) + 0.6 * np.log(deviation) + np.linspace(-0.5, 0.5, landmarks) + rng.normal(0, 0.3, peak.shape)
+    signals = {"local_peak": peak, "shape_deviation": deviation, "global_confidence": confidence}
+    return signals, np.exp(log_error) - 0.1 + 0.2
+
+
+def test_error_model_learns_which_signals_predict_the_error_and_is_calibrated() -> None:
+    signals, errors = _validation_signals()
+    model = ErrorModel.fit(signals, errors, use=["local_peak", "global_confidence", "shape_deviation"], flag_fraction=0.15)
+    assert model.weights[0] < -0.5 and model.weights[2] > 0.3  # peak: lower is worse; deviation: higher is worse
+    assert abs(model.weights[1]) < 0.2  # the confidence carries nothing here
+    test_signals, test_errors = _validation_signals(seed=1)
+    expected = model.expected_errors(test_signals)
+    assert expected.mean() == pytest.approx(test_errors.mean(), rel=0.15)
+    flagged = expected > model.check_above_mm
+    assert 0.08 < flagged.mean() < 0.22
+    worst = test_errors > np.quantile(test_errors, 0.9)
+    assert flagged[worst].mean() > 0.5  # most of the worst tenth is flagged
+
+
+def test_error_model_round_trips_and_refuses_unknown_signals() -> None:
+    signals, errors = _validation_signals()
+    model = ErrorModel.fit(signals, errors, use=["local_peak"])
+    again = ErrorModel.from_dict(model.to_dict())
+    np.testing.assert_allclose(again.expected_errors(signals), model.expected_errors(signals))
+    with pytest.raises(ValueError, match="Unknown quality signals"):
+        ErrorModel.fit(signals, errors, use=["heart_rate"])
+    with pytest.raises(ValueError, match="needs the signals"):
+        model.expected_errors({"global_confidence": signals["global_confidence"]})
+
+
+def test_review_order_puts_the_image_expected_furthest_off_first() -> None:
+    def found(expected: list[float] | None, check: list[bool]) -> Landmarks:
+        errors = None if expected is None else np.array(expected)
+        return Landmarks(["A", "B"], np.zeros((2, 2)), expected_errors=errors, check=np.array(check))
+
+    order = review_order([("a", found([1.0, 1.0], [False, False])), ("b", found([3.0, np.nan], [True, False])),
+                          ("old", found(None, [True, True])), ("c", found([np.nan, np.nan], [False, False]))])
+    assert [row[0] for row in order] == ["b", "a", "old", "c"]
+    assert order[0][1:] == (pytest.approx(3.0), 1)
+
+
+def test_detector_gives_each_point_an_expected_error_and_flags_the_doubtful_ones(tmp_path) -> None:
+    """Through a real detection: an error model on the global confidence and the shape deviation."""
+    from engine_fixtures import synthetic_cases, tiny_model
+    from SCNLandmarksLib.detection import Detector
+    from SCNLandmarksLib.model_file import load_model, save_model
+
+    cases = synthetic_cases(8, num_landmarks=4)
+    model = tiny_model([f"L{i + 1}" for i in range(4)])
+    model.shape_model = ShapeModel.fit(np.stack([case.landmarks.positions for case in cases]))
+    rng = np.random.default_rng(0)
+    signals = {"global_confidence": rng.uniform(0.01, 1, (30, 4)), "shape_deviation": rng.uniform(0.1, 5, (30, 4))}
+    errors = np.exp(0.8 * np.log(signals["shape_deviation"]) + rng.normal(0, 0.2, (30, 4)))
+    model.error_model = ErrorModel.fit(signals, errors, use=["global_confidence", "shape_deviation"])
+    model = load_model(save_model(model, tmp_path / "m.scn.pt"))  # both parts survive the model file
+
+    detector = Detector(model, device="cpu")
+    found = detector.detect(cases[0].image)
+    expected = model.error_model.expected_errors(detector.last_signals)
+    np.testing.assert_allclose(found.expected_errors, expected)
+    np.testing.assert_array_equal(found.check, expected > model.error_model.check_above_mm)
+    strict = Detector(model, device="cpu", check_above_mm=float(expected.min()) - 1e-6).detect(cases[0].image)
+    assert strict.check.all()  # a lower threshold flags more: here every point
+    model.error_model = None
+    legacy = Detector(model, device="cpu", low_confidence=2.0).detect(cases[0].image)
+    assert legacy.expected_errors is None and legacy.check.all()  # no error model: low confidence decides
+    with pytest.raises(ValueError, match="positive distance"):
+        Detector(model, device="cpu", check_above_mm=0.0)

@@ -1,0 +1,156 @@
+"""Issue 8: an expected error per point, which points to check, and which image to review first.
+
+Fits the quality part of the two-stage cephalometric model and measures it:
+
+1. a shape model of the 135 training images' landmarks (mean of both doctors);
+2. an error model on the 15 validation images (``splits/validation.txt``): the shipped model
+   detects them, and the log-error of each point is regressed on the detector's signals
+   (local peak, global confidence, distance from where the other points place it, per-landmark
+   offsets); the default check threshold flags ``--flag-fraction`` of the validation points;
+3. writes the model with both parts (same weights) and evaluates it on test1, which chooses
+   nothing: AUROC of the expected error for points more than 2 and 4 mm off (and of each signal
+   alone), the share of points flagged and of points > 4 mm caught at the default threshold,
+   calibration by deciles of expected error (table and reliability plot), and whether the
+   per-image expected error ranks the images by their actual error (Spearman).
+
+    python scripts/experiments/error_prediction.py --output scripts/experiments/results/cpu/error_prediction
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import isbi2015 as X
+from confidence_signals import auroc
+
+SHIPPED = X.REPOSITORY / "SCNLandmarks" / "Resources" / "Models" / "cephalometric_isbi2015.scn.pt"
+SIGNALS = ("local_peak", "global_confidence", "shape_deviation")
+
+
+def detect_with_signals(detector: Any, cases: Sequence[Any], truths: dict[str, Any]) -> tuple[dict[str, np.ndarray], np.ndarray, np.ndarray, float]:
+    """``(signals (M, N) each, errors (M, N), expected errors (M, N), seconds per image)``."""
+    from SCNLandmarksLib.evaluation import point_errors
+
+    signals: dict[str, list[np.ndarray]] = {}
+    errors, expected = [], []
+    started = time.perf_counter()
+    for case in cases:
+        found = detector.detect(case.image)
+        for name, values in detector.last_signals.items():
+            signals.setdefault(name, []).append(values)
+        errors.append(point_errors(found, truths[case.name]))
+        expected.append(found.expected_errors if found.expected_errors is not None else np.full(len(found), np.nan))
+    seconds = (time.perf_counter() - started) / max(len(cases), 1)
+    return {k: np.stack(v) for k, v in signals.items()}, np.stack(errors), np.stack(expected), seconds
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--data", type=Path, default=None)
+    parser.add_argument("--model", type=Path, default=SHIPPED, help="two-stage model (default: the bundled one)")
+    parser.add_argument("--output", type=Path, required=True)
+    parser.add_argument("--flag-fraction", type=float, default=0.15,
+                        help="share of the validation points the default threshold flags (default 0.15: the issue's budget)")
+    parser.add_argument("--test-images", type=int, default=None)
+    args = parser.parse_args(argv)
+    import torch
+
+    torch.set_num_threads(2)
+    from SCNLandmarksLib.detection import Detector
+    from SCNLandmarksLib.model_file import load_model, save_model
+    from SCNLandmarksLib.quality import ErrorModel
+    from SCNLandmarksLib.shape_model import ShapeModel
+    from scipy.stats import spearmanr
+
+    isbi = X.isbi_folder(X.find_data_folder(args.data))
+    output = args.output
+    output.mkdir(parents=True, exist_ok=True)
+    model = load_model(args.model)
+    train_ids = X.checked_training_ids("train_N135", isbi)
+    train_truth = X.load_ground_truths(isbi, train_ids)["mean"]
+    model.shape_model = ShapeModel.fit(np.stack([train_truth[i].positions for i in train_ids]))
+    model.error_model = None
+
+    validation_ids = X.checked_training_ids("validation", isbi)
+    validation = X.load_isbi_cases(isbi, validation_ids)
+    detector = Detector(model, device="cpu")
+    signals, errors, _, _ = detect_with_signals(detector, validation, X.load_ground_truths(isbi, validation_ids)["mean"])
+    model.error_model = ErrorModel.fit(
+        signals, errors, use=SIGNALS, flag_fraction=args.flag_fraction,
+        fitted_on=f"ISBI 2015 validation split ({len(validation_ids)} images), mean of both doctors",
+    )
+    threshold = model.error_model.check_above_mm
+    print(f"Error model fitted on {errors.size} validation points; default check threshold {threshold:.2f} mm")
+    model_path = save_model(model, output / args.model.name, overwrite=True, half_precision=True)
+
+    test_ids = X.test1_ids(isbi, args.test_images)
+    tests = X.load_isbi_cases(isbi, test_ids)
+    truths = X.load_ground_truths(isbi, test_ids)["mean"]
+    detector = Detector(load_model(model_path), device="cpu")
+    signals, errors, expected, seconds = detect_with_signals(detector, tests, truths)
+    found = np.isfinite(errors) & np.isfinite(expected)
+    e, p = errors[found], expected[found]
+    flagged = p > threshold
+    rows = {
+        "points": int(e.size), "mre_mm": float(e.mean()), "seconds_per_image": seconds, "check_above_mm": threshold,
+        "auroc_4mm": auroc(p, e > 4), "auroc_2mm": auroc(p, e > 2),
+        "flagged_fraction": float(flagged.mean()), "caught_4mm": float(flagged[e > 4].mean()),
+        "caught_2mm": float(flagged[e > 2].mean()), "points_over_4mm": int((e > 4).sum()),
+        "signal_auroc_4mm": {
+            "low local peak": auroc(-signals["local_peak"][found], e > 4),
+            "low global confidence": auroc(-signals["global_confidence"][found], e > 4),
+            "shape deviation": auroc(signals["shape_deviation"][found], e > 4),
+        },
+    }
+    order = np.argsort(p)
+    deciles = [chunk for chunk in np.array_split(order, 10)]
+    rows["deciles"] = [{"expected_mm": float(p[c].mean()), "actual_mm": float(e[c].mean())} for c in deciles]
+    rows["worst_calibration_ratio"] = max(abs(d["expected_mm"] / d["actual_mm"] - 1) for d in rows["deciles"])
+    image_expected = np.nanmean(np.where(np.isfinite(expected), expected, np.nan), axis=1)
+    image_actual = np.nanmean(errors, axis=1)
+    rows["image_rank_spearman"] = float(spearmanr(image_expected, image_actual).statistic)
+    top = np.argsort(-image_expected)[: max(1, len(test_ids) // 10)]
+    rows["top_tenth_images_mre_mm"] = float(image_actual[top].mean())
+    rows["all_images_mre_mm"] = float(image_actual.mean())
+    X.write_json(output / "results.json", {"error_model": model.error_model.to_dict(), "test1": rows,
+                                           "environment": X.environment()})
+
+    body = X.markdown_table(["figure", "test1 (150 images, mean GT)", "target"], [
+        ["AUROC, expected error vs points > 4 mm off", f"{rows['auroc_4mm']:.3f}", ">= 0.85"],
+        ["AUROC, expected error vs points > 2 mm off", f"{rows['auroc_2mm']:.3f}", ""],
+        [f"points flagged at the default threshold ({threshold:.2f} mm)", X.pct(rows["flagged_fraction"]), "<= 15 %"],
+        [f"points > 4 mm off caught ({rows['points_over_4mm']} points)", X.pct(rows["caught_4mm"]), ">= 70 %"],
+        ["points > 2 mm off caught", X.pct(rows["caught_2mm"]), ""],
+        ["worst decile: |expected / actual - 1|", f"{rows['worst_calibration_ratio']:.2f}", "<= 0.25"],
+        ["images ranked by expected error: Spearman with actual MRE", f"{rows['image_rank_spearman']:.2f}", ""],
+        ["MRE of the top-ranked tenth of images / of all", f"{rows['top_tenth_images_mre_mm']:.2f} / {rows['all_images_mre_mm']:.2f} mm", ""],
+        ["detection, s / image (2 threads)", f"{seconds:.2f}", "<= 1.0"],
+    ])
+    body += "\n\n### Each signal alone, AUROC for points > 4 mm off\n\n" + X.markdown_table(
+        ["signal", "AUROC"], [[k, f"{v:.3f}"] for k, v in rows["signal_auroc_4mm"].items()])
+    body += "\n\n### Calibration by deciles of expected error\n\n" + X.markdown_table(
+        ["decile", "mean expected (mm)", "mean actual (mm)"],
+        [[i + 1, f"{d['expected_mm']:.2f}", f"{d['actual_mm']:.2f}"] for i, d in enumerate(rows["deciles"])])
+    X.write_table(output, "Expected error per point and the check flag", "ISBI 2015 test1; fitted on the validation split only.", body)
+    print(body)
+    xs = [d["expected_mm"] for d in rows["deciles"]]
+    ys = [d["actual_mm"] for d in rows["deciles"]]
+    top = max(xs + ys) * 1.1
+    X.plot_panels(output / "reliability.png", "Expected vs actual error, deciles of test1 points", [
+        ("expected error (mm)", "actual error (mm)", [X.Series("deciles", xs, ys, "o-", color="C0"),
+                                                     X.Series("perfect calibration", [0, top], [0, top], "--", color="grey")]),
+    ])
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
