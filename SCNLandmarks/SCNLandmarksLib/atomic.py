@@ -27,6 +27,7 @@ def check_writable(path: str | os.PathLike[str], *, overwrite: bool) -> Path:
         FileNotFoundError: the destination folder does not exist.
         IsADirectoryError: ``path`` is an existing folder.
         FileExistsError: ``path`` exists and ``overwrite`` is False.
+        PermissionError: the folder is read-only for this user.
     """
     path = Path(path).expanduser()
     if not path.parent.is_dir():
@@ -35,8 +36,11 @@ def check_writable(path: str | os.PathLike[str], *, overwrite: bool) -> Path:
     if path.is_dir():
         msg = f"Cannot write to {path}: it is a folder, not a file name"
         raise IsADirectoryError(msg)
+    if not os.access(path.parent, os.W_OK):
+        msg = f"Cannot write {path.name}: the folder {path.parent} is read-only (no permission to write there)"
+        raise PermissionError(msg)
     if path.exists() and not overwrite:
-        msg = f"{path} already exists; choose another name or allow overwriting (overwrite=True)"
+        msg = f"{path} already exists; choose another name or allow overwriting (command line: --overwrite; Python: overwrite=True)"
         raise FileExistsError(msg)
     return path
 

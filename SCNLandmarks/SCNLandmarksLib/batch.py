@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import io
 import logging
+import os
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -121,7 +122,14 @@ def detect_files(
         on_item: called with each finished item (for live display).
     """
     output_folder = Path(output_folder)
-    output_folder.mkdir(parents=True, exist_ok=True)
+    try:
+        output_folder.mkdir(parents=True, exist_ok=True)
+    except PermissionError as error:
+        msg = f"Cannot create the output folder {output_folder}: no permission to write in {error.filename or 'its parent'}"
+        raise PermissionError(msg) from error
+    if not os.access(output_folder, os.W_OK):  # found before any image is processed, not after
+        msg = f"The output folder {output_folder} is read-only (no permission to write there)"
+        raise PermissionError(msg)
     detector = Detector(model, device=device, check_above_mm=check_above_mm,
                         low_confidence=-1.0 if low_confidence_threshold is None else low_confidence_threshold)
     report = BatchReport(device=detector.device_description)

@@ -141,11 +141,12 @@ def _resolve_model(name: str | None) -> Path:
     return find_model(name)
 
 
-def _spacing(values: Sequence[float] | None, dimension: int | None = None) -> tuple[float, ...] | None:
+def _spacing(values: Sequence[float] | None, dimension: int | None = None) -> tuple[float, ...] | float | None:
+    """The ``--spacing`` values: one number means the same size on every axis, whatever the image."""
     if values is None:
         return None
-    if len(values) == 1 and dimension is not None:
-        return tuple(values) * dimension
+    if len(values) == 1:
+        return tuple(values) * dimension if dimension is not None else float(values[0])
     return tuple(values)
 
 
@@ -239,19 +240,27 @@ def _command_train(args: argparse.Namespace) -> int:
     from .model import create_model
     from .network import NetworkConfig
 
+    from .atomic import check_writable
+    from .finetuning import case_landmark_set
+
+    check_writable(args.output, overwrite=False)  # before the work, not after it
     cases = _load_data(args)
-    first = cases[0].landmarks
+    if not cases:
+        msg = f"No training cases found in {args.images}: each image needs its landmarks (a .mrk.json beside it or a --landmarks CSV row)"
+        raise ValueError(msg)
+    # Every case's landmarks, matched by name (a case that lacks one has it missing), in a fixed order.
+    names, descriptions = case_landmark_set(cases)
     paper = NetworkConfig.paper_2d if args.dimension == 2 else NetworkConfig.paper_3d
     overrides = {k: v for k, v in {"architecture": args.architecture, "filters": args.filters, "levels": args.levels,
                                    "spatial_downsample": args.spatial_downsample,
                                    "spatial_kernel": args.spatial_kernel}.items() if v is not None}
-    config = paper(len(first), **overrides)
+    config = paper(len(names), **overrides)
     size = tuple(args.grid_size) if args.grid_size else ((512, 512) if args.dimension == 2 else (96, 96, 96))
     if len(size) != args.dimension:
         msg = f"--grid-size needs {args.dimension} numbers for a {args.dimension}D model"
         raise ValueError(msg)
     grid = GridSpec(size=size, spacing=_spacing(args.grid_spacing, args.dimension))
-    model = create_model(config, grid=grid, landmark_names=first.names, landmark_descriptions=first.descriptions)
+    model = create_model(config, grid=grid, landmark_names=names, landmark_descriptions=descriptions)
     return _run_training(args, model, cases)
 
 
@@ -279,18 +288,25 @@ def _command_detect(args: argparse.Namespace) -> int:
 
     model_path = _resolve_model(args.model)
     source: Path = args.input
+    if not source.exists():
+        msg = f"Input not found: {source} (no such image file or folder)"
+        raise FileNotFoundError(msg)
     is_dicom_folder = source.is_dir() and any(p.suffix.lower() == ".dcm" for p in source.iterdir())
     images = [source] if source.is_file() or is_dicom_folder else find_images(source)
     if not images:
         msg = f"No images found in {source}"
         raise ValueError(msg)
-    spacing = _spacing(args.spacing, 2)
+    spacing = _spacing(args.spacing)
 
     def overlay(item) -> None:  # noqa: ANN001
-        if args.overlay and item.landmarks is not None:
+        if not args.overlay or item.landmarks is None:
+            return
+        try:
             write_overlay_png(read_image(item.image, spacing=spacing), item.landmarks,
                               args.output / f"{output_stem(item.image)}.png", overwrite=args.overwrite,
                               low_confidence_threshold=args.threshold)
+        except (OSError, ValueError) as error:  # like the other outputs: this image fails, the batch goes on
+            item.error = f"overlay not written: {error}"
 
     report = detect_files(images, args.output, model_path, device=args.device, spacing=spacing,
                           low_confidence_threshold=args.threshold, check_above_mm=args.check_above,
@@ -335,9 +351,11 @@ def _command_evaluate(args: argparse.Namespace) -> int:
 def _command_info(args: argparse.Namespace) -> int:
     import json
 
-    from .model_file import read_model_description
+    from .model_file import load_model, read_model_description
 
-    description = read_model_description(_resolve_model(args.model))
+    path = _resolve_model(args.model)
+    load_model(path)  # checks the whole file (weights and description), not only what is shown
+    description = read_model_description(path)
     info = dict(description.get("info", {}))
     refiner_training = info.pop("refiner_training", {}) if isinstance(info.get("refiner_training"), dict) else {}
     info["refiner_training"] = {k: refiner_training.get(k) for k in ("iterations", "best_validation_mre_mm", "seconds")}
@@ -372,7 +390,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except TrainingCancelled as cancelled:
         print(str(cancelled), file=sys.stderr)
         return EXIT_CANCELLED
-    except (ValueError, FileNotFoundError, FileExistsError, ModelFileError, FloatingPointError) as error:
+    except (ValueError, FileNotFoundError, FileExistsError, PermissionError, IsADirectoryError, ModelFileError,
+            FloatingPointError) as error:
         print(f"scn-landmarks {args.command}: error: {error}", file=sys.stderr)
         return EXIT_ERROR
 

@@ -130,6 +130,23 @@ def _read_dicom_folder(folder: Path) -> sitk.Image:
     return reader.Execute()
 
 
+# End-of-image markers: a file cut short (an interrupted copy or download) lacks them, and the
+# decoders fill the missing rows with grey instead of failing.
+_END_MARKERS = {".jpg": b"\xff\xd9", ".jpeg": b"\xff\xd9", ".png": b"IEND"}
+
+
+def _refuse_truncated(path: Path) -> None:
+    marker = _END_MARKERS.get(path.suffix.lower()) if path.is_file() else None
+    if marker is None:
+        return
+    with open(path, "rb") as stream:
+        stream.seek(max(path.stat().st_size - 4096, 0))
+        tail = stream.read()
+    if marker not in tail:
+        msg = f"{path} is damaged: the file ends before the image does (truncated {path.suffix[1:].upper()}); copy it again"
+        raise ValueError(msg)
+
+
 def read_image(path: str | os.PathLike[str], *, spacing: Sequence[float] | float | None = None) -> Image:
     """Read a 2D or 3D image, or the first DICOM series in a folder.
 
@@ -158,6 +175,7 @@ def read_image(path: str | os.PathLike[str], *, spacing: Sequence[float] | float
     if not path.exists():
         msg = f"Image not found: {path}"
         raise FileNotFoundError(msg)
+    _refuse_truncated(path)
     try:
         if path.is_dir():
             sitk_image = _read_dicom_folder(path)

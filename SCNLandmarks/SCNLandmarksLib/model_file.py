@@ -87,11 +87,12 @@ def save_model(model: LandmarkModel, path: str | Path, *, overwrite: bool = Fals
             if half_precision and tensor.is_floating_point() and not keep:
                 tensor = tensor.half()
             state[prefix + name] = tensor.clone()
-    description = _describe(model, half_precision=half_precision)
+    description = json.dumps(_describe(model, half_precision=half_precision))
     payload = {
         "format": FORMAT_TAG,
         "format_version": FORMAT_VERSION,
-        "description": json.dumps(description),
+        "description": description,
+        "description_sha256": hashlib.sha256(description.encode()).hexdigest(),
         "weights_sha256": _weights_digest(state),
         "state": state,
     }
@@ -133,10 +134,18 @@ def _read_payload(path: Path) -> dict[str, object]:
 
 
 def read_model_description(path: str | Path) -> dict[str, object]:
-    """The JSON description of a model file (landmarks, grid, provenance) without building the network."""
+    """The JSON description of a model file (landmarks, grid, provenance) without building the network.
+
+    The description is checked against its SHA-256 (files written before it had one are read as they are).
+    """
     payload = _read_payload(Path(path))
+    text = str(payload.get("description", ""))
+    expected = payload.get("description_sha256")
+    if expected is not None and expected != hashlib.sha256(text.encode()).hexdigest():
+        msg = f"{path} is damaged: its description (landmark names, settings) does not match the checksum written when it was saved"
+        raise ModelFileError(msg)
     try:
-        return json.loads(str(payload["description"]))
+        return json.loads(text)
     except (KeyError, json.JSONDecodeError) as error:
         msg = f"{path} has a damaged description block"
         raise ModelFileError(msg) from error

@@ -1,0 +1,156 @@
+"""Faults a new user hit (issue 9), reproduced on small inputs: a clear message, an exit code, nothing lost."""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import numpy as np
+import pytest
+
+from engine_fixtures import synthetic_cases
+from SCNLandmarksLib.cli import main
+from SCNLandmarksLib.image_io import write_image
+from SCNLandmarksLib.landmark_io import write_mrk_json
+from SCNLandmarksLib.synthetic import make_synthetic_case
+
+TINY = ["--grid-size", "64", "64", "--filters", "8", "--levels", "3", "--spatial-downsample", "8",
+        "--spatial-kernel", "5", "--device", "cpu", "--validate-every", "0", "--iterations", "3"]
+as_root = hasattr(os, "geteuid") and os.geteuid() == 0
+
+
+@pytest.fixture(scope="module")
+def annotated(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("annotated")
+    for case in synthetic_cases(4, seed=11):
+        write_image(case.image, folder / f"{case.name}.nrrd")
+        write_mrk_json(case.landmarks, folder / f"{case.name}.mrk.json")
+    return folder
+
+
+@pytest.fixture(scope="module")
+def tiny_model_file(annotated, tmp_path_factory):
+    path = tmp_path_factory.mktemp("model") / "tiny.scn.pt"
+    assert main(["train", "--images", str(annotated), "--output", str(path), *TINY]) == 0
+    return path
+
+
+def _one_line_error(capsys, *words: str) -> None:
+    error = capsys.readouterr().err
+    assert "Traceback" not in error
+    for word in words:
+        assert word in error, error
+
+
+def test_a_missing_input_file_is_named_as_missing_not_as_a_folder(tmp_path, tiny_model_file, capsys):
+    assert main(["detect", str(tmp_path / "nothing.png"), "--model", str(tiny_model_file)]) == 2
+    _one_line_error(capsys, "Input not found", "nothing.png")
+
+
+@pytest.mark.skipif(as_root or sys.platform == "win32", reason="root and Windows ignore folder permissions")
+def test_a_read_only_output_folder_is_refused_before_any_work(tmp_path, annotated, tiny_model_file, capsys):
+    read_only = tmp_path / "locked"
+    read_only.mkdir()
+    read_only.chmod(0o500)
+    try:
+        assert main(["detect", str(annotated), "--model", str(tiny_model_file), "--output", str(read_only / "out"),
+                     "--device", "cpu"]) == 2
+        _one_line_error(capsys, "permission")
+        assert main(["detect", str(annotated), "--model", str(tiny_model_file), "--output", str(read_only),
+                     "--device", "cpu"]) == 2
+        _one_line_error(capsys, "read-only")
+        assert main(["train", "--images", str(annotated), "--output", str(read_only / "m.scn.pt"), *TINY]) == 2
+        _one_line_error(capsys, "read-only")
+    finally:
+        read_only.chmod(0o700)
+
+
+def test_an_existing_overlay_fails_only_its_own_image(tmp_path, annotated, tiny_model_file, capsys):
+    output = tmp_path / "out"
+    output.mkdir()
+    (output / "case01.png").write_bytes(b"the user's own picture")
+    assert main(["detect", str(annotated), "--model", str(tiny_model_file), "--output", str(output), "--overlay",
+                 "--device", "cpu"]) == 2  # one image failed
+    printed = capsys.readouterr().out
+    assert "FAILED case01.nrrd: overlay not written" in printed
+    assert (output / "case01.png").read_bytes() == b"the user's own picture"
+    assert len(list(output.glob("*.png"))) == 4 and len(list(output.glob("*.mrk.json"))) == 4
+
+
+def test_one_spacing_value_means_isotropic_for_a_3d_volume_too(tmp_path):
+    from SCNLandmarksLib.cli import _spacing
+    from SCNLandmarksLib.image_io import read_image
+
+    volume, _ = make_synthetic_case(dimension=3, size=12, num_landmarks=2)
+    path = write_image(volume, tmp_path / "ct.nrrd")
+    assert read_image(path, spacing=_spacing([0.7])).geometry.spacing == pytest.approx((0.7, 0.7, 0.7))
+
+
+def test_training_takes_every_cases_landmarks_by_name_whatever_the_file_order(tmp_path, capsys):
+    folder = tmp_path / "cases"
+    folder.mkdir()
+    cases = synthetic_cases(4, seed=3)
+    for number, case in enumerate(cases):
+        landmarks = case.landmarks
+        if number == 0:  # the first file in sorted order lacks L3 altogether
+            keep = [n for n in landmarks.names if n != "L3"]
+            landmarks = landmarks.reordered(keep)
+        write_image(case.image, folder / f"{case.name}.nrrd")
+        write_mrk_json(landmarks, folder / f"{case.name}.mrk.json")
+    model = tmp_path / "m.scn.pt"
+    assert main(["train", "--images", str(folder), "--output", str(model), *TINY]) == 0
+    capsys.readouterr()
+    assert main(["info", str(model)]) == 0
+    assert '"L3"' in capsys.readouterr().out
+
+
+def test_no_training_cases_is_a_message(tmp_path, capsys):
+    folder = tmp_path / "empty"
+    folder.mkdir()
+    code = main(["train", "--images", str(folder), "--output", str(tmp_path / "m.scn.pt"), *TINY])
+    assert code == 2
+    _one_line_error(capsys, "No images found")
+    assert not (tmp_path / "m.scn.pt").exists()
+
+
+def test_overwrite_advice_names_the_command_line_option(tmp_path):
+    from SCNLandmarksLib.atomic import check_writable
+
+    target = tmp_path / "x.csv"
+    target.write_text("mine")
+    with pytest.raises(FileExistsError, match="--overwrite"):
+        check_writable(target, overwrite=False)
+    assert target.read_text() == "mine"
+
+
+def test_a_changed_landmark_name_in_a_model_file_is_found_by_load_and_info(tmp_path, tiny_model_file, capsys):
+    import torch
+
+    from SCNLandmarksLib.errors import ModelFileError
+    from SCNLandmarksLib.model_file import load_model
+
+    payload = torch.load(tiny_model_file, weights_only=True)
+    assert '"L1"' in payload["description"]
+    payload["description"] = payload["description"].replace('"L1"', '"LX"')
+    tampered = tmp_path / "tampered.scn.pt"
+    torch.save(payload, tampered)
+    with pytest.raises(ModelFileError, match="description"):
+        load_model(tampered)
+    assert main(["info", str(tampered)]) == 2
+    _one_line_error(capsys, "damaged")
+
+
+@pytest.mark.parametrize("suffix", [".jpg", ".png"])
+def test_a_truncated_photo_file_is_refused_not_detected(tmp_path, suffix):
+    import SimpleITK as sitk
+
+    from SCNLandmarksLib.image_io import read_image
+
+    pixels = (np.random.default_rng(0).random((200, 160)) * 255).astype(np.uint8)
+    whole = tmp_path / f"whole{suffix}"
+    sitk.WriteImage(sitk.GetImageFromArray(pixels), str(whole))
+    assert read_image(whole, spacing=0.1).array.shape == (200, 160)
+    cut = tmp_path / f"cut{suffix}"
+    cut.write_bytes(whole.read_bytes()[: whole.stat().st_size * 2 // 3])
+    with pytest.raises(ValueError, match="damaged.*truncated"):
+        read_image(cut, spacing=0.1)
