@@ -100,6 +100,8 @@ def test_refinement_weights_without_their_description_are_refused(two_stage, tmp
     description = read_model_description(two_stage["result"].output)
     description["refiner"] = None
     payload["description"] = __import__("json").dumps(description)
+    # A consistent file (its description checksum recomputed) that still does not add up.
+    payload["description_sha256"] = __import__("hashlib").sha256(payload["description"].encode()).hexdigest()
     torch.save(payload, tmp_path / "tampered.scn.pt")
     with pytest.raises(ModelFileError, match="refinement weights"):
         load_model(tmp_path / "tampered.scn.pt")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from pathlib import Path
 import sys
 
 import numpy as np
@@ -154,3 +155,73 @@ def test_a_truncated_photo_file_is_refused_not_detected(tmp_path, suffix):
     cut.write_bytes(whole.read_bytes()[: whole.stat().st_size * 2 // 3])
     with pytest.raises(ValueError, match="damaged.*truncated"):
         read_image(cut, spacing=0.1)
+
+
+def test_resume_refuses_a_missing_or_foreign_checkpoint(tmp_path, annotated, capsys):
+    model = tmp_path / "m.scn.pt"
+    assert main(["train", "--images", str(annotated), "--output", str(model), "--resume", *TINY]) == 2
+    _one_line_error(capsys, "no checkpoint", "m.scn.pt.ckpt")
+    assert not model.exists()
+    # A checkpoint of another network is refused by name, not with a size-mismatch traceback.
+    import torch
+
+    from SCNLandmarksLib.step_loop import save_checkpoint
+
+    foreign = tmp_path / "foreign.ckpt"
+    save_checkpoint(foreign, {"network": {"conv.weight": torch.zeros(3)}, "targets": {}, "optimizer": {}, "scheduler": {}})
+    assert main(["train", "--images", str(annotated), "--output", str(model), "--checkpoint", str(foreign),
+                 "--resume", *TINY]) == 2
+    _one_line_error(capsys, "belongs to another model")
+
+
+def test_ctrl_c_keeps_a_resumable_checkpoint_without_being_asked(tmp_path, annotated, capsys):
+    import signal
+    import threading
+
+    model = tmp_path / "m.scn.pt"
+    steps = [*TINY]
+    steps[steps.index("--iterations") + 1] = "100000"
+    timer = threading.Timer(1.5, lambda: os.kill(os.getpid(), signal.SIGINT))
+    timer.start()
+    try:
+        code = main(["train", "--images", str(annotated), "--output", str(model), *steps])
+    finally:
+        timer.cancel()
+    assert code == 130
+    checkpoint = tmp_path / "m.scn.pt.ckpt"
+    assert checkpoint.exists() and not model.exists()
+    assert "--resume" in capsys.readouterr().err
+
+
+def test_a_full_disk_at_the_end_of_training_keeps_the_model_in_a_rescue_copy(tmp_path, monkeypatch):
+    import SCNLandmarksLib.model_file as model_file
+    from engine_fixtures import tiny_model
+    from SCNLandmarksLib.model_file import load_model
+    from SCNLandmarksLib.step_loop import save_checkpoint, write_trained_model
+
+    real_save = model_file.save_model
+    target = tmp_path / "full-disk" / "m.scn.pt"
+    target.parent.mkdir()
+
+    def save_unless_full(model, path, **options):  # the output's disk is full; another one is not
+        if Path(path).parent == target.parent:
+            raise RuntimeError("[enforce fail at inline_container.cc:664] . PytorchStreamWriter failed writing file data/3: file write failed")
+        return real_save(model, path, **options)
+
+    monkeypatch.setattr(model_file, "save_model", save_unless_full)
+    monkeypatch.setattr("tempfile.tempdir", str(tmp_path))
+    model = tiny_model(["A", "B"])
+    with pytest.raises(OSError, match="the disk is full") as raised:
+        write_trained_model(model, target, overwrite=False)
+    rescued = list(tmp_path.glob("rescued-*-m.scn.pt"))
+    assert len(rescued) == 1 and str(rescued[0]) in str(raised.value)
+    assert load_model(rescued[0]).landmark_names == ["A", "B"]
+
+    import torch
+
+    def full_disk(*_args, **_kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(torch, "save", full_disk)
+    with pytest.raises(OSError, match="checkpoint .* the disk is full"):
+        save_checkpoint(tmp_path / "c.ckpt", {"iteration": 1})

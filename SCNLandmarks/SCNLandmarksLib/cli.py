@@ -62,8 +62,11 @@ def _training_args(parser: argparse.ArgumentParser, *, iterations: int) -> None:
     parser.add_argument("--validate-every", type=int, default=1000)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--workers", type=int, default=0, help="background processes preparing samples (default: 0)")
-    parser.add_argument("--checkpoint", type=Path, help="checkpoint file, written periodically and on Ctrl-C")
-    parser.add_argument("--resume", action="store_true", help="continue from --checkpoint")
+    parser.add_argument("--checkpoint", type=Path,
+                        help="checkpoint file, written periodically and on Ctrl-C (default: <output>.ckpt beside the output)")
+    parser.add_argument("--checkpoint-every", type=int, default=1000, metavar="N",
+                        help="iterations between checkpoints (default: 1000; 0: only on Ctrl-C)")
+    parser.add_argument("--resume", action="store_true", help="continue from the checkpoint (it must exist)")
     parser.add_argument("--no-augmentation", action="store_true", help="train without random deformations")
     _device_arg(parser)
 
@@ -189,15 +192,23 @@ def _run_training(args: argparse.Namespace, model, cases) -> int:  # noqa: ANN00
     config = TrainingConfig(
         iterations=args.iterations, batch_size=args.batch_size, learning_rate=args.learning_rate,
         validate_every=args.validate_every, seed=args.seed, device=args.device, num_workers=args.workers,
-        time_budget_s=args.time_budget,
+        time_budget_s=args.time_budget, checkpoint_every=args.checkpoint_every,
         augmentation=AugmentationConfig.none() if args.no_augmentation else AugmentationConfig(),
     )
     refine_steps = args.refine_iterations
     global_output = args.output.with_name("global-" + args.output.name) if refine_steps else args.output
+    # Always a resumable state: Ctrl-C or a crash keeps it, a finished run removes it.
+    checkpoint = args.checkpoint or args.output.with_name(args.output.name + ".ckpt")
     cancel = _CancelOnInterrupt()
-    result = train_model(cases, model, output=global_output, config=config, validation_cases=validation,
-                         checkpoint=args.checkpoint, resume=args.resume, progress=TextProgressBar(),
-                         should_cancel=cancel)
+    if not (refine_steps and args.resume and global_output.exists()):
+        result = train_model(cases, model, output=global_output, config=config, validation_cases=validation,
+                             checkpoint=checkpoint, resume=args.resume, progress=TextProgressBar(),
+                             should_cancel=cancel)
+    else:  # resuming a run whose global stage was already written: go on with the local stage
+        from .model_file import load_model
+        from .training import TrainingResult
+
+        result = TrainingResult(load_model(global_output), global_output, 0, [], None, 0.0, args.device)
     best = result.best_validation_mre_mm
     print(f"Wrote {result.output} after {result.iterations} iterations in {result.seconds:.0f} s on {result.device}"
           + (f"; best validation MRE {best:.2f} mm" if best is not None else ""))
@@ -207,8 +218,11 @@ def _run_training(args: argparse.Namespace, model, cases) -> int:  # noqa: ANN00
         spacing = args.refine_spacing or _default_refine_spacing(result.model, cases[0])
         attach_refiner(result.model, spacing_mm=spacing)
         refined = train_refiner(cases, result.model, output=args.output,
-                                config=RefinerTrainingConfig(iterations=refine_steps, device=args.device, seed=args.seed),
-                                validation_cases=validation, progress=TextProgressBar(), should_cancel=cancel)
+                                config=RefinerTrainingConfig(iterations=refine_steps, device=args.device, seed=args.seed,
+                                                             checkpoint_every=args.checkpoint_every),
+                                validation_cases=validation, progress=TextProgressBar(), should_cancel=cancel,
+                                checkpoint=checkpoint.with_name(checkpoint.name + ".local"),
+                                resume=args.resume and checkpoint.with_name(checkpoint.name + ".local").exists())
         best = refined.best_validation_mre_mm
         print(f"Wrote {refined.output} (global + refinement stage) after {refined.seconds:.0f} s more"
               + (f"; best validation MRE {best:.2f} mm" if best is not None else ""))

@@ -30,7 +30,6 @@ from .device import describe_device, resolve_device
 from .evaluation import point_errors
 from .landmarks import Landmarks
 from .model import LandmarkModel
-from .model_file import save_model
 from .preprocess import PreparedImage
 from .progress import ProgressCallback
 from .refinement import (
@@ -43,7 +42,7 @@ from .refinement import (
     refinement_loss,
     sample_crop,
 )
-from .step_loop import StepLoop, load_checkpoint
+from .step_loop import StepLoop, foreign_checkpoint, resume_state, write_trained_model
 from .training import TrainingCase, aligned_positions, split_cases, warmup_cosine
 
 __all__ = ["RefinerTrainingConfig", "RefinerTrainingResult", "attach_refiner", "train_refiner"]
@@ -281,14 +280,17 @@ def train_refiner(
     best_mre: float | None = None
     best_state: dict[str, torch.Tensor] | None = None
     checkpoint = Path(checkpoint) if checkpoint is not None else None
-    if resume and checkpoint is not None and checkpoint.exists():
-        saved = load_checkpoint(checkpoint)
+    saved = resume_state(checkpoint, resume)
+    if saved is not None:
         if saved.get("stage") != "refiner" or saved.get("refiner_config") != json.dumps(refiner_config.to_dict()):
             msg = f"The checkpoint {checkpoint} belongs to another training (not this model's refinement stage)"
             raise ValueError(msg)
-        network.load_state_dict(saved["network"])
-        optimizer.load_state_dict(saved["optimizer"])
-        scheduler.load_state_dict(saved["scheduler"])
+        try:
+            network.load_state_dict(saved["network"])
+            optimizer.load_state_dict(saved["optimizer"])
+            scheduler.load_state_dict(saved["scheduler"])
+        except (RuntimeError, KeyError, ValueError) as error:
+            raise foreign_checkpoint(checkpoint, error) from error
         start_iteration = int(saved["iteration"])
         history = json.loads(str(saved["history"]))
         best_mre = None if saved["best_mre"] is None else float(saved["best_mre"])
@@ -381,6 +383,6 @@ def train_refiner(
             "history": history[-200:],
         },
     }
-    save_model(model, output, overwrite=overwrite)
+    write_trained_model(model, output, overwrite=overwrite)
     loop.remove_checkpoint()
     return RefinerTrainingResult(model, output, iteration, history, best_mre, seconds, describe_device(device))

@@ -8,7 +8,9 @@ everything around the step is this one piece of code.
 
 from __future__ import annotations
 
+import errno
 import logging
+import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -20,15 +22,83 @@ from .atomic import atomic_path
 from .errors import TrainingCancelled
 from .progress import Progress, ProgressCallback, estimate_eta
 
-__all__ = ["StepLoop", "load_checkpoint", "save_checkpoint"]
+__all__ = ["StepLoop", "foreign_checkpoint", "load_checkpoint", "resume_state", "save_checkpoint", "write_trained_model"]
 
 log = logging.getLogger(__name__)
 
+def _write_failure(error: BaseException) -> str:
+    """Why a write failed, in words: torch reports a full disk as a bare RuntimeError."""
+    text = str(error)
+    if getattr(error, "errno", None) == errno.ENOSPC or "No space left" in text or "failed writing" in text:
+        return "the disk is full"
+    if getattr(error, "errno", None) in (errno.EDQUOT, errno.EFBIG):
+        return "a disk quota or file-size limit was reached"
+    return text or type(error).__name__
+
+
 def save_checkpoint(path: Path, state: dict[str, object]) -> None:
-    """Write a training checkpoint atomically (plain tensors and strings only)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with atomic_path(path, overwrite=True) as temporary:
-        torch.save(state, temporary)
+    """Write a training checkpoint atomically (plain tensors and strings only).
+
+    Raises:
+        OSError: it could not be written, with the reason in words (for example a full disk).
+    """
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with atomic_path(path, overwrite=True) as temporary:
+            torch.save(state, temporary)
+    except (OSError, RuntimeError) as error:
+        msg = f"Could not write the checkpoint {path}: {_write_failure(error)}"
+        raise OSError(msg) from error
+
+
+def resume_state(checkpoint: Path | None, resume: bool) -> dict[str, object] | None:
+    """The checkpoint to resume from, or None to start afresh.
+
+    Raises:
+        ValueError: ``resume`` without a checkpoint file, or a damaged one.
+        FileNotFoundError: ``resume`` and the checkpoint does not exist (never a silent fresh start).
+    """
+    if not resume:
+        return None
+    if checkpoint is None:
+        msg = "Resuming needs the checkpoint file to resume from (command line: --checkpoint FILE --resume)"
+        raise ValueError(msg)
+    if not checkpoint.exists():
+        msg = f"There is no checkpoint at {checkpoint} to resume from; leave out --resume to start afresh"
+        raise FileNotFoundError(msg)
+    return load_checkpoint(checkpoint)
+
+
+def foreign_checkpoint(checkpoint: Path, error: BaseException) -> ValueError:
+    """The error for a checkpoint whose tensors do not fit the model being trained."""
+    return ValueError(f"The checkpoint {checkpoint} belongs to another model or training: its weights do not fit "
+                      f"this one ({type(error).__name__}); give this training's own checkpoint, or start afresh")
+
+
+def write_trained_model(model: object, output: Path, *, overwrite: bool) -> Path:
+    """Save the trained model; when that fails (a full disk), save a rescue copy elsewhere and say where.
+
+    Raises:
+        OSError: the model could not be written where asked; the message names the rescue copy
+            (in the system's temporary folder) or says that none could be written.
+    """
+    from .model_file import save_model
+
+    try:
+        return save_model(model, output, overwrite=overwrite)  # type: ignore[arg-type]
+    except (FileExistsError, IsADirectoryError):
+        raise
+    except (OSError, RuntimeError) as error:
+        reason = _write_failure(error)
+        rescue = Path(tempfile.gettempdir()) / f"rescued-{time.strftime('%Y%m%d-%H%M%S')}-{output.name}"
+        try:
+            save_model(model, rescue)  # type: ignore[arg-type]
+        except (OSError, RuntimeError):
+            msg = (f"Could not write the trained model to {output}: {reason}. No rescue copy could be written "
+                   "either; the last checkpoint (if any) is kept: free some space and resume from it")
+            raise OSError(msg) from error
+        msg = f"Could not write the trained model to {output}: {reason}. It was saved to {rescue} instead: move it where you want it"
+        raise OSError(msg) from error
 
 
 def load_checkpoint(path: Path) -> dict[str, object]:
@@ -84,9 +154,11 @@ class StepLoop:
         """Raise :class:`TrainingCancelled` (after writing the checkpoint) when the user asked to stop."""
         if self.should_cancel is None or not self.should_cancel():
             return
+        kept = ""
         if self.checkpoint is not None:
             save_checkpoint(self.checkpoint, state())
-        msg = f"Training cancelled at iteration {iteration} of {self.total}; no model file was written"
+            kept = f"; the checkpoint {self.checkpoint} is kept (resume with --checkpoint {self.checkpoint} --resume)"
+        msg = f"Training cancelled at iteration {iteration} of {self.total}; no model file was written{kept}"
         raise TrainingCancelled(msg)
 
     def after_step(
@@ -112,7 +184,10 @@ class StepLoop:
             self.progress(Progress(self.stage, iteration, self.total, elapsed, eta,
                                    loss=self.running_loss, validation_mre_mm=mre))
         if self.checkpoint is not None and self.checkpoint_every and iteration % self.checkpoint_every == 0:
-            save_checkpoint(self.checkpoint, state())
+            try:
+                save_checkpoint(self.checkpoint, state())
+            except OSError as error:  # the run itself is fine: keep training, say so
+                log.warning("%s; training goes on without it", error)
         if budget_over:
             log.info("Time budget of %.0f s reached after %d iterations", self.time_budget_s, iteration)
         return budget_over

@@ -31,12 +31,11 @@ from .image import Image
 from .intensity import finish
 from .landmarks import Landmarks
 from .model import LandmarkModel
-from .model_file import save_model
 from .network import build_network
 from .preprocess import OUTSIDE_VALUE, PreparedImage, prepare_image
 from .progress import ProgressCallback
 from .refinement import RefinementNetwork, RefinerConfig
-from .step_loop import StepLoop, load_checkpoint
+from .step_loop import StepLoop, foreign_checkpoint, resume_state, write_trained_model
 
 __all__ = ["TrainingCase", "TrainingConfig", "TrainingResult", "adapt_to_landmarks", "train_model"]
 
@@ -388,12 +387,15 @@ def train_model(
     best_mre: float | None = None
     best_state: dict[str, object] | None = None
     checkpoint = Path(checkpoint) if checkpoint is not None else None
-    if resume and checkpoint is not None and checkpoint.exists():
-        saved = load_checkpoint(checkpoint)
-        model.network.load_state_dict(saved["network"])
-        model.targets.load_state_dict(saved["targets"])
-        optimizer.load_state_dict(saved["optimizer"])
-        scheduler.load_state_dict(saved["scheduler"])
+    saved = resume_state(checkpoint, resume)
+    if saved is not None:
+        try:
+            model.network.load_state_dict(saved["network"])
+            model.targets.load_state_dict(saved["targets"])
+            optimizer.load_state_dict(saved["optimizer"])
+            scheduler.load_state_dict(saved["scheduler"])
+        except (RuntimeError, KeyError, ValueError) as error:
+            raise foreign_checkpoint(checkpoint, error) from error
         start_iteration = int(saved["iteration"])
         history = json.loads(str(saved["history"]))
         best_mre = None if saved["best_mre"] is None else float(saved["best_mre"])
@@ -485,6 +487,6 @@ def train_model(
             "history": history[-200:],
         },
     }
-    save_model(model, output, overwrite=overwrite)
+    write_trained_model(model, output, overwrite=overwrite)
     loop.remove_checkpoint()
     return TrainingResult(model, output, iteration, history, best_mre, seconds, describe_device(device))
