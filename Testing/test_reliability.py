@@ -225,3 +225,47 @@ def test_a_full_disk_at_the_end_of_training_keeps_the_model_in_a_rescue_copy(tmp
     monkeypatch.setattr(torch, "save", full_disk)
     with pytest.raises(OSError, match="checkpoint .* the disk is full"):
         save_checkpoint(tmp_path / "c.ckpt", {"iteration": 1})
+
+
+def test_a_grey_png_with_transparency_gets_advice_not_a_pixel_type(tmp_path):
+    import SimpleITK as sitk
+
+    from SCNLandmarksLib.image_io import read_image
+
+    pixels = np.zeros((20, 30, 2), np.uint8)
+    pixels[..., 0] = np.arange(30)
+    pixels[..., 1] = 255
+    path = tmp_path / "grey_alpha.png"
+    sitk.WriteImage(sitk.GetImageFromArray(pixels, isVector=True), str(path))
+    try:
+        image = read_image(path, spacing=0.1)
+    except ValueError as error:  # the reader of this SimpleITK version cannot decode it
+        assert "without transparency" in str(error) and "PixelType" not in str(error)
+    else:  # a newer reader can: the grey channel is the image
+        np.testing.assert_array_equal(image.array[0], np.arange(30))
+
+
+def test_evaluate_refuses_an_existing_report_before_the_work(tmp_path, annotated, tiny_model_file, capsys):
+    report = tmp_path / "report"
+    report.mkdir()
+    (report / "evaluation.json").write_text("{}")
+    assert main(["evaluate", "--model", str(tiny_model_file), "--images", str(annotated), "--output", str(report),
+                 "--device", "cpu"]) == 2
+    _one_line_error(capsys, "already exists", "--overwrite")
+    assert (report / "evaluation.json").read_text() == "{}"
+    assert main(["evaluate", "--model", str(tiny_model_file), "--images", str(annotated), "--output", str(report),
+                 "--device", "cpu", "--overwrite"]) == 0
+
+
+def test_a_second_fine_tune_to_the_same_name_is_refused_at_once(tmp_path, annotated, tiny_model_file):
+    from SCNLandmarksLib.dataset import load_cases
+    from SCNLandmarksLib.finetuning import fine_tune
+
+    output = tmp_path / "tuned.scn.pt"
+    (tmp_path / "tuned.scn.pt.reserved").touch()  # a fine-tuning to that name is running
+    cases = load_cases(annotated, dimension=2)
+    with pytest.raises(FileExistsError, match="Another fine-tuning is already writing"):
+        fine_tune(cases, tiny_model_file, output=output, iterations=1, device="cpu")
+    (tmp_path / "tuned.scn.pt.reserved").unlink()
+    report = fine_tune(cases, tiny_model_file, output=output, iterations=1, device="cpu", keep_worse=True)
+    assert report.output == output and not (tmp_path / "tuned.scn.pt.reserved").exists()

@@ -148,6 +148,9 @@ def detect_files(
             write_mrk_json(landmarks, target, node_name=output_stem(image_path),
                            low_confidence_threshold=low_confidence_threshold, overwrite=overwrite)
             item.output, item.landmarks = target, landmarks
+        except MemoryError:
+            item.error = "not enough memory to process this image; it was skipped (try a smaller image or --device cuda)"
+            log.warning("Skipped %s: %s", image_path.name, item.error)
         except (ValueError, OSError, RuntimeError) as error:
             item.error = str(error)
             log.warning("Skipped %s: %s", image_path.name, error)

@@ -131,6 +131,7 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--model", required=True, help="model file or installed model name")
     _data_args(evaluate)
     evaluate.add_argument("--output", type=Path, default=Path("scn-evaluation"), help="report folder")
+    evaluate.add_argument("--overwrite", action="store_true", help="replace an existing report")
     _device_arg(evaluate)
 
     info = commands.add_parser("info", help="show what a model file contains")
@@ -345,9 +346,10 @@ def _command_detect(args: argparse.Namespace) -> int:
 
 def _command_evaluate(args: argparse.Namespace) -> int:
     from .detection import Detector
-    from .evaluation import evaluate, format_summary, write_evaluation
+    from .evaluation import check_evaluation_folder, evaluate, format_summary, write_evaluation
     from .progress import Progress, TextProgressBar
 
+    check_evaluation_folder(args.output, overwrite=args.overwrite)  # before the work, not after it
     cases = _load_data(args)
     detector = Detector(_resolve_model(args.model), device=args.device)
     bar = TextProgressBar()
@@ -356,7 +358,7 @@ def _command_evaluate(args: argparse.Namespace) -> int:
         rows.append((case.name, detector.detect(case.image), case.landmarks))
         bar(Progress("evaluate", number + 1, len(cases), 0.0))
     report = evaluate(rows)
-    write_evaluation(report, args.output)
+    write_evaluation(report, args.output, overwrite=args.overwrite)
     print(format_summary(report))
     print(f"Report: {args.output}")
     return 0
@@ -403,6 +405,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return COMMANDS[args.command](args)
     except TrainingCancelled as cancelled:
         print(str(cancelled), file=sys.stderr)
+        return EXIT_CANCELLED
+    except KeyboardInterrupt:  # before training started (for example while the cases load)
+        print(f"scn-landmarks {args.command}: interrupted; nothing was written", file=sys.stderr)
         return EXIT_CANCELLED
     except (ValueError, FileNotFoundError, FileExistsError, PermissionError, IsADirectoryError, ModelFileError,
             FloatingPointError) as error:

@@ -266,6 +266,21 @@ def _plot_cumulative_error(report: dict[str, Any], path: Path, *, overwrite: boo
         figure.savefig(temporary, dpi=120, format="png")
 
 
+def check_evaluation_folder(folder: str | os.PathLike[str], *, overwrite: bool = False) -> Path:
+    """Make the report folder and check, before any work, that its files may be written.
+
+    Raises:
+        FileExistsError: a report file exists and ``overwrite`` is False.
+        PermissionError: the folder is read-only.
+    """
+    folder = Path(folder).expanduser()
+    folder.mkdir(parents=True, exist_ok=True)
+    # Checked up front so that a refused overwrite leaves no half-updated set of files.
+    for name in _OUTPUT_NAMES:
+        check_writable(folder / name, overwrite=overwrite)
+    return folder
+
+
 def write_evaluation(
     report: dict[str, Any], folder: str | os.PathLike[str], *, overwrite: bool = False
 ) -> list[Path]:
@@ -282,10 +297,7 @@ def write_evaluation(
         FileExistsError: one of the files exists and ``overwrite`` is False.
     """
     folder = Path(folder).expanduser()
-    folder.mkdir(parents=True, exist_ok=True)
-    # Checked up front so that a refused overwrite leaves no half-updated set of files.
-    for name in _OUTPUT_NAMES:
-        check_writable(folder / name, overwrite=overwrite)
+    check_evaluation_folder(folder, overwrite=overwrite)
     text = json.dumps(report, indent=2) + "\n"
     written = [atomic_write_text(folder / "evaluation.json", text, overwrite=overwrite)]
     try:

@@ -19,11 +19,13 @@ states both errors, side by side. Landmarks are matched by name; a missing point
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import logging
+import os
 import tempfile
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -211,12 +213,10 @@ def fine_tune(
 
     Raises:
         ValueError: no cases, unknown landmarks without ``new_landmarks``, bad settings.
-        FileExistsError: ``output`` exists.
+        FileExistsError: ``output`` exists, or another fine-tuning is writing it.
         TrainingCancelled: cancelled.
     """
-    from .model_file import load_model, save_model
-    from .refinement_training import RefinerTrainingConfig, train_refiner
-    from .training import TrainingConfig, train_model
+    from .model_file import load_model
 
     started = time.monotonic()
     output = Path(output)
@@ -236,6 +236,47 @@ def fine_tune(
     if isinstance(model, (str, Path)) and Path(model).resolve() == output.resolve():
         msg = "The fine-tuned model must be saved under a new name, not over the model it starts from"
         raise ValueError(msg)
+    with _reserved(output):
+        return _fine_tune(cases, model, start, output, iterations, time_budget_s, new_landmarks, keep_worse, device,
+                          seed, progress, should_cancel, started)
+
+
+@contextlib.contextmanager
+def _reserved(output: Path) -> Iterator[None]:
+    """Hold the output name for the whole fine-tuning: a second run with the same name is refused at once."""
+    reservation = output.with_name(output.name + ".reserved")
+    try:
+        descriptor = os.open(reservation, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+    except FileExistsError:
+        msg = (f"Another fine-tuning is already writing {output} (its reservation {reservation.name} exists); "
+               "choose another name, or delete that file if no fine-tuning is running")
+        raise FileExistsError(msg) from None
+    os.close(descriptor)
+    try:
+        yield
+    finally:
+        reservation.unlink(missing_ok=True)
+
+
+def _fine_tune(  # noqa: PLR0913 - the arguments of fine_tune, checked
+    cases: Sequence[TrainingCase],
+    model: LandmarkModel | str | Path,
+    start: LandmarkModel,
+    output: Path,
+    iterations: int | None,
+    time_budget_s: float | None,
+    new_landmarks: bool,
+    keep_worse: bool,
+    device: str,
+    seed: int,
+    progress: ProgressCallback | None,
+    should_cancel: Callable[[], bool] | None,
+    started: float,
+) -> FineTuneReport:
+    from .model_file import save_model
+    from .refinement_training import RefinerTrainingConfig, train_refiner
+    from .training import TrainingConfig, train_model
+
     base = plan_landmarks(start, cases, new_landmarks=new_landmarks)
     changed_set = base is not start
     stages = ["global"] if changed_set or base.refiner is None else []

@@ -186,6 +186,10 @@ def read_image(path: str | os.PathLike[str], *, spacing: Sequence[float] | float
         dimension = re.search(r"unsupported image dimension of (\d+)", reason)
         if dimension:
             msg = f"{path} is a {dimension.group(1)}D image; only 2D images and 3D volumes can be used"
+        elif "Unknown PixelType" in reason and _suffix(path) == ".png":
+            # ITK's PNG reader has no pixel type for grey + transparency (PNG colour type 4).
+            msg = (f"{path} is a grey PNG with a transparency channel, which the image reader cannot read; "
+                   "save it without transparency (plain grey or RGB) and try again")
         else:
             msg = f"Could not read the image {path}: {reason}"
         raise ValueError(msg) from error
