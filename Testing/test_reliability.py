@@ -269,3 +269,21 @@ def test_a_second_fine_tune_to_the_same_name_is_refused_at_once(tmp_path, annota
     (tmp_path / "tuned.scn.pt.reserved").unlink()
     report = fine_tune(cases, tiny_model_file, output=output, iterations=1, device="cpu", keep_worse=True)
     assert report.output == output and not (tmp_path / "tuned.scn.pt.reserved").exists()
+
+
+def test_pixel_coordinates_read_as_millimetres_are_refused_naming_the_case(tmp_path):
+    from SCNLandmarksLib.dataset import load_cases
+
+    folder = tmp_path / "cases"
+    folder.mkdir()
+    image, _ = make_synthetic_case(dimension=2, size=(80, 60), spacing=(0.1, 0.1), num_landmarks=2)
+    write_image(image, folder / "ceph1.nrrd")
+    index = np.array([[40.0, 30.0], [70.0, 50.0]])  # pixel indices, well inside
+    physical = image.geometry.index_to_physical(index)
+    (tmp_path / "pixels.csv").write_text("id,x1,y1,x2,y2\nceph1," + ",".join(f"{v:g}" for v in index.ravel()) + "\n")
+    (tmp_path / "mm.csv").write_text("id,x1,y1,x2,y2\nceph1," + ",".join(f"{v:g}" for v in physical.ravel()) + "\n")
+    with pytest.raises(ValueError, match="Image ceph1: landmark L1 .* outside the image.*--units pixel"):
+        load_cases(folder, dimension=2, landmarks=tmp_path / "pixels.csv")
+    assert load_cases(folder, dimension=2, landmarks=tmp_path / "pixels.csv", units="pixel")[0].name == "ceph1"
+    np.testing.assert_allclose(load_cases(folder, dimension=2, landmarks=tmp_path / "mm.csv")[0].landmarks.positions,
+                               physical, atol=1e-3)

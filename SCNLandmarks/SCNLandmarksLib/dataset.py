@@ -6,7 +6,10 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Literal
 
+import numpy as np
+
 from .batch import find_images, output_stem
+from .image import Image
 from .image_io import read_image
 from .landmark_io import read_landmark_csv, read_landmarks
 from .landmarks import Landmarks
@@ -82,8 +85,28 @@ def load_cases(
             points = _sidecar_landmarks(files[image_id], dimension)
         if descriptions is not None and len(descriptions) == len(points):
             points.descriptions = list(descriptions)
+        _refuse_points_outside(image.as_dimension(dimension), points, image_id, units)
         cases.append(TrainingCase(image=image, landmarks=points, name=image_id))
     return cases
+
+
+# Points may sit a little outside the pixel grid (on the border, or a structure cut off).
+_OUTSIDE_MARGIN = 0.05
+
+
+def _refuse_points_outside(image: Image, points: Landmarks, image_id: str, units: str) -> None:
+    """A landmark far outside its image means wrong units or the wrong image: say which one."""
+    index = image.geometry.physical_to_index(points.positions)
+    size = np.asarray(image.geometry.size, dtype=float)
+    outside = np.isfinite(index).all(axis=1) & (
+        (index < -_OUTSIDE_MARGIN * size) | (index > (1 + _OUTSIDE_MARGIN) * size - 1)).any(axis=1)
+    if outside.any():
+        row = int(np.flatnonzero(outside)[0])
+        hint = ("are the coordinates pixel indices? then give --units pixel" if units == "mm"
+                else "are the coordinates millimetres? then leave out --units pixel")
+        msg = (f"Image {image_id}: landmark {points.names[row]} at {np.round(points.positions[row], 1).tolist()} mm lies "
+               f"outside the image ({int(outside.sum())} of {len(points)} landmarks do); {hint}")
+        raise ValueError(msg)
 
 
 def _sidecar_landmarks(image_path: Path, dimension: int) -> Landmarks:
