@@ -18,6 +18,7 @@ this module loads before PyTorch is installed; it is installed when first needed
 
 import enum
 import importlib.util
+import inspect
 import logging
 import math
 import os
@@ -25,7 +26,6 @@ import shutil
 import sys
 import tempfile
 import time
-import unittest
 from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, Any, Optional, Union
@@ -76,13 +76,14 @@ class SCNLandmarks(ScriptedLoadableModule):
         self.parent.helpText = _(
             "Detect anatomical landmarks on 2D images and 3D volumes with a SpatialConfiguration-Net, "
             "correct them, and fine-tune the model on your corrected cases.<br>"
-            "1. Choose a volume and a model, then <b>Detect landmarks</b>. Points drawn in orange have a low "
-            "confidence: check them first.<br>"
+            "1. Choose a volume and a model, then <b>Detect landmarks</b>. Points drawn in orange are the ones the "
+            "model expects furthest off (their description gives the expected error in mm): check them first.<br>"
             "2. Move wrong points; mark a landmark you cannot see as missing (right-click the point).<br>"
             "3. <b>Add case</b> stores the volume and the corrected points; cases are kept on disk.<br>"
             "4. <b>Fine-tune</b> trains a new model version on your cases in the background; "
             "the model you started from is never changed.<br>"
-            "5. <b>Batch</b> detects landmarks on every image of a folder."
+            "5. <b>Batch</b> detects landmarks on every image of a folder and ranks the images to review first.<br>"
+            'Documentation: <a href="https://github.com/SCNLandmarks/SlicerSCNLandmarks#readme">README</a>.'
         )
         self.parent.acknowledgementText = _(
             "Based on the SpatialConfiguration-Net of Payer et al. (Medical Image Analysis, 2019)."
@@ -150,7 +151,7 @@ class SCNLandmarksWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._parameterNode = None
         self._parameterNodeGuiTag = None
         self._fineTuneJob = None
-        self._batchCancelRequested = False
+        self._batchJob = None
         self._batchRunning = False
 
     def setup(self) -> None:
@@ -376,7 +377,8 @@ class SCNLandmarksWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                     name=info.name, corrected=info.num_corrected), 5000)
 
     def onRemoveCaseButton(self) -> None:
-        rows = sorted({index.row() for index in self.ui.casesTableWidget.selectedIndexes()})
+        # selectedIndexes() is protected in C++ (QTableWidget); the selection model's rows are public.
+        rows = sorted({index.row() for index in self.ui.casesTableWidget.selectionModel().selectedRows()})
         if not rows:
             return
         names = [self.ui.casesTableWidget.item(row, 0).text() for row in rows]
@@ -467,51 +469,65 @@ class SCNLandmarksWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     def onBatchRunButton(self) -> None:
         parameters = self._parameterNode
-        self._batchCancelRequested = False
-        self._batchRunning = True
-        self.ui.batchCancelButton.enabled = True
+        with slicer.util.tryWithErrorDisplay(_("Batch detection could not be started."), waitCursor=True):
+            self.logic.setupPythonRequirements()
+            self.ui.batchProgressBar.setValue(0)
+            self.ui.batchStatusLabel.text = _("Starting...")
+            # A background process: Slicer stays responsive, and what must not run meanwhile is disabled.
+            self._batchJob = self.logic.detectFolder(
+                parameters.batchInputFolder,
+                parameters.batchOutputFolder,
+                model=self.selectedModelPath(),
+                device=parameters.device.value,
+                lowConfidenceThreshold=parameters.confidenceThreshold,
+                checkAboveMm=parameters.checkAboveMm or None,
+                progressCallback=self.onBatchProgress,
+                finishedCallback=self.onBatchFinished,
+                wait=False,
+            )
+            self._batchRunning = True
+            self.ui.batchCancelButton.enabled = True
         self._updateButtonStates()
-        self.ui.batchProgressBar.setValue(0)
 
-        def onProgress(progress) -> None:
-            self.ui.batchProgressBar.setValue(int(round(100 * progress.fraction)))
-            self.ui.batchStatusLabel.text = _("{done}/{total}: {message}").format(
-                done=progress.done, total=progress.total, message=progress.message)
-            slicer.app.processEvents()  # keeps Cancel clickable between images
+    def onBatchProgress(self, event: dict) -> None:
+        if event.get("event") != "progress":
+            return
+        self.ui.batchProgressBar.setValue(int(round(100 * float(event.get("fraction") or 0.0))))
+        self.ui.batchStatusLabel.text = _("{done}/{total}: {message}").format(
+            done=event.get("done"), total=event.get("total"), message=event.get("message", ""))
 
-        try:
-            with slicer.util.tryWithErrorDisplay(_("Batch detection failed."), waitCursor=True):
-                self.logic.setupPythonRequirements()
-                report = self.logic.detectFolder(
-                    parameters.batchInputFolder,
-                    parameters.batchOutputFolder,
-                    model=self.selectedModelPath(),
-                    device=parameters.device.value,
-                    lowConfidenceThreshold=parameters.confidenceThreshold,
-                    checkAboveMm=parameters.checkAboveMm or None,
-                    progressCallback=onProgress,
-                    shouldCancel=lambda: self._batchCancelRequested,
-                )
-                text = _("{ok} images done, {failed} skipped.").format(
-                    ok=len(report.succeeded), failed=len(report.failed))
-                ranked = [row for row in report.review_order if row[1] == row[1]][:3]  # NaN: no expected error
-                if ranked:
-                    text += " " + _("Review first: {images} (all in review_order.csv).").format(
-                        images=", ".join(_("{image} ({error:.1f} mm, {count} to check)").format(
-                            image=image, error=error, count=count) for image, error, count in ranked))
-                self.ui.batchStatusLabel.text = text
-                if report.failed:
-                    slicer.util.warningDisplay(
-                        text + " " + _("The skipped images could not be read or processed."),
-                        detailedText="\n".join(f"{item.image.name}: {item.error}" for item in report.failed),
-                    )
-        finally:
-            self._batchRunning = False
-            self.ui.batchCancelButton.enabled = False
-            self._updateButtonStates()
+    def onBatchFinished(self, job) -> None:
+        self._batchRunning = False
+        self.ui.batchCancelButton.enabled = False
+        self._updateButtonStates()
+        if job.status != "done":
+            self.ui.batchStatusLabel.text = job.errorMessage
+            if job.status == "failed":
+                slicer.util.errorDisplay(_("Batch detection failed.") + "\n\n" + job.errorMessage,
+                                         detailedText=job.details)
+            return
+        report = job.report
+        failed = report.get("failed", [])
+        text = _("{ok} images done, {failed} skipped.").format(ok=report.get("succeeded", 0), failed=len(failed))
+        if report.get("cancelled"):
+            text = _("Cancelled; the finished images are kept.") + " " + text
+        ranked = [row for row in report.get("review_order", []) if row.get("expected_error_mm") is not None][:3]
+        if ranked:
+            text += " " + _("Review first: {images} (all in review_order.csv).").format(
+                images=", ".join(_("{image} ({error:.1f} mm, {count} to check)").format(
+                    image=row["image"], error=row["expected_error_mm"], count=row["points_to_check"]) for row in ranked))
+        self.ui.batchStatusLabel.text = text
+        if failed:
+            slicer.util.warningDisplay(
+                _("{ok} images done, {failed} skipped.").format(ok=report.get("succeeded", 0), failed=len(failed))
+                + " " + _("The skipped images could not be read or processed."),
+                detailedText="\n".join(f"{item['image']}: {item['error']}" for item in failed),
+            )
 
     def onBatchCancelButton(self) -> None:
-        self._batchCancelRequested = True
+        if self._batchJob is not None:
+            self._batchJob.cancel()
+            self.ui.batchStatusLabel.text = _("Stopping after the current image...")
 
 
 def _isSet(path: Optional[Path]) -> bool:
@@ -534,19 +550,22 @@ def _inSlicerApplication() -> bool:
 #
 
 
-class SCNLandmarksFineTuneJob:
-    """A fine-tuning running in a background process (see :meth:`SCNLandmarksLogic.fineTune`).
+class SCNLandmarksJob:
+    """A fine-tuning or a batch detection running in a background process (see
+    :meth:`SCNLandmarksLogic.fineTune` and :meth:`SCNLandmarksLogic.detectFolder`).
 
     Inside Slicer a ``qt.QTimer`` delivers the worker's events on the GUI thread, so the
     callbacks may update widgets and Slicer stays responsive. Elsewhere call :meth:`poll`
     regularly, or :meth:`wait`.
 
     Attributes:
-        outputPath: the model file the run writes when it finishes; None once it finished
-            without writing one (the fine-tuned model was not better: the starting model is kept).
+        outputPath: the model file a fine-tuning writes when it finishes (None once it finished
+            without writing one: the fine-tuned model was not better, the starting model is kept),
+            or a batch detection's output folder.
         status: ``"running"``, ``"done"``, ``"cancelled"`` or ``"failed"``.
-        report: the worker's ``done`` event: ``verdict`` ("better", "not better", "unchecked"),
-            ``start_error_mm`` and ``new_error_mm`` (cross-validated on the cases), ``message``.
+        report: the worker's ``done`` event. Fine-tuning: ``verdict`` ("better", "not better",
+            "unchecked"), ``start_error_mm`` and ``new_error_mm`` (cross-validated on the cases),
+            ``message``. Batch: see :meth:`SCNLandmarksLogic.detectFolder`.
         errorMessage: why it failed, for the user.
         details: the end of the worker's error output, for the log or a details box.
         lastProgress: the last progress event (dict), or None.
@@ -557,7 +576,7 @@ class SCNLandmarksFineTuneJob:
         process,
         outputPath: Path,
         progressCallback: Optional[Callable[[dict], None]] = None,
-        finishedCallback: Optional[Callable[["SCNLandmarksFineTuneJob"], None]] = None,
+        finishedCallback: Optional[Callable[["SCNLandmarksJob"], None]] = None,
     ) -> None:
         self.process = process
         self.outputPath = Path(outputPath)
@@ -572,7 +591,7 @@ class SCNLandmarksFineTuneJob:
         process.on_event = self._onEvent
         process.on_finished = self._onFinished
 
-    def start(self) -> "SCNLandmarksFineTuneJob":
+    def start(self) -> "SCNLandmarksJob":
         self.process.start()
         if _inSlicerApplication():
             self._timer = qt.QTimer()
@@ -600,14 +619,14 @@ class SCNLandmarksFineTuneJob:
             self.report = dict(done)
             self.outputPath = Path(done["output"]) if done.get("output") else None
             self.status = "done"
-            logging.info("Fine-tuning finished: %s", done.get("message"))
+            logging.info("Background job finished: %s", done.get("message", ""))
         except WorkerCancelled as cancelled:
             self.status, self.errorMessage = "cancelled", str(cancelled)
             logging.info("%s", cancelled)
         except WorkerError as error:
             self.status, self.errorMessage = "failed", str(error)
             self.details = process.stderr_tail
-            logging.error("Fine-tuning failed: %s\n%s", error, self.details)
+            logging.error("Background job failed: %s\n%s", error, self.details)
         if self.finishedCallback is not None:
             self.finishedCallback(self)
 
@@ -619,11 +638,13 @@ class SCNLandmarksFineTuneJob:
         return self.status == "running"
 
     def cancel(self) -> None:
-        """Stop the fine-tuning; no model is written and the starting model stays as it was."""
+        """Stop the job: a fine-tuning writes no model (the starting model stays as it was); a batch
+        detection stops after the current image and keeps the finished ones."""
         self.process.cancel()
 
     def wait(self, timeout: Optional[float] = None) -> Optional[Path]:
-        """Block until the run ends; returns the new model file, or None when the starting model was kept.
+        """Block until the run ends; returns the new model file, or None when the starting model was kept
+        (a batch detection: its output folder; ``report`` has the rest).
 
         Raises:
             TimeoutError: still running after ``timeout`` seconds.
@@ -633,7 +654,7 @@ class SCNLandmarksFineTuneJob:
         from SCNLandmarksLib.errors import TrainingCancelled
 
         if self.process.wait(timeout) is None:
-            raise TimeoutError(_("Fine-tuning is still running after {seconds} s").format(seconds=timeout))
+            raise TimeoutError(_("The background job is still running after {seconds} s").format(seconds=timeout))
         self.poll()
         if self.status == "cancelled":
             raise TrainingCancelled(self.errorMessage)
@@ -740,14 +761,18 @@ class SCNLandmarksLogic(ScriptedLoadableModuleLogic):
     def _pipInstall(self, requirements: list[str], askConfirmation: bool) -> None:
         if not _inSlicerApplication():
             raise InstallError(_("Missing Python packages: {names}").format(names=", ".join(requirements)))
-        packaging = getattr(slicer, "packaging", None)
+        try:  # Slicer 5.12 and later; slicer/__init__ does not import it, so import it by name
+            import slicer.packaging as packaging
+        except ImportError:
+            packaging = None
         if packaging is not None and hasattr(packaging, "pip_ensure"):
             requested = packaging.load_requirements(str(self.requirementsPath()))
-            try:
-                packaging.pip_ensure(requested, requester="SCNLandmarks", prompt_install=askConfirmation,
-                                     skip_packages=list(NEVER_REINSTALL))
-            except TypeError:  # Slicer versions whose pip_ensure has no skip_packages
-                packaging.pip_ensure(requested, requester="SCNLandmarks", prompt_install=askConfirmation)
+            options = {"requester": "SCNLandmarks", "prompt_install": askConfirmation}
+            # Asked of the signature, not by retrying on TypeError: a TypeError from inside the
+            # install must surface, not start a second install.
+            if "skip_packages" in inspect.signature(packaging.pip_ensure).parameters:
+                options["skip_packages"] = list(NEVER_REINSTALL)
+            packaging.pip_ensure(requested, **options)
             return
         if askConfirmation and not slicer.util.confirmOkCancelDisplay(
             _("SCNLandmarks needs these Python packages, which will be downloaded and installed now:"),
@@ -924,6 +949,13 @@ class SCNLandmarksLogic(ScriptedLoadableModuleLogic):
 
         if volumeNode is None or markupsNode is None:
             raise ValueError(_("Select the volume and its point list first."))
+        source = markupsNode.GetAttribute("SCNLandmarks.sourceVolumeID")
+        if source and source != volumeNode.GetID():
+            other = volumeNode.GetScene().GetNodeByID(source) if volumeNode.GetScene() is not None else None
+            raise ValueError(_("The point list '{points}' was detected on '{other}', not on '{volume}': select the "
+                               "volume it belongs to, or detect on this one first.").format(
+                points=markupsNode.GetName(), other=other.GetName() if other is not None else source,
+                volume=volumeNode.GetName()))
         image = mrml_adapter.image_from_volume_node(volumeNode)
         recorded = markupsNode.GetAttribute(mrml_adapter.ATTRIBUTE_DIMENSION)
         dimension = int(recorded) if recorded in ("2", "3") else (2 if image.geometry.size[2] == 1 else 3)
@@ -978,9 +1010,14 @@ class SCNLandmarksLogic(ScriptedLoadableModuleLogic):
             launcher = shutil.which("PythonSlicer")
             if launcher:
                 return launcher
-            candidate = Path(sys.executable).with_name("PythonSlicer" + (".exe" if os.name == "nt" else ""))
-            if candidate.exists():
-                return str(candidate)
+            if sys.executable:
+                candidate = Path(sys.executable).with_name("PythonSlicer" + (".exe" if os.name == "nt" else ""))
+                if candidate.exists():
+                    return str(candidate)
+        if not sys.executable:
+            raise RuntimeError(_("Cannot start the background worker: no Python program was found (PythonSlicer is "
+                                 "not on the PATH and this Python does not know its own executable). Restart Slicer "
+                                 "from its launcher, or reinstall it."))
         return sys.executable
 
     def fineTune(
@@ -992,7 +1029,7 @@ class SCNLandmarksLogic(ScriptedLoadableModuleLogic):
         device: str = "auto",
         progressCallback: Optional[Callable[[dict], None]] = None,
         wait: bool = True,
-        finishedCallback: Optional[Callable[[SCNLandmarksFineTuneJob], None]] = None,
+        finishedCallback: Optional[Callable[["SCNLandmarksJob"], None]] = None,
         outputPath: Union[str, Path, None] = None,
         keepWorse: bool = False,
     ):
@@ -1013,7 +1050,7 @@ class SCNLandmarksLogic(ScriptedLoadableModuleLogic):
             total (None with a time budget), fraction (0..1), elapsed_s, eta_s, loss,
             validation_mre_mm, message`` (and once with the ``started`` event).
         :param wait: True blocks until the end and returns the new model path (scripts, tests);
-            False returns an :class:`SCNLandmarksFineTuneJob` at once (GUI; it has ``cancel()``).
+            False returns an :class:`SCNLandmarksJob` at once (GUI; it has ``cancel()``).
         :param finishedCallback: called with the job when it ends (any outcome).
         :param outputPath: where to write the new model (default: next version name).
         :param keepWorse: write the new model even when it is not better.
@@ -1065,7 +1102,7 @@ class SCNLandmarksLogic(ScriptedLoadableModuleLogic):
             worker_command(arguments, python=self.pythonExecutable()),
             env=worker_environment(environment),
         )
-        job = SCNLandmarksFineTuneJob(process, outputPath, progressCallback, finishedCallback).start()
+        job = SCNLandmarksJob(process, outputPath, progressCallback, finishedCallback).start()
         logging.info("Fine-tuning %s on %d cases -> %s", sourcePath.name, len(names), outputPath)
         return job.wait() if wait else job
 
@@ -1086,15 +1123,25 @@ class SCNLandmarksLogic(ScriptedLoadableModuleLogic):
         progressCallback: Optional[Callable[[Any], None]] = None,
         shouldCancel: Optional[Callable[[], bool]] = None,
         overwrite: bool = False,
+        wait: bool = True,
+        finishedCallback: Optional[Callable[["SCNLandmarksJob"], None]] = None,
     ):
-        """Detect landmarks on every image in a folder: one ``.mrk.json`` per image plus ``landmarks.csv``.
+        """Detect landmarks on every image in a folder: one ``.mrk.json`` per image plus ``landmarks.csv``
+        and ``review_order.csv`` (the images ranked by expected error, the first to review first).
 
         A file that cannot be read or processed is reported in the result and skipped.
 
         :param lowConfidenceThreshold, checkAboveMm: which points are to be checked, as in :meth:`detect`.
-        :param progressCallback: called after each image with a ``SCNLandmarksLib.progress.Progress``.
-        :param shouldCancel: polled between images; True stops (finished images are kept).
-        :return: ``SCNLandmarksLib.batch.BatchReport`` (``succeeded``, ``failed``, ``summary_csv``).
+        :param progressCallback: called after each image: with a ``SCNLandmarksLib.progress.Progress``
+            (``wait=True``), or with the worker's progress event dict (``wait=False``).
+        :param shouldCancel: polled between images; True stops (finished images are kept). With
+            ``wait=False`` use ``job.cancel()`` instead.
+        :param wait: True runs here and returns ``SCNLandmarksLib.batch.BatchReport`` (scripts);
+            False runs in a background process and returns an :class:`SCNLandmarksJob` at once
+            (the GUI stays responsive; ``job.cancel()`` stops after the current image; when it ends,
+            ``job.report`` has ``succeeded``, ``failed``, ``cancelled``, ``summary_csv``,
+            ``review_csv`` and ``review_order``).
+        :param finishedCallback: with ``wait=False``, called with the job when it ends.
         """
         from SCNLandmarksLib.batch import detect_folder
 
@@ -1104,6 +1151,21 @@ class SCNLandmarksLogic(ScriptedLoadableModuleLogic):
             raise ValueError(_("Choose an output folder."))
         self.setupPythonRequirements()
         modelPath = self.resolveModel(model)
+        if not wait:
+            from SCNLandmarksLib.process import BackgroundProcess, worker_command, worker_environment
+
+            arguments = ["detect", "--input-folder", str(inputFolder), "--output", str(outputFolder),
+                         "--model", str(modelPath), "--device", str(getattr(device, "value", device)),
+                         "--threshold", str(float(lowConfidenceThreshold))]
+            if checkAboveMm is not None:
+                arguments += ["--check-above", str(float(checkAboveMm))]
+            if overwrite:
+                arguments.append("--overwrite")
+            environment = slicer.util.startupEnvironment() if _inSlicerApplication() else None
+            process = BackgroundProcess(worker_command(arguments, python=self.pythonExecutable()),
+                                        env=worker_environment(environment))
+            logging.info("Batch detection of %s with %s in the background", inputFolder, modelPath.name)
+            return SCNLandmarksJob(process, Path(outputFolder), progressCallback, finishedCallback).start()
         report = detect_folder(
             inputFolder,
             outputFolder,
@@ -1173,8 +1235,7 @@ class SCNLandmarksTest(ScriptedLoadableModuleTest):
         self.delayDisplay("Starting the test")
         if importlib.util.find_spec("torch") is None:
             # Installing PyTorch (gigabytes) is never done by a test; install it with PyTorch Utils first.
-            self.delayDisplay("PyTorch is not installed: skipping the detect/fine-tune test")
-            return
+            self.skipTest("PyTorch is not installed: install it with the PyTorch Utils module to run this test")
         logic = SCNLandmarksLogic(casesFolder=self.workFolder / "cases", userModelsFolder=self.workFolder / "models")
         logic.setupPythonRequirements(askConfirmation=False)
         modelPath = self._tinyModel()
@@ -1222,5 +1283,3 @@ class SCNLandmarksTest(ScriptedLoadableModuleTest):
         self.delayDisplay("Test passed")
 
 
-if __name__ == "__main__":  # pragma: no cover - run the self-test with PythonSlicer
-    unittest.main()

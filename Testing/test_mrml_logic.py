@@ -165,6 +165,11 @@ def test_cases_are_stored_on_disk_with_corrections_and_survive_restart(module, l
     assert [c.name for c in logic.trainingCases()] == ["ceph"]
     with pytest.raises(ValueError, match="Select the volume"):
         logic.addTrainingCase(volume, None)
+    # After switching the input volume, the other volume's points are not stored with this image.
+    other = _volume(scene, _case(seed=2)[0], shifted=False)
+    with pytest.raises(ValueError, match="was detected on"):
+        logic.addTrainingCase(other, points)
+    assert [c.name for c in logic.trainingCases()] == ["ceph"]
 
 
 def test_fine_tune_blocking_and_cancel(logic, scene, model_path, tmp_path):
@@ -230,6 +235,26 @@ def test_detect_folder_writes_files_and_skips_bad_ones(logic, model_path, tmp_pa
     assert reports[-1].done == 3
     with pytest.raises(ValueError, match="does not exist"):
         logic.detectFolder(tmp_path / "nowhere", tmp_path / "out", model=model_path)
+
+    # The GUI's way: a background process with progress events, the same files, and a report.
+    events, finished = [], []
+    job = logic.detectFolder(inputs, tmp_path / "background", model=model_path, device="cpu", wait=False,
+                             progressCallback=events.append, finishedCallback=finished.append)
+    assert job.wait(timeout=120) == tmp_path / "background"
+    assert finished == [job] and job.status == "done"
+    assert job.report["succeeded"] == 2 and [item["image"] for item in job.report["failed"]] == ["broken.nrrd"]
+    assert not job.report["cancelled"] and (tmp_path / "background" / "img2.mrk.json").is_file()
+    assert [e["done"] for e in events if e["event"] == "progress"] == [1, 2, 3]
+    assert sorted(row["image"] for row in job.report["review_order"]) == ["img1", "img2"]
+    # Cancelled at once: it stops between images, and what it finished stays.
+    job = logic.detectFolder(inputs, tmp_path / "cancelled", model=model_path, device="cpu", wait=False)
+    job.cancel()
+    try:
+        job.wait(timeout=120)
+    except TrainingCancelled as cancelled:  # stopped before it began
+        assert "images finished before it are kept" in str(cancelled)
+    else:  # stopped between images: a report of what it did
+        assert job.report["cancelled"] and job.report["succeeded"] < 2
 
 
 def test_requirements_are_present_here_and_never_list_slicer_packages(logic):

@@ -287,3 +287,37 @@ def test_pixel_coordinates_read_as_millimetres_are_refused_naming_the_case(tmp_p
     assert load_cases(folder, dimension=2, landmarks=tmp_path / "pixels.csv", units="pixel")[0].name == "ceph1"
     np.testing.assert_allclose(load_cases(folder, dimension=2, landmarks=tmp_path / "mm.csv")[0].landmarks.positions,
                                physical, atol=1e-3)
+
+
+def test_model_lists_read_descriptions_without_torch(tmp_path, tiny_model_file):
+    """The Slicer module lists models when it opens: that must not import torch (seconds, or broken)."""
+    import subprocess
+
+    from SCNLandmarksLib.model_file import read_model_description
+
+    code = (
+        "import sys\n"
+        "from SCNLandmarksLib.catalog import list_models\n"
+        "from SCNLandmarksLib.model_header import read_header\n"
+        f"header = read_header({str(tiny_model_file)!r})\n"
+        "assert [item['name'] for item in header['landmarks']] == ['L1', 'L2', 'L3', 'L4'], header\n"
+        "entries = [e for e in list_models() if e.path.name == 'cephalometric_isbi2015.scn.pt']\n"
+        "assert entries and entries[0].landmark_count == 19 and entries[0].error is None, entries\n"
+        "assert 'torch' not in sys.modules, 'torch was imported'\n"
+    )
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1] / "SCNLandmarks")}
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=False)
+    assert result.returncode == 0, result.stderr
+    from SCNLandmarksLib.model_header import read_header
+
+    assert read_header(tiny_model_file) == read_model_description(tiny_model_file)
+    evil = tmp_path / "evil.scn.pt"
+    import pickle
+    import zipfile
+
+    with zipfile.ZipFile(evil, "w") as archive:  # a pickle that would call os.system
+        archive.writestr("evil/data.pkl", pickle.dumps(os.system))
+    from SCNLandmarksLib.errors import ModelFileError
+
+    with pytest.raises(ModelFileError, match="never contains"):
+        read_header(evil)

@@ -193,11 +193,20 @@ def test_extension_cmake_reads_metadata_and_depends_on_pytorch():
                     r"add_subdirectory\(SCNLandmarks\)", r"Slicer_EXTENSION_GENERATE_CONFIG", r"Slicer_EXTENSION_CPACK"):
         assert re.search(pattern, top), pattern
     assert top.index("SCNLandmarks.cmake") < top.index("find_package(Slicer")
-    values = dict(re.findall(r'set\((EXTENSION_\w+)\s+"?([^")]*)"?\)', metadata))
-    for key in ("EXTENSION_HOMEPAGE", "EXTENSION_CATEGORY", "EXTENSION_CONTRIBUTORS", "EXTENSION_DESCRIPTION",
-                "EXTENSION_ICONURL", "EXTENSION_SCREENSHOTURLS", "EXTENSION_DEPENDS"):
-        assert values.get(key), f"{key} is not set in SCNLandmarks.cmake"
-    assert values["EXTENSION_DEPENDS"].split() == ["PyTorch"]
+    setting = r'set\((EXTENSION_\w+)\s+"?([^")]*)"?\)'
+    in_top, in_metadata = dict(re.findall(setting, top)), dict(re.findall(setting, metadata))
+    # The Extensions Index and the Extension Wizard read these four from the top-level file's text.
+    for key in ("EXTENSION_HOMEPAGE", "EXTENSION_ICONURL", "EXTENSION_SCREENSHOTURLS", "EXTENSION_DEPENDS"):
+        assert in_top.get(key), f"{key} is not set in the top-level CMakeLists.txt"
+    for key in ("EXTENSION_NAME", "EXTENSION_CATEGORY", "EXTENSION_CONTRIBUTORS", "EXTENSION_DESCRIPTION", "EXTENSION_STATUS"):
+        assert in_metadata.get(key), f"{key} is not set in SCNLandmarks.cmake"
+    assert not set(in_top) & set(in_metadata), "each value has one home"
+    assert in_top["EXTENSION_DEPENDS"].split() == ["PyTorch"]
+    # The URLs point at files of this repository that exist.
+    for key in ("EXTENSION_ICONURL", "EXTENSION_SCREENSHOTURLS"):
+        relative = in_top[key].split("/main/", 1)[1]
+        assert (REPOSITORY / relative).is_file(), f"{key} points to {relative}, which does not exist"
+    assert (REPOSITORY / "LICENSE").read_text(encoding="utf-8").lstrip().startswith("Apache License")
 
 
 # --------------------------------------------------------------------------- imports and dependencies

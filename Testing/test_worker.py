@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+import sys
 import subprocess
 import time
 from pathlib import Path
@@ -250,3 +252,39 @@ def test_landmarks_from_cases_gives_the_model_new_heads(workspace, tmp_path, cap
     assert load_model(tmp_path / "new.scn.pt").landmark_names == NAMES
     assert signal.getsignal(signal.SIGINT) is handler  # in-process use leaves signal handling alone
     torch.set_num_threads(threads)  # --threads is meant for the worker's own process
+
+
+@pytest.mark.skipif(os.name == "nt", reason="process groups are a POSIX test; Windows ends the tree with taskkill /T")
+def test_cancel_stops_a_worker_behind_a_launcher_that_ignores_it(tmp_path):
+    """Like PythonSlicer: a launcher that dies on SIGTERM while its child, the real worker, ignores it."""
+    pid_file = tmp_path / "child.pid"
+    child = ("import os, signal, sys, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); "
+             f"open({str(pid_file)!r}, 'w').write(str(os.getpid())); time.sleep(120)")
+    launcher = tmp_path / "launcher.py"
+    launcher.write_text(f"import subprocess, sys\nsubprocess.run([sys.executable, '-c', {child!r}])\n")
+    job = BackgroundProcess([sys.executable, str(launcher)]).start()
+    deadline = time.monotonic() + 30
+    while not (pid_file.exists() and pid_file.read_text()):
+        assert time.monotonic() < deadline, job.stderr_tail
+        time.sleep(0.05)
+    child_pid = int(pid_file.read_text())
+    job.cancel(grace_s=0.5)
+    started = time.monotonic()
+    assert job.wait(timeout=20) is not None
+    assert time.monotonic() - started < 15
+
+    def running(pid: int) -> bool:
+        try:
+            state = Path(f"/proc/{pid}/status").read_text()
+        except FileNotFoundError:
+            try:
+                os.kill(pid, 0)
+            except ProcessLookupError:
+                return False
+            return True
+        return "\nState:\tZ" not in state  # a zombie has ended; only its parent has not collected it
+
+    deadline = time.monotonic() + 10
+    while running(child_pid) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not running(child_pid), "the worker behind the launcher was left running"

@@ -35,6 +35,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .atomic import atomic_path
+from .model_header import MODEL_SUFFIX
 from .progress import Progress, ProgressCallback, estimate_eta
 from .user_folders import user_data_folder
 
@@ -60,8 +61,6 @@ log = logging.getLogger(__name__)
 CATALOG_FILE = "models.json"
 BUNDLED_ENV = "SCN_MODELS_DIR"
 USER_ENV = "SCN_USER_MODELS_DIR"
-# Kept here (not imported from model_file) because model_file imports torch.
-MODEL_SUFFIX = ".scn.pt"
 _VERSION_PATTERN = re.compile(r"^(?P<root>.*?)-ft(?P<number>\d{3,})$")
 _CHUNK = 1 << 20
 
@@ -208,13 +207,10 @@ class ModelEntry:
 
 
 def _describe_file(entry: ModelEntry) -> ModelEntry:
+    from .model_header import read_header  # no torch: the list opens at once, torch or not
+
     try:
-        from .model_file import read_model_description  # needs torch
-    except ImportError:
-        # Before torch is installed the models are listed by name only; they are not broken.
-        return entry
-    try:
-        description = read_model_description(entry.path)
+        description = read_header(entry.path)
         network = description.get("network", {})
         landmarks = description.get("landmarks", [])
         entry.dimension = int(network["dimension"])

@@ -191,6 +191,7 @@ def fine_tune(
     time_budget_s: float | None = None,
     new_landmarks: bool = False,
     keep_worse: bool = False,
+    stages: Sequence[str] | None = None,
     device: str = "auto",
     seed: int = 0,
     progress: ProgressCallback | None = None,
@@ -206,6 +207,8 @@ def fine_tune(
         time_budget_s: or a wall-time budget for the whole procedure, in seconds.
         new_landmarks: the cases define a different landmark set (new output heads).
         keep_worse: write the new model even when it is not better.
+        stages: what to train, ``"global"`` and/or ``"local"`` in that order (default: the
+            recipe's choice, see the module docstring).
         device: ``"auto"``, ``"cpu"`` or ``"cuda"``.
         seed: seeds the folds and the trainings.
         progress: called with a :class:`~SCNLandmarksLib.progress.Progress` over the whole procedure.
@@ -237,8 +240,8 @@ def fine_tune(
         msg = "The fine-tuned model must be saved under a new name, not over the model it starts from"
         raise ValueError(msg)
     with _reserved(output):
-        return _fine_tune(cases, model, start, output, iterations, time_budget_s, new_landmarks, keep_worse, device,
-                          seed, progress, should_cancel, started)
+        return _fine_tune(cases, model, start, output, iterations, time_budget_s, new_landmarks, keep_worse, stages,
+                          device, seed, progress, should_cancel, started)
 
 
 @contextlib.contextmanager
@@ -267,6 +270,7 @@ def _fine_tune(  # noqa: PLR0913 - the arguments of fine_tune, checked
     time_budget_s: float | None,
     new_landmarks: bool,
     keep_worse: bool,
+    chosen_stages: Sequence[str] | None,
     device: str,
     seed: int,
     progress: ProgressCallback | None,
@@ -282,6 +286,15 @@ def _fine_tune(  # noqa: PLR0913 - the arguments of fine_tune, checked
     stages = ["global"] if changed_set or base.refiner is None else []
     if base.refiner is not None:
         stages.append("local")
+    if chosen_stages is not None:
+        unknown = [stage for stage in chosen_stages if stage not in ("global", "local")]
+        if unknown or not chosen_stages or (changed_set and "global" not in chosen_stages):
+            msg = f"Stages must be 'global' and/or 'local' (a new landmark set needs 'global'); got {list(chosen_stages)}"
+            raise ValueError(msg)
+        if "local" in chosen_stages and base.refiner is None:
+            msg = "This model has no local refinement stage to fine-tune"
+            raise ValueError(msg)
+        stages = [stage for stage in ("global", "local") if stage in chosen_stages]
     folds = [] if changed_set else _folds(len(cases), seed)
     runs = len(folds) + 1
     steps = iterations or suggested_iterations(len(cases))

@@ -59,11 +59,13 @@ logger = logging.getLogger(__name__)
 
 CoordinateSystem = Literal["LPS", "RAS"]
 
-# Version 1.0.4 of the schema is the first that allows "positionStatus": "missing"; Slicer 5.x
-# writes this URL (unchanged "master" path, kept by Slicer as an identifier).
+# Exactly what Slicer 5.8 to the current branch write (vtkMRMLMarkupsJsonStorageNode.cxx): schema
+# v1.0.3 (there is no v1.0.4), with "positionStatus": "missing" for missing points, although that
+# schema file's enum lists only undefined/preview/defined. Slicer reads its own files back, so
+# writing what it writes is what keeps these files loadable.
 MARKUPS_SCHEMA_URL = (
     "https://raw.githubusercontent.com/slicer/slicer/master/Modules/Loadable/Markups/"
-    "Resources/Schema/markups-schema-v1.0.4.json#"
+    "Resources/Schema/markups-schema-v1.0.3.json#"
 )
 
 LOW_CONFIDENCE_NOTE = "low confidence: please check"

@@ -25,6 +25,7 @@ from .grid import GridSpec
 from .heatmaps import HeatmapTargets
 from .intensity import IntensityConfig
 from .model import LandmarkModel
+from .model_header import FORMAT_TAG, FORMAT_VERSION, MODEL_SUFFIX, check_description, read_header
 from .network import NetworkConfig, build_network
 from .quality import ErrorModel
 from .refinement import RefinementNetwork, RefinerConfig
@@ -32,9 +33,6 @@ from .shape_model import ShapeModel
 
 __all__ = ["FORMAT_TAG", "MODEL_SUFFIX", "load_model", "read_model_description", "save_model"]
 
-FORMAT_TAG = "scn-landmarks-model"
-FORMAT_VERSION = 2
-MODEL_SUFFIX = ".scn.pt"
 
 
 def _weights_digest(state: dict[str, torch.Tensor]) -> str:
@@ -136,19 +134,10 @@ def _read_payload(path: Path) -> dict[str, object]:
 def read_model_description(path: str | Path) -> dict[str, object]:
     """The JSON description of a model file (landmarks, grid, provenance) without building the network.
 
-    The description is checked against its SHA-256 (files written before it had one are read as they are).
+    Read without torch (see :mod:`.model_header`) and checked against its SHA-256 (files written
+    before it had one are read as they are).
     """
-    payload = _read_payload(Path(path))
-    text = str(payload.get("description", ""))
-    expected = payload.get("description_sha256")
-    if expected is not None and expected != hashlib.sha256(text.encode()).hexdigest():
-        msg = f"{path} is damaged: its description (landmark names, settings) does not match the checksum written when it was saved"
-        raise ModelFileError(msg)
-    try:
-        return json.loads(text)
-    except (KeyError, json.JSONDecodeError) as error:
-        msg = f"{path} has a damaged description block"
-        raise ModelFileError(msg) from error
+    return read_header(path)
 
 
 def load_model(path: str | Path, *, device: torch.device | str = "cpu") -> LandmarkModel:
@@ -166,7 +155,7 @@ def load_model(path: str | Path, *, device: torch.device | str = "cpu") -> Landm
     if payload.get("weights_sha256") != _weights_digest(state):
         msg = f"{path} is damaged: its weights do not match the checksum written when it was saved"
         raise ModelFileError(msg)
-    description = read_model_description(path)
+    description = check_description(path, str(payload.get("description", "")), payload.get("description_sha256"))
     try:
         config = NetworkConfig.from_dict(dict(description["network"]))
         grid_values = description["grid"]

@@ -131,7 +131,7 @@ def _legend(landmarks: Landmarks, check: np.ndarray, rows: int, scale: int) -> n
         if check[number]:
             text += " check!"
         lines.append((text, check[number], number))
-    title = "expected error; check! = please check" if landmarks.expected_errors is not None else "check! = please check"
+    title = "mm = expected error, check! = please check" if landmarks.expected_errors is not None else "check! = please check"
     height = 7 * scale
     # Shrink the text to fit the image's height when there are many landmarks.
     while scale > 1 and (len(lines) + 2) * height > rows:

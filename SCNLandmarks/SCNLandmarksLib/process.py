@@ -140,8 +140,10 @@ class BackgroundProcess:
             raise RuntimeError(msg)
         options: dict[str, Any] = {}
         if os.name == "nt":
-            # Its own process group, so that the whole tree can be ended without touching Slicer.
-            options["creationflags"] = subprocess.CREATE_NEW_PROCESS_GROUP
+            # Its own process group, so that the whole tree can be ended without touching Slicer;
+            # no console window (as Slicer's launchConsoleProcess), which a user could close and
+            # so kill the training.
+            options["creationflags"] = subprocess.CREATE_NEW_PROCESS_GROUP | subprocess.CREATE_NO_WINDOW
         else:
             options["start_new_session"] = True
         log.info("Starting worker: %s", " ".join(self.command))
@@ -229,10 +231,11 @@ class BackgroundProcess:
             self._kill_deadline is not None
             and time.monotonic() >= self._kill_deadline
             and self._process is not None
-            and self._process.poll() is None
+            and self._tree_alive()
         ):
             log.warning("The worker did not stop after being asked to; killing it")
             self.kill()
+            self._kill_deadline = None
         delivered = []
         while True:
             try:
@@ -248,10 +251,8 @@ class BackgroundProcess:
             if self.on_event is not None:
                 self.on_event(event)
         if self._stream_ended and not self._finished_reported and self._process is not None:
-            try:
-                self._process.wait(timeout=5.0)
-            except subprocess.TimeoutExpired:
-                return delivered  # stdout closed but still alive: try again at the next poll
+            if self._process.poll() is None:
+                return delivered  # stdout closed but still alive: try again at the next poll (never block a GUI)
             for thread in self._threads:
                 thread.join(timeout=1.0)
             self._finished_reported = True
@@ -295,9 +296,27 @@ class BackgroundProcess:
         if os.name != "nt":
             self._signal_group(signal.SIGTERM)
 
+    def _tree_alive(self) -> bool:
+        """True while the worker or anything it started still runs.
+
+        Inside Slicer the worker is ``PythonSlicer``, a launcher whose child does the work: the
+        launcher may be gone while its child still runs, so the process group is asked too.
+        """
+        if self._process is None:
+            return False
+        if self._process.poll() is None:
+            return True
+        if os.name == "nt":
+            return False
+        try:
+            os.killpg(self._process.pid, 0)
+        except (ProcessLookupError, PermissionError):
+            return False
+        return True
+
     def kill(self) -> None:
         """End the worker and everything it started, at once (no ``cancelled`` event)."""
-        if self._process is None or self._process.poll() is not None:
+        if not self._tree_alive():
             return
         if os.name == "nt":
             # taskkill /T ends the tree; Popen.kill alone would leave the children running.
@@ -308,10 +327,11 @@ class BackgroundProcess:
             )
         else:
             self._signal_group(signal.SIGKILL)
-        try:
-            self._process.wait(timeout=10.0)
-        except subprocess.TimeoutExpired:
-            self._process.kill()
+        if self._process.poll() is None:
+            try:
+                self._process.wait(timeout=10.0)
+            except subprocess.TimeoutExpired:
+                self._process.kill()
 
     def _signal_group(self, number: int) -> None:
         assert self._process is not None
@@ -340,7 +360,10 @@ class BackgroundProcess:
         if self.returncode == EXIT_OK and done is not None:
             return done
         if self.returncode == EXIT_CANCELLED or self.last_event("cancelled") is not None or self.cancel_requested:
-            msg = "Fine-tuning was cancelled; no new model was written and the previous model is unchanged"
+            if "detect" in self.command:
+                msg = "Batch detection was cancelled; the images finished before it are kept"
+            else:
+                msg = "Fine-tuning was cancelled; no new model was written and the previous model is unchanged"
             raise WorkerCancelled(msg)
         error = self.last_event("error")
         if error is not None:

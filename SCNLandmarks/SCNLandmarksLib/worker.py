@@ -1,4 +1,4 @@
-"""Background worker: fine-tunes a model on stored training cases, reporting JSON lines.
+"""Background worker: fine-tunes a model on stored training cases, or detects on a folder, reporting JSON lines.
 
 Run with Slicer's Python (``PythonSlicer``) or any Python that has torch::
 
@@ -6,6 +6,12 @@ Run with Slicer's Python (``PythonSlicer``) or any Python that has torch::
         --output <new.scn.pt> [--iterations N | --time-budget SECONDS] [--device auto|cpu|cuda]
         [--landmarks-from-cases] [--keep-worse] [--case NAME ...] [--seed S]
         [--threads N] [--cancel-file PATH]
+    python -m SCNLandmarksLib.worker detect --input-folder <images> --output <folder> --model <model.scn.pt>
+        [--device ...] [--check-above MM] [--threshold C] [--overwrite] [--threads N] [--cancel-file PATH]
+
+``detect`` reports ``started``, one ``progress`` per image and ``done`` with ``succeeded``,
+``failed`` ([{image, error}]), ``cancelled`` (a cancel stops after the current image; finished
+images are kept), ``summary_csv``, ``review_csv`` and ``review_order``.
 
 The cases folder has the layout of :mod:`SCNLandmarksLib.cases`.
 
@@ -148,6 +154,19 @@ def _build_parser() -> argparse.ArgumentParser:
         help="CPU threads for torch (default: all cores but one, so the application stays responsive)",
     )
     finetune.add_argument("--cancel-file", type=Path, default=None, help="stop when this file appears")
+
+    detect = commands.add_parser("detect", help="detect landmarks on every image of a folder")
+    detect.add_argument("--input-folder", required=True, type=Path, help="folder of images (and DICOM series folders)")
+    detect.add_argument("--output", required=True, type=Path, help="folder for the .mrk.json files and landmarks.csv")
+    detect.add_argument("--model", required=True, type=Path, help="model file")
+    detect.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda", "gpu"))
+    detect.add_argument("--check-above", type=float, default=None, metavar="MM",
+                        help="flag points expected further off than this (default: the model's threshold)")
+    detect.add_argument("--threshold", type=float, default=0.3,
+                        help="for models without expected errors: flag points below this confidence")
+    detect.add_argument("--overwrite", action="store_true", help="replace existing output files")
+    detect.add_argument("--threads", type=int, default=None, help="CPU threads for torch (default: all cores but one)")
+    detect.add_argument("--cancel-file", type=Path, default=None, help="stop after the current image when this file appears")
     return parser
 
 
@@ -244,6 +263,43 @@ def _finetune(arguments: argparse.Namespace, emit: _Emitter, should_cancel: _Can
     return EXIT_OK
 
 
+def _detect(arguments: argparse.Namespace, emit: _Emitter, should_cancel: _CancelFlag) -> int:
+    """Batch detection; a cancel stops after the current image and keeps the finished ones ("done")."""
+    from .batch import detect_folder
+    from .device import describe_device, resolve_device
+    from .progress import Progress
+
+    device = resolve_device(arguments.device)
+    _limit_threads(arguments.threads)
+    emit("started", device=describe_device(device), input_folder=str(arguments.input_folder),
+         output=str(arguments.output), model=str(arguments.model))
+
+    def report(progress: Progress) -> None:
+        values = progress.to_dict()
+        values["fraction"] = progress.fraction
+        values["eta_s"] = _finite_or_none(values.get("eta_s"))
+        emit("progress", **values)
+
+    result = detect_folder(
+        arguments.input_folder.expanduser(), arguments.output.expanduser(), arguments.model.expanduser(),
+        device=str(device), low_confidence_threshold=arguments.threshold, check_above_mm=arguments.check_above,
+        overwrite=arguments.overwrite, progress=report, should_cancel=should_cancel,
+    )
+    emit(
+        "done",
+        output=str(arguments.output),
+        succeeded=len(result.succeeded),
+        failed=[{"image": item.image.name, "error": item.error} for item in result.failed],
+        cancelled=should_cancel(),
+        summary_csv=None if result.summary_csv is None else str(result.summary_csv),
+        review_csv=None if result.review_csv is None else str(result.review_csv),
+        review_order=[{"image": image, "expected_error_mm": _finite_or_none(error), "points_to_check": checks}
+                      for image, error, checks in result.review_order],
+        device=result.device,
+    )
+    return EXIT_OK
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the worker; returns the exit code (0 done, 2 error, 3 cancelled)."""
     # Only our JSON lines may reach the real stdout; stray prints from libraries go to stderr.
@@ -269,6 +325,8 @@ def _run(argv: Sequence[str] | None, emit: _Emitter) -> int:
     try:
         if arguments.command == "finetune":
             return _finetune(arguments, emit, should_cancel)
+        if arguments.command == "detect":
+            return _detect(arguments, emit, should_cancel)
         emit("error", message=f"Unknown worker command {arguments.command!r}")  # pragma: no cover
         return EXIT_ERROR
     except TrainingCancelled as cancelled:
@@ -280,7 +338,7 @@ def _run(argv: Sequence[str] | None, emit: _Emitter) -> int:
         return EXIT_ERROR
     except MemoryError:
         traceback.print_exc()
-        emit("error", message="Not enough memory for fine-tuning; use fewer or smaller cases, or the CPU")
+        emit("error", message="Not enough memory; use fewer or smaller cases or images, or the CPU")
         return EXIT_ERROR
     except (ValueError, OSError, FloatingPointError) as error:
         # Our own errors (ModelFileError, bad cases, existing output...) carry a readable message.
@@ -291,9 +349,9 @@ def _run(argv: Sequence[str] | None, emit: _Emitter) -> int:
         traceback.print_exc()
         text = str(error)
         if "out of memory" in text.lower():
-            message = "The GPU ran out of memory during fine-tuning; choose the CPU device or use fewer cases"
+            message = "The GPU ran out of memory; choose the CPU device, or use fewer cases or smaller images"
         else:
-            message = f"Fine-tuning failed unexpectedly: {type(error).__name__}: {text}"
+            message = f"The {arguments.command} run failed unexpectedly: {type(error).__name__}: {text}"
         emit("error", message=message)
         return EXIT_ERROR
     finally:
