@@ -79,3 +79,33 @@ def test_few_cases_are_written_but_reported_unchecked(two_stage_file, tmp_path):
 
 def test_suggested_steps_grow_with_the_cases():
     assert suggested_iterations(5) <= suggested_iterations(20) <= suggested_iterations(100)
+
+
+def _with_error_model(path, tmp_path, *, validation_mean_mm: float):
+    """The starting model with an error model on the global confidence whose validation mean is given."""
+    import numpy as np
+
+    from SCNLandmarksLib.quality import ErrorModel
+
+    model = load_model(path)
+    rng = np.random.default_rng(0)
+    signals = {"global_confidence": rng.uniform(0.01, 1.0, (20, 4))}
+    model.error_model = ErrorModel.fit(signals, np.exp(-np.log(signals["global_confidence"])), use=["global_confidence"])
+    model.error_model.extra["validation_mean_mm"] = validation_mean_mm
+    return save_model(model, tmp_path / f"start-{validation_mean_mm:g}.scn.pt")
+
+
+def test_cases_unlike_the_training_images_fine_tune_both_stages(two_stage_file, tmp_path):
+    path, cases = two_stage_file
+    # Validation images were expected 1000x closer than any point can be here: these cases look foreign.
+    foreign = fine_tune(cases, _with_error_model(path, tmp_path, validation_mean_mm=1e-3),
+                        output=tmp_path / "a.scn.pt", iterations=2, keep_worse=True, device="cpu")
+    assert foreign.stages == ["global", "local"] and "look unlike the model's training images" in foreign.message
+    familiar = fine_tune(cases, _with_error_model(path, tmp_path, validation_mean_mm=1e6),
+                         output=tmp_path / "b.scn.pt", iterations=2, keep_worse=True, device="cpu")
+    assert familiar.stages == ["local"] and "look unlike" not in familiar.message
+    chosen = fine_tune(cases, path, output=tmp_path / "c.scn.pt", iterations=2, keep_worse=True, device="cpu",
+                       stages=["global"])
+    assert chosen.stages == ["global"]
+    with pytest.raises(ValueError, match="Stages must be"):
+        fine_tune(cases, path, output=tmp_path / "d.scn.pt", iterations=2, device="cpu", stages=["everything"])

@@ -107,6 +107,10 @@ class ErrorModel:
         a, y = design[valid], target[valid]
         solution = np.linalg.solve(a.T @ a + penalty, a.T @ y)
         residual = float(np.var(y - a @ solution))
+        # The signals' range on validation: beyond it (an image unlike anything the model saw)
+        # the log-linear model would extrapolate to absurd distances; it says "as bad as the
+        # worst validation points" instead, which is above the check threshold.
+        observed = features[valid]
         model = cls(
             signals=list(use),
             weights=solution[: len(use)],
@@ -115,10 +119,18 @@ class ErrorModel:
             residual_variance=residual,
             check_above_mm=float("inf"),
             fitted_on=fitted_on,
+            extra={"feature_min": observed.min(axis=0).tolist(), "feature_max": observed.max(axis=0).tolist()},
         )
         expected = model.expected_errors(signals)
         model.check_above_mm = float(np.nanquantile(expected[np.isfinite(errors_mm)], 1.0 - flag_fraction))
+        model.extra["validation_mean_mm"] = float(np.nanmean(expected[np.isfinite(errors_mm)]))
         return model
+
+    @property
+    def validation_mean_mm(self) -> float | None:
+        """Mean expected error on the validation images (how an image like the training ones looks)."""
+        value = self.extra.get("validation_mean_mm")
+        return None if value is None else float(value)  # type: ignore[arg-type]
 
     def expected_errors(self, signals: Mapping[str, np.ndarray]) -> np.ndarray:
         """Expected error in mm for each point: ``(..., N)`` signals give ``(..., N)``; NaN where a signal is."""
@@ -126,7 +138,10 @@ class ErrorModel:
         if missing:
             msg = f"The error model needs the signals {missing}"
             raise ValueError(msg)
-        log_error = _features(signals, self.signals) @ self.weights + self.intercept + self.landmark_offsets
+        features = _features(signals, self.signals)
+        if "feature_min" in self.extra and "feature_max" in self.extra:
+            features = np.clip(features, np.asarray(self.extra["feature_min"]), np.asarray(self.extra["feature_max"]))
+        log_error = features @ self.weights + self.intercept + self.landmark_offsets
         return np.exp(log_error + 0.5 * self.residual_variance) - ERROR_FLOOR_MM
 
     def to_dict(self) -> dict[str, object]:
