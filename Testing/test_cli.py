@@ -139,3 +139,30 @@ def test_detect_with_the_bundled_model_flags_points_and_ranks_images_for_review(
     assert all(row["expected_error_mm"] for row in rows) and {row["check"] for row in rows} == {"true", "false"}
     picture = read_image(output / "usual.png", spacing=(1.0, 1.0))
     assert picture.array.shape[-1] > image.array.shape[1]  # the legend panel beside the image
+
+
+def test_distributed_shards_cover_every_image_exactly_once():
+    from pathlib import Path
+
+    from SCNLandmarksLib.cli import shard
+
+    images = [Path(f"/data/img{n:03d}.png") for n in range(23)][::-1]  # listed in any order
+    for count in (1, 2, 5, 23, 30):
+        shares = [shard(images, f"{k}/{count}") for k in range(1, count + 1)]
+        flat = [path for share in shares for path in share]
+        assert sorted(flat) == sorted(images) and len(flat) == len(set(flat))
+        assert max(map(len, shares)) - min(map(len, shares)) <= 1
+    assert shard(images, "2/5") == shard(list(reversed(images)), "2/5")
+    for bad in ("0/3", "4/3", "a/b", "3"):
+        with pytest.raises(ValueError, match="K/N"):
+            shard(images, bad)
+
+
+def test_distributed_shards_merge_into_one_summary(annotated_folder, trained_model, tmp_path):
+    output = tmp_path / "out"
+    for k in (1, 2, 3):
+        assert main(["detect", str(annotated_folder), "--model", str(trained_model), "--output", str(output),
+                     "--shard", f"{k}/3", "--device", "cpu"]) == 0
+    rows = (output / "landmarks.csv").read_text().splitlines()[1:]
+    assert sorted({row.split(",")[0] for row in rows}) == [f"case{n:02d}" for n in range(5)]
+    assert len(rows) == 5 * 4

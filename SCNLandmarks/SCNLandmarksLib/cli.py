@@ -88,6 +88,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help="for models without an error model: flag points with confidence below this (default: 0.3)")
     detect.add_argument("--overlay", action="store_true", help="also write <image>.png with the points drawn")
     detect.add_argument("--overwrite", action="store_true", help="replace existing output files")
+    detect.add_argument("--shard", metavar="K/N", help="process only the K-th of N equal shares of the images "
+                        "(1 <= K <= N; for a job array: every image is in exactly one share, and the runs' "
+                        "landmarks.csv rows merge into one file)")
     _spacing_arg(detect)
     _device_arg(detect)
 
@@ -295,6 +298,23 @@ def _command_finetune(args: argparse.Namespace) -> int:
     return 0
 
 
+def shard(images: Sequence[Path], spec: str) -> list[Path]:
+    """The K-th of N shares of ``images`` ("K/N", K from 1): every image in exactly one share.
+
+    Images are dealt by their sorted path, round robin, so the shares do not depend on the order
+    the file system lists them in and stay balanced.
+    """
+    try:
+        number, count = (int(part) for part in spec.split("/"))
+    except ValueError:
+        number = count = 0
+    if not 1 <= number <= count:
+        msg = f"--shard must be K/N with 1 <= K <= N, for example 2/8; got {spec!r}"
+        raise ValueError(msg)
+    ordered = sorted(images, key=lambda path: str(path))
+    return ordered[number - 1 :: count]
+
+
 def _command_detect(args: argparse.Namespace) -> int:
     from .batch import detect_files, find_images, output_stem
     from .image_io import read_image
@@ -311,6 +331,11 @@ def _command_detect(args: argparse.Namespace) -> int:
     if not images:
         msg = f"No images found in {source}"
         raise ValueError(msg)
+    if args.shard is not None:
+        images = shard(images, args.shard)
+        if not images:
+            print(f"Shard {args.shard}: no images in this share")
+            return 0
     spacing = _spacing(args.spacing)
 
     def overlay(item) -> None:  # noqa: ANN001
