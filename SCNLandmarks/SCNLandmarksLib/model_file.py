@@ -14,7 +14,6 @@ from __future__ import annotations
 import hashlib
 import io
 import json
-import zipfile
 from pathlib import Path
 
 import torch
@@ -25,7 +24,7 @@ from .grid import GridSpec
 from .heatmaps import HeatmapTargets
 from .intensity import IntensityConfig
 from .model import LandmarkModel
-from .model_header import FORMAT_TAG, FORMAT_VERSION, MODEL_SUFFIX, check_description, read_header
+from .model_header import FORMAT_TAG, FORMAT_VERSION, MODEL_SUFFIX, check_archive, check_description, check_format, read_header
 from .network import NetworkConfig, build_network
 from .quality import ErrorModel
 from .refinement import RefinementNetwork, RefinerConfig
@@ -103,15 +102,7 @@ def save_model(model: LandmarkModel, path: str | Path, *, overwrite: bool = Fals
 
 
 def _read_payload(path: Path) -> dict[str, object]:
-    if not path.exists():
-        msg = f"Model file not found: {path}"
-        raise ModelFileError(msg)
-    if path.is_dir():
-        msg = f"Expected a model file but {path} is a folder"
-        raise ModelFileError(msg)
-    if not zipfile.is_zipfile(path):
-        msg = f"{path} is not an SCNLandmarks model file (it is not a PyTorch archive, or it is truncated)"
-        raise ModelFileError(msg)
+    check_archive(path)
     try:
         payload = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:  # torch raises several types for damaged or unsafe files
@@ -121,14 +112,7 @@ def _read_payload(path: Path) -> dict[str, object]:
         else:
             msg = f"{path} could not be read as a model file; it is damaged or truncated ({type(error).__name__})"
         raise ModelFileError(msg) from error
-    if not isinstance(payload, dict) or payload.get("format") != FORMAT_TAG:
-        msg = f"{path} is a PyTorch file but not an SCNLandmarks model (no '{FORMAT_TAG}' tag)"
-        raise ModelFileError(msg)
-    version = payload.get("format_version")
-    if not isinstance(version, int) or version > FORMAT_VERSION:
-        msg = f"{path} was written by a newer SCNLandmarks (format {version}); update SCNLandmarks to use it"
-        raise ModelFileError(msg)
-    return payload
+    return check_format(path, payload)
 
 
 def read_model_description(path: str | Path) -> dict[str, object]:

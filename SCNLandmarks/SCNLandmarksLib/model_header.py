@@ -21,7 +21,7 @@ from pathlib import Path
 
 from .errors import ModelFileError
 
-__all__ = ["FORMAT_TAG", "FORMAT_VERSION", "MODEL_SUFFIX", "check_description", "read_header"]
+__all__ = ["FORMAT_TAG", "FORMAT_VERSION", "MODEL_SUFFIX", "check_archive", "check_description", "check_format", "read_header"]
 
 MODEL_SUFFIX = ".scn.pt"
 FORMAT_TAG = "scn-landmarks-model"
@@ -49,7 +49,8 @@ class _HeaderUnpickler(pickle.Unpickler):
         return None
 
 
-def _read_record(path: Path) -> dict[str, object]:
+def check_archive(path: Path) -> None:
+    """Refuse, with the reason, what cannot be a model file before reading it."""
     if not path.exists():
         msg = f"Model file not found: {path}"
         raise ModelFileError(msg)
@@ -59,6 +60,22 @@ def _read_record(path: Path) -> dict[str, object]:
     if not zipfile.is_zipfile(path):
         msg = f"{path} is not an SCNLandmarks model file (it is not a PyTorch archive, or it is truncated)"
         raise ModelFileError(msg)
+
+
+def check_format(path: Path, payload: object) -> dict[str, object]:
+    """The payload, when it is an SCNLandmarks model of a format this version reads."""
+    if not isinstance(payload, dict) or payload.get("format") != FORMAT_TAG:
+        msg = f"{path} is a PyTorch file but not an SCNLandmarks model (no '{FORMAT_TAG}' tag)"
+        raise ModelFileError(msg)
+    version = payload.get("format_version")
+    if not isinstance(version, int) or version > FORMAT_VERSION:
+        msg = f"{path} was written by a newer SCNLandmarks (format {version}); update SCNLandmarks to use it"
+        raise ModelFileError(msg)
+    return payload
+
+
+def _read_record(path: Path) -> dict[str, object]:
+    check_archive(path)
     try:
         with zipfile.ZipFile(path) as archive:
             names = [n for n in archive.namelist() if n.endswith("/data.pkl") or n == "data.pkl"]
@@ -71,14 +88,7 @@ def _read_record(path: Path) -> dict[str, object]:
     except (pickle.UnpicklingError, zipfile.BadZipFile, EOFError, ValueError, OSError) as error:
         msg = f"{path} could not be read as a model file: {error}"
         raise ModelFileError(msg) from error
-    if not isinstance(payload, dict) or payload.get("format") != FORMAT_TAG:
-        msg = f"{path} is a PyTorch file but not an SCNLandmarks model (no '{FORMAT_TAG}' tag)"
-        raise ModelFileError(msg)
-    version = payload.get("format_version")
-    if not isinstance(version, int) or version > FORMAT_VERSION:
-        msg = f"{path} was written by a newer SCNLandmarks (format {version}); update SCNLandmarks to use it"
-        raise ModelFileError(msg)
-    return payload
+    return check_format(path, payload)
 
 
 def check_description(path: str | Path, text: str, expected: object) -> dict[str, object]:
