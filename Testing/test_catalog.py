@@ -165,7 +165,8 @@ def test_import_model_file_validates_and_copies_once(folders, tmp_path, model_by
 
 
 def test_listing_works_before_torch_is_installed(folders):
-    """Inside Slicer the module lists models before PyTorch is installed: names only, no errors."""
+    """Inside Slicer the module lists models before PyTorch is installed, each with its landmark set
+    (the description is read without torch), and a damaged file is named as such."""
     import subprocess
     import sys
 
@@ -173,9 +174,9 @@ def test_listing_works_before_torch_is_installed(folders):
         "import sys; sys.modules['torch'] = None\n"
         "from SCNLandmarksLib import catalog\n"
         "entries = {e.name: e for e in catalog.list_models()}\n"
-        "assert entries['Cephalometric'].error is None and entries['Cephalometric'].dimension is None\n"
-        "assert entries['broken'].error is None\n"
-        "assert entries['mine-ft001'].label == 'mine-ft001 (user)'\n"
+        "assert entries['Cephalometric'].error is None and entries['Cephalometric'].dimension == 2\n"
+        "assert entries['broken'].error is not None and not entries['broken'].usable\n"
+        "assert entries['mine-ft001'].label.startswith('mine-ft001 (2D, ') and entries['mine-ft001'].label.endswith(', user)')\n"
         "assert str(catalog.default_model()).endswith('ceph.scn.pt')\n"
         "print('ok')\n"
     )

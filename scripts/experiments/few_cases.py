@@ -75,7 +75,7 @@ def run_one(architecture: str, size: int, settings: X.Settings, folder: Path, da
     X.reset_peak_memory(device)
     result = train_model(cases, model, output=folder / "model.scn.pt",
                          config=X.training_config(settings, validate_every=0), validation_cases=[],
-                         checkpoint=folder / "checkpoint.pt", resume=True, progress=X.progress_bar(), overwrite=True)
+                         checkpoint=folder / "checkpoint.pt", resume=(folder / "checkpoint.pt").exists(), progress=X.progress_bar(), overwrite=True)
     peak = X.peak_memory_mib(device)
     predictions, seconds = X.detect_all(result.model, data["test"], settings.device)
     reports = X.evaluate_against(predictions, data["test_truths"])

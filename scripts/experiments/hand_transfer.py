@@ -127,7 +127,7 @@ def run_arm(arm: str, fold: int, ceph_path: Path, settings: X.Settings, folder: 
     X.reset_peak_memory(device)
     result = train_model([data["cases"][i] for i in train_ids], model, output=folder / "model.scn.pt",
                          config=X.training_config(settings, validate_every=0), validation_cases=[],
-                         checkpoint=folder / "checkpoint.pt", resume=True, progress=watcher, overwrite=True)
+                         checkpoint=folder / "checkpoint.pt", resume=(folder / "checkpoint.pt").exists(), progress=watcher, overwrite=True)
     peak = X.peak_memory_mib(device)
     predictions, _ = X.detect_all(result.model, test_cases, settings.device)
     report = X.evaluate_against(predictions, {"truth": {c.name: c.landmarks for c in test_cases}},

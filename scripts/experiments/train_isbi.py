@@ -136,7 +136,7 @@ def train_configuration(config: Configuration, settings: X.Settings, folder: Pat
     result = train_model(data["training"][config.annotation], model, output=folder / "model-full.scn.pt",
                          config=X.training_config(settings, iterations=iterations, validate_every=validate_every),
                          validation_cases=data["validation"][config.annotation], checkpoint=folder / "checkpoint.pt",
-                         resume=True, progress=X.progress_bar(), overwrite=True)
+                         resume=(folder / "checkpoint.pt").exists(), progress=X.progress_bar(), overwrite=True)
     peak = X.peak_memory_mib(device)
     # Evaluate exactly what ships: the half-precision file, loaded back.
     model_path = save_model(result.model, folder / "model.scn.pt", half_precision=True, overwrite=True)

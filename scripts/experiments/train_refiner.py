@@ -156,7 +156,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             device=args.device, time_budget_s=None if args.time_budget_min is None else 60 * args.time_budget_min,
         )
         result = train_refiner(cases, model, output=full_precision, config=config, validation_cases=validation,
-                               checkpoint=output / "refiner.checkpoint.pt", resume=True,
+                               checkpoint=output / "refiner.checkpoint.pt",
+                               resume=(output / "refiner.checkpoint.pt").exists(),
                                progress=X.progress_bar(), overwrite=True)
         timings["refiner_training_s"] = result.seconds
         model.info = {**model.info, "annotation": args.annotation, "training_ids": "splits/train_N135.txt",
