@@ -56,16 +56,31 @@ def test_a_fine_tune_that_is_not_better_keeps_the_starting_model(two_stage_file,
     path, cases = two_stage_file
     start = load_model(path)
 
-    def measured(model, held_out, device):  # the starting model is better on every fold
-        return 1.0 if model is start else 2.0
+    def measured(model, held_out, device):  # the starting model is better on every case
+        return [1.0] * len(held_out) if model is start else [2.0 + 0.1 * n for n in range(len(held_out))]
 
-    monkeypatch.setattr(finetuning, "_mean_error", measured)
+    monkeypatch.setattr(finetuning, "_case_errors", measured)
     report = fine_tune(cases, start, output=tmp_path / "new.scn.pt", iterations=2, device="cpu")
     assert report.verdict == "not better" and report.output is None and not (tmp_path / "new.scn.pt").exists()
-    assert (report.start_error_mm, report.new_error_mm) == (1.0, 2.0)
+    assert report.start_error_mm == 1.0 and 2.0 <= report.new_error_mm < 2.1
     assert "starting model is kept" in report.message and "1.00 mm" in report.message
+    assert "can tell apart" not in report.message  # worse on every case: a clear verdict
     kept = fine_tune(cases, start, output=tmp_path / "anyway.scn.pt", iterations=2, device="cpu", keep_worse=True)
     assert kept.output.exists() and "NOT better" in kept.message
+
+
+def test_a_verdict_within_the_noise_of_few_cases_says_so(two_stage_file, tmp_path, monkeypatch):
+    path, cases = two_stage_file
+    start = load_model(path)
+    swings = iter([0.5, -0.6, 0.55, -0.45])  # better on some cases, worse on others
+
+    def measured(model, held_out, device):
+        return [1.0] * len(held_out) if model is start else [1.0 + next(swings) for _ in held_out]
+
+    monkeypatch.setattr(finetuning, "_case_errors", measured)
+    report = fine_tune(cases, start, output=tmp_path / "new.scn.pt", iterations=2, device="cpu", keep_worse=True)
+    assert "within what 4 cases can tell apart" in report.message
+    assert all(len(f["start_cases_mm"]) == len(f["held_out"]) for f in report.per_fold)
 
 
 def test_few_cases_are_written_but_reported_unchecked(two_stage_file, tmp_path):
