@@ -65,6 +65,12 @@ def detect_and_report(model_path: Path, image_path: Path, output: Path, *, devic
     print(f"Detected {len(item.landmarks)} landmarks on {image_path.name} with {model_path.name} on {report.device} "
           f"in {time.perf_counter() - started:.1f} s (model load included)")
     print(f"  markups: {item.output}\n  summary: {report.summary_csv}\n  picture: {picture}")
+    found = item.landmarks
+    if found.check is not None and found.check.any():
+        rows = [f"{name} ({error:.1f} mm)" if found.expected_errors is not None else name
+                for name, error, check in zip(found.names, found.expected_errors if found.expected_errors is not None
+                                              else [float("nan")] * len(found), found.check) if check]
+        print(f"  check first (expected error): {', '.join(rows)}")
     truths = truth if isinstance(truth, dict) else ({} if truth is None else {"senior annotation": truth})
     for label, reference in truths.items():
         errors = point_errors(item.landmarks, reference)
