@@ -6,7 +6,7 @@ from SCNLandmarksLib.grid import GridSpec
 from SCNLandmarksLib.model import LandmarkModel, create_model
 from SCNLandmarksLib.network import NetworkConfig
 from SCNLandmarksLib.synthetic import make_synthetic_dataset
-from SCNLandmarksLib.training import TrainingCase
+from SCNLandmarksLib.training_case import TrainingCase
 
 # An oblique, anisotropic 2D grid with a non-zero origin.
 GEOMETRY_2D = {"dimension": 2, "size": (80, 72), "spacing": (0.9, 1.2), "origin": (12.0, -30.0), "direction": 0.3}

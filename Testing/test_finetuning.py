@@ -11,7 +11,7 @@ from SCNLandmarksLib.finetuning import fine_tune, plan_landmarks, suggested_iter
 from SCNLandmarksLib.landmarks import Landmarks
 from SCNLandmarksLib.model_file import load_model, read_model_description, save_model
 from SCNLandmarksLib.refinement_training import attach_refiner
-from SCNLandmarksLib.training import TrainingCase
+from SCNLandmarksLib.training_case import TrainingCase
 
 REFINER = {"patch_size": 32, "spacing_mm": 0.5, "filters": (8, 16, 32), "target_sigma_mm": 1.0}
 

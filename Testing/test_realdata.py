@@ -19,7 +19,8 @@ from SCNLandmarksLib.grid import GridSpec
 from SCNLandmarksLib.image_io import read_image
 from SCNLandmarksLib.landmark_io import read_landmarks
 from SCNLandmarksLib.model import create_model
-from SCNLandmarksLib.training import TrainingCase, TrainingConfig, train_model
+from SCNLandmarksLib.training import TrainingConfig, train_model
+from SCNLandmarksLib.training_case import TrainingCase
 
 ITERATIONS = int(os.environ.get("SCN_SMOKE_ITERATIONS", "300"))
 

@@ -11,7 +11,8 @@ from SCNLandmarksLib.evaluation import point_errors
 from SCNLandmarksLib.heatmaps import HeatmapTargets, heatmap_loss
 from SCNLandmarksLib.landmarks import Landmarks
 from SCNLandmarksLib.model_file import load_model, save_model
-from SCNLandmarksLib.training import TrainingCase, TrainingConfig, adapt_to_landmarks, train_model
+from SCNLandmarksLib.training import TrainingConfig, adapt_to_landmarks, train_model
+from SCNLandmarksLib.training_case import TrainingCase
 
 
 def mean_error(model_or_path, cases) -> float:

@@ -108,7 +108,7 @@ def train_demo_model(output: Path, *, minutes: float, device: str) -> tuple[Path
         grid = GridSpec(size=(256, 256))
     else:
         from SCNLandmarksLib.synthetic import make_synthetic_dataset
-        from SCNLandmarksLib.training import TrainingCase
+        from SCNLandmarksLib.training_case import TrainingCase
 
         print("No bundled default model and no real data reachable (set SCN_DATA_DIR): training on synthetic images.")
         data = make_synthetic_dataset(21, seed=7, dimension=2, size=(96, 96), spacing=(1.0, 1.0), num_landmarks=5)

@@ -17,7 +17,7 @@ import torch
 from .atomic import atomic_write_text
 
 from .detection import Detector
-from .image_io import read_image
+from .image_io import IMAGE_SUFFIXES, find_images, output_stem, read_image  # re-exported: the batch API
 from .landmark_io import merge_detection_summary_csv, write_mrk_json
 from .landmarks import Landmarks
 from .model import LandmarkModel
@@ -28,33 +28,8 @@ __all__ = ["BatchItem", "BatchReport", "detect_files", "detect_folder", "find_im
 
 log = logging.getLogger(__name__)
 
-IMAGE_SUFFIXES = (".nrrd", ".nhdr", ".nii", ".nii.gz", ".mha", ".mhd", ".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".dcm")
 SUMMARY_NAME = "landmarks.csv"
 REVIEW_NAME = "review_order.csv"
-
-
-def output_stem(path: Path) -> str:
-    """File name without its (possibly double) image extension: ``ct.nii.gz`` -> ``ct``."""
-    name = path.name
-    for suffix in sorted(IMAGE_SUFFIXES, key=len, reverse=True):
-        if name.lower().endswith(suffix):
-            return name[: -len(suffix)]
-    return path.stem
-
-
-def find_images(folder: str | Path) -> list[Path]:
-    """Image files in ``folder`` (not recursive) and its sub-folders that hold a DICOM series, sorted."""
-    folder = Path(folder)
-    if not folder.is_dir():
-        msg = f"Input folder not found: {folder}"
-        raise FileNotFoundError(msg)
-    images = []
-    for entry in sorted(folder.iterdir()):
-        if entry.is_file() and entry.name.lower().endswith(IMAGE_SUFFIXES) and not entry.name.lower().endswith(".dcm"):
-            images.append(entry)
-        elif entry.is_dir() and any(p.suffix.lower() == ".dcm" for p in entry.iterdir()):
-            images.append(entry)
-    return images
 
 
 @dataclass

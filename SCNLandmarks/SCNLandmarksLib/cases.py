@@ -42,7 +42,7 @@ from .user_folders import user_data_folder
 
 if TYPE_CHECKING:
     from .image import Image
-    from .training import TrainingCase
+    from .training_case import TrainingCase
 
 __all__ = [
     "CASE_FILE",
@@ -300,7 +300,7 @@ def read_training_cases(
     Raises:
         ValueError: no cases, an unknown name, or a damaged case (named in the message).
     """
-    from .training import TrainingCase
+    from .training_case import TrainingCase
 
     folder = Path(folder).expanduser() if folder is not None else default_cases_folder()
     available = {info.name: info for info in list_cases(folder)}

@@ -316,8 +316,8 @@ def shard(images: Sequence[Path], spec: str) -> list[Path]:
 
 
 def _command_detect(args: argparse.Namespace) -> int:
-    from .batch import detect_files, find_images, output_stem
-    from .image_io import read_image
+    from .batch import detect_files
+    from .image_io import find_images, is_dicom_folder, output_stem, read_image
     from .overlay import write_overlay_png
     from .progress import TextProgressBar
 
@@ -326,8 +326,7 @@ def _command_detect(args: argparse.Namespace) -> int:
     if not source.exists():
         msg = f"Input not found: {source} (no such image file or folder)"
         raise FileNotFoundError(msg)
-    is_dicom_folder = source.is_dir() and any(p.suffix.lower() == ".dcm" for p in source.iterdir())
-    images = [source] if source.is_file() or is_dicom_folder else find_images(source)
+    images = [source] if source.is_file() or is_dicom_folder(source) else find_images(source)
     if not images:
         msg = f"No images found in {source}"
         raise ValueError(msg)

@@ -8,12 +8,11 @@ from typing import Literal
 
 import numpy as np
 
-from .batch import find_images, output_stem
 from .image import Image
-from .image_io import read_image
+from .image_io import find_images, output_stem, read_image
 from .landmark_io import read_landmark_csv, read_landmarks
 from .landmarks import Landmarks
-from .training import TrainingCase
+from .training_case import TrainingCase
 
 __all__ = ["load_cases", "read_id_list", "read_landmark_names"]
 

@@ -38,7 +38,7 @@ from .progress import Progress, ProgressCallback
 
 if TYPE_CHECKING:  # torch-heavy; imported where used so that the defaults load without torch
     from .model import LandmarkModel
-    from .training import TrainingCase
+    from .training_case import TrainingCase
 
 __all__ = ["FineTuneReport", "case_landmark_set", "fine_tune", "plan_landmarks", "suggested_iterations"]
 
@@ -410,7 +410,7 @@ def _fine_tune(  # noqa: PLR0913 - the arguments of fine_tune, checked
     if uncertainty is not None and start_error is not None and abs(new_error - start_error) < 2 * uncertainty:
         # Measured: with 10 cases, which 3-4 cases a fold holds out decides much of the verdict
         # (scripts/experiments/review_first.py); say so rather than sound sure.
-        message += (f" The difference is within what {len(cases)} cases can tell apart (±{uncertainty:.2f} mm); "
+        message += (f" The difference is within what {len(cases)} cases can tell apart (+/-{uncertainty:.2f} mm); "
                     "more corrected cases make this check reliable.")
     log.info(message)
     return FineTuneReport(verdict, written, start_error, new_error, len(folds), stages, [c.name for c in cases],

@@ -20,7 +20,8 @@ from .atomic import atomic_path
 from .geometry import ImageGeometry
 from .image import Image
 
-__all__ = ["image_from_sitk", "image_to_sitk", "read_image", "write_image"]
+__all__ = ["IMAGE_SUFFIXES", "find_images", "image_from_sitk", "image_to_sitk", "is_dicom_folder", "output_stem",
+           "read_image", "write_image"]
 
 logger = logging.getLogger(__name__)
 
@@ -272,3 +273,37 @@ def write_image(image: Image, path: str | os.PathLike[str], *, overwrite: bool =
             msg = f"Could not write the image {path}: {reason}"
             raise ValueError(msg) from error
     return path
+
+
+# --------------------------------------------------------------------------- finding images
+
+IMAGE_SUFFIXES = (".nrrd", ".nhdr", ".nii", ".nii.gz", ".mha", ".mhd", ".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".dcm")
+
+
+def output_stem(path: Path) -> str:
+    """File name without its (possibly double) image extension: ``ct.nii.gz`` -> ``ct``."""
+    name = path.name
+    for suffix in sorted(IMAGE_SUFFIXES, key=len, reverse=True):
+        if name.lower().endswith(suffix):
+            return name[: -len(suffix)]
+    return path.stem
+
+
+def is_dicom_folder(path: Path) -> bool:
+    """True for a folder holding ``.dcm`` files (read as one DICOM series)."""
+    return path.is_dir() and any(p.suffix.lower() == ".dcm" for p in path.iterdir())
+
+
+def find_images(folder: str | Path) -> list[Path]:
+    """Image files in ``folder`` (not recursive) and its sub-folders that hold a DICOM series, sorted."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        msg = f"Input folder not found: {folder}"
+        raise FileNotFoundError(msg)
+    images = []
+    for entry in sorted(folder.iterdir()):
+        if entry.is_file() and entry.name.lower().endswith(IMAGE_SUFFIXES) and not entry.name.lower().endswith(".dcm"):
+            images.append(entry)
+        elif is_dicom_folder(entry):
+            images.append(entry)
+    return images

@@ -17,7 +17,7 @@ from .shape_model import MIN_SHAPES, ShapeModel
 
 if TYPE_CHECKING:
     from .model import LandmarkModel
-    from .training import TrainingCase
+    from .training_case import TrainingCase
 
 __all__ = ["DEFAULT_FLAG_FRACTION", "QUALITY_SIGNALS", "fit_point_quality"]
 

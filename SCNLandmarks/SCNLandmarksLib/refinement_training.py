@@ -43,7 +43,8 @@ from .refinement import (
     sample_crop,
 )
 from .step_loop import StepLoop, foreign_checkpoint, resume_state, write_trained_model
-from .training import TrainingCase, aligned_positions, split_cases, warmup_cosine
+from .training import aligned_positions, split_cases, warmup_cosine
+from .training_case import TrainingCase
 
 __all__ = ["RefinerTrainingConfig", "RefinerTrainingResult", "attach_refiner", "train_refiner"]
 

@@ -35,20 +35,12 @@ from .network import build_network
 from .preprocess import OUTSIDE_VALUE, PreparedImage, prepare_image
 from .progress import ProgressCallback
 from .refinement import RefinementNetwork, RefinerConfig
+from .training_case import TrainingCase
 from .step_loop import StepLoop, foreign_checkpoint, resume_state, write_trained_model
 
-__all__ = ["TrainingCase", "TrainingConfig", "TrainingResult", "adapt_to_landmarks", "train_model"]
+__all__ = ["TrainingConfig", "TrainingResult", "adapt_to_landmarks", "train_model"]
 
 log = logging.getLogger(__name__)
-
-
-@dataclass
-class TrainingCase:
-    """One annotated image. Missing landmarks (NaN) are left out of the loss."""
-
-    image: Image
-    landmarks: Landmarks
-    name: str = ""
 
 
 @dataclass

@@ -290,7 +290,7 @@ def load_isbi_cases(isbi: Path, ids: Sequence[str], *, annotation: str = "senior
 
 def with_landmarks(cases: Sequence[Any], table: Mapping[str, Any]) -> list[Any]:
     """The same images (shared, not copied) with the landmarks of ``table[case.name]``."""
-    from SCNLandmarksLib.training import TrainingCase
+    from SCNLandmarksLib.training_case import TrainingCase
 
     return [TrainingCase(case.image, table[case.name], case.name) for case in cases]
 

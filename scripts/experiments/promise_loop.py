@@ -65,7 +65,7 @@ def mirrored_case(case: Any) -> Any:
     """The case flipped along its image x axis (a left-facing radiograph), points moved with it."""
     from SCNLandmarksLib.image import Image
     from SCNLandmarksLib.landmarks import Landmarks
-    from SCNLandmarksLib.training import TrainingCase
+    from SCNLandmarksLib.training_case import TrainingCase
 
     geometry = case.image.geometry
     index = geometry.physical_to_index(case.landmarks.positions)
@@ -76,14 +76,14 @@ def mirrored_case(case: Any) -> Any:
 
 def inverted_case(case: Any) -> Any:
     from SCNLandmarksLib.image import Image
-    from SCNLandmarksLib.training import TrainingCase
+    from SCNLandmarksLib.training_case import TrainingCase
 
     array = case.image.array
     return TrainingCase(Image(array.max() + array.min() - array, case.image.geometry), case.landmarks, case.name)
 
 
 def device_case(case: Any) -> Any:
-    from SCNLandmarksLib.training import TrainingCase
+    from SCNLandmarksLib.training_case import TrainingCase
 
     return TrainingCase(simulate_device(case.image, DEVICE_SEED + int(case.name)), case.landmarks, case.name)
 
@@ -121,7 +121,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     torch.set_num_threads(args.threads)
     from SCNLandmarksLib.model_file import load_model
-    from SCNLandmarksLib.training import TrainingCase
+    from SCNLandmarksLib.training_case import TrainingCase
 
     scenarios = args.scenarios.split(",")
     data = X.find_data_folder(args.data)
