@@ -47,11 +47,12 @@ from slicer.ScriptedLoadableModule import (
 from slicer.util import VTKObservationMixin
 
 # PyTorch below this version is refused (PyTorch Utils installs a matching build).
+from SCNLandmarksLib.quality import LOW_CONFIDENCE as DEFAULT_LOW_CONFIDENCE_THRESHOLD  # noqa: E402 - torch-free
+
 MINIMUM_TORCH_VERSION = "2.1"
 # Packages Slicer ships (or PyTorch Utils installs with the right GPU build): pip must never
 # reinstall or upgrade them, or Slicer's own modules may break.
 NEVER_REINSTALL = ("SimpleITK", "numpy", "torch", "vtk")
-DEFAULT_LOW_CONFIDENCE_THRESHOLD = 0.3
 SETTINGS_MODEL_KEY = "SCNLandmarks/model"
 
 

@@ -22,7 +22,7 @@ from .landmark_io import merge_detection_summary_csv, write_mrk_json
 from .landmarks import Landmarks
 from .model import LandmarkModel
 from .progress import Progress, ProgressCallback, estimate_eta
-from .quality import review_order
+from .quality import LOW_CONFIDENCE, review_order
 
 __all__ = ["BatchItem", "BatchReport", "detect_files", "detect_folder", "find_images", "output_stem"]
 
@@ -69,7 +69,7 @@ def detect_files(
     *,
     device: str | torch.device = "auto",
     spacing: Sequence[float] | None = None,
-    low_confidence_threshold: float | None = 0.3,
+    low_confidence_threshold: float | None = LOW_CONFIDENCE,
     check_above_mm: float | None = None,
     overwrite: bool = False,
     progress: ProgressCallback | None = None,

@@ -9,6 +9,8 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+from .quality import LOW_CONFIDENCE
+
 __all__ = ["main"]
 
 EXIT_ERROR = 2
@@ -84,8 +86,8 @@ def build_parser() -> argparse.ArgumentParser:
     detect.add_argument("--output", type=Path, default=Path("scn-output"), help="output folder (default: ./scn-output)")
     detect.add_argument("--check-above", type=float, default=None, metavar="MM",
                         help="flag points whose expected error exceeds this many mm (default: the model's validated threshold)")
-    detect.add_argument("--threshold", type=float, default=0.3,
-                        help="for models without an error model: flag points with confidence below this (default: 0.3)")
+    detect.add_argument("--threshold", type=float, default=LOW_CONFIDENCE,
+                        help=f"for models without an error model: flag points with confidence below this (default: {LOW_CONFIDENCE})")
     detect.add_argument("--overlay", action="store_true", help="also write <image>.png with the points drawn")
     detect.add_argument("--overwrite", action="store_true", help="replace existing output files")
     detect.add_argument("--shard", metavar="K/N", help="process only the K-th of N equal shares of the images "

@@ -37,6 +37,7 @@ from .model import LandmarkModel
 from .model_file import load_model
 from .preprocess import OUTSIDE_VALUE, PreparedImage, prepare_image
 from .decode import heatmap_maxima
+from .quality import LOW_CONFIDENCE
 from .refinement import prepare_for_refiner, refine_positions
 
 __all__ = ["AS_IS", "Detector", "ImageReading", "detect", "detection_grid", "image_readings"]
@@ -47,8 +48,6 @@ log = logging.getLogger(__name__)
 CONFIDENT_READING = 0.5
 # How many times more confident another reading must be to replace the image as it is.
 OTHER_READING_MARGIN = 2.0
-# Points below this confidence are to be checked when the model has no error model.
-LOW_CONFIDENCE = 0.3
 
 
 @dataclasses.dataclass(frozen=True)

@@ -32,6 +32,7 @@ from vtk.util import numpy_support
 from .geometry import ImageGeometry, lps_to_ras, ras_to_lps
 from .image import Image
 from .landmark_io import compose_point_description, parse_point_description
+from .quality import LOW_CONFIDENCE
 from .landmarks import Landmarks
 
 __all__ = [
@@ -203,7 +204,7 @@ def markups_from_landmarks(
     *,
     scene,  # noqa: ANN001
     name: str = "Landmarks",
-    low_confidence_threshold: float | None = 0.3,
+    low_confidence_threshold: float | None = LOW_CONFIDENCE,
     existing_node=None,  # noqa: ANN001
     reference_geometry: ImageGeometry | None = None,
     model_name: str = "",

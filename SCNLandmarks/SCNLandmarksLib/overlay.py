@@ -15,6 +15,7 @@ import numpy as np
 from .atomic import atomic_path
 from .image import Image
 from .landmarks import Landmarks
+from .quality import LOW_CONFIDENCE
 
 __all__ = ["render_overlay", "write_overlay_png"]
 
@@ -79,7 +80,7 @@ def _to_check(landmarks: Landmarks, low_confidence_threshold: float) -> np.ndarr
     return np.isfinite(landmarks.confidences) & (landmarks.confidences < low_confidence_threshold)
 
 
-def render_overlay(image: Image, landmarks: Landmarks, *, low_confidence_threshold: float = 0.3) -> np.ndarray:
+def render_overlay(image: Image, landmarks: Landmarks, *, low_confidence_threshold: float = LOW_CONFIDENCE) -> np.ndarray:
     """RGB ``(rows, columns + legend, 3)`` uint8 picture of the image with its landmarks.
 
     The image (the slice through the landmarks' mean for 3D) gets a numbered cross per
@@ -147,7 +148,7 @@ def _legend(landmarks: Landmarks, check: np.ndarray, rows: int, scale: int) -> n
 
 
 def write_overlay_png(image: Image, landmarks: Landmarks, path: str | Path, *, overwrite: bool = False,
-                      low_confidence_threshold: float = 0.3) -> Path:
+                      low_confidence_threshold: float = LOW_CONFIDENCE) -> Path:
     """Write :func:`render_overlay` as a PNG file (atomically)."""
     import SimpleITK as sitk
 

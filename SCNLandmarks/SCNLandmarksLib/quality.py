@@ -22,8 +22,11 @@ import numpy as np
 
 from .landmarks import Landmarks
 
-__all__ = ["SIGNALS", "ErrorModel", "review_order"]
+__all__ = ["LOW_CONFIDENCE", "SIGNALS", "ErrorModel", "review_order"]
 
+# Points below this confidence are to be checked when the model has no error model (the one
+# default of the CLI, the API, the overlay and Slicer).
+LOW_CONFIDENCE = 0.3
 ERROR_FLOOR_MM = 0.1
 # How each signal enters the model: its logarithm after adding (or clipping at) a floor, so that
 # a perfect signal (a zero spread, a peak of 1) stays finite.

@@ -54,6 +54,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, NoReturn, TextIO
 
+from .quality import LOW_CONFIDENCE
+
 __all__ = ["EXIT_CANCELLED", "EXIT_ERROR", "EXIT_OK", "main"]
 
 EXIT_OK = 0
@@ -162,7 +164,7 @@ def _build_parser() -> argparse.ArgumentParser:
     detect.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda", "gpu"))
     detect.add_argument("--check-above", type=float, default=None, metavar="MM",
                         help="flag points expected further off than this (default: the model's threshold)")
-    detect.add_argument("--threshold", type=float, default=0.3,
+    detect.add_argument("--threshold", type=float, default=LOW_CONFIDENCE,
                         help="for models without expected errors: flag points below this confidence")
     detect.add_argument("--overwrite", action="store_true", help="replace existing output files")
     detect.add_argument("--threads", type=int, default=None, help="CPU threads for torch (default: all cores but one)")
