@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import signal
 import sys
 from collections.abc import Sequence
@@ -215,9 +216,12 @@ def _run_training(args: argparse.Namespace, model, cases) -> int:  # noqa: ANN00
         from .training import TrainingResult
 
         result = TrainingResult(load_model(global_output), global_output, 0, [], None, 0.0, args.device)
+    # Under torchrun every process trains; process 0 alone reports and writes (see distributed.py).
+    main_process = int(os.environ.get("RANK", "0")) == 0
+    say = print if main_process else (lambda *_args, **_kwargs: None)
     best = result.best_validation_mre_mm
-    print(f"Wrote {result.output} after {result.iterations} iterations in {result.seconds:.0f} s on {result.device}"
-          + (f"; best validation MRE {best:.2f} mm" if best is not None else ""))
+    say(f"Wrote {result.output} after {result.iterations} iterations in {result.seconds:.0f} s on {result.device}"
+        + (f"; best validation MRE {best:.2f} mm" if best is not None else ""))
     if refine_steps:
         from .refinement_training import RefinerTrainingConfig, attach_refiner, train_refiner
 
@@ -230,9 +234,11 @@ def _run_training(args: argparse.Namespace, model, cases) -> int:  # noqa: ANN00
                                 checkpoint=checkpoint.with_name(checkpoint.name + ".local"),
                                 resume=args.resume and checkpoint.with_name(checkpoint.name + ".local").exists())
         best = refined.best_validation_mre_mm
-        print(f"Wrote {refined.output} (global + refinement stage) after {refined.seconds:.0f} s more"
-              + (f"; best validation MRE {best:.2f} mm" if best is not None else ""))
+        say(f"Wrote {refined.output} (global + refinement stage) after {refined.seconds:.0f} s more"
+            + (f"; best validation MRE {best:.2f} mm" if best is not None else ""))
         result = refined
+    if not main_process:
+        return 0
     from .model_file import save_model
     from .quality_fitting import fit_point_quality
     from .training import split_cases

@@ -42,6 +42,7 @@ from .refinement import (
     refinement_loss,
     sample_crop,
 )
+from .distributed import distributed_from_environment
 from .step_loop import StepLoop, foreign_checkpoint, resume_state, write_trained_model
 from .training import aligned_positions, split_cases, warmup_cosine
 from .training_case import TrainingCase
@@ -273,6 +274,8 @@ def train_refiner(
     refiner_config = network.config
     model.to(device)
     model.network.eval()
+    run = distributed_from_environment(device)
+    run.broadcast_state(network)
     optimizer = torch.optim.AdamW(_trainable_parameters(network, settings), lr=settings.learning_rate)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(
         settings.iterations, warmup_fraction=0.03, final_fraction=settings.final_learning_rate_fraction))
@@ -308,7 +311,7 @@ def train_refiner(
 
     def validate() -> float | None:
         nonlocal best_mre, best_state
-        if not validation:
+        if not validation or not run.is_main:
             return None
         was_training = network.training
         network.eval()
@@ -341,10 +344,10 @@ def train_refiner(
         initial = validate()
         history.append({"iteration": 0, "loss": None, "validation_mre_mm": initial})
     _set_mode(network, training=True, freeze_batch_norm=settings.freeze_batch_norm)
-    rng = np.random.default_rng([settings.seed, start_iteration])
+    rng = np.random.default_rng([settings.seed, start_iteration] + ([run.seed_offset()] if run.active else []))
     loop = StepLoop("train refinement", settings.iterations, start_iteration, settings.time_budget_s,
                     settings.validate_every, settings.progress_every, settings.checkpoint_every, checkpoint,
-                    progress, should_cancel, history)
+                    progress, should_cancel, history, distributed=run)
     iteration = start_iteration
     while iteration < settings.iterations:
         loop.stop_if_cancelled(iteration, lambda: checkpoint_state(iteration))
@@ -359,6 +362,7 @@ def train_refiner(
             raise FloatingPointError(msg)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
+        run.average_gradients(network.parameters())
         optimizer.step()
         scheduler.step()
         iteration += 1
@@ -384,6 +388,7 @@ def train_refiner(
             "history": history[-200:],
         },
     }
-    write_trained_model(model, output, overwrite=overwrite)
+    if run.is_main:  # one writer; every process returns the same trained model
+        write_trained_model(model, output, overwrite=overwrite)
     loop.remove_checkpoint()
     return RefinerTrainingResult(model, output, iteration, history, best_mre, seconds, describe_device(device))

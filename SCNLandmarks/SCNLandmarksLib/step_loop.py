@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 
 from .atomic import atomic_path
+from .distributed import Distributed
 from .errors import TrainingCancelled
 from .progress import Progress, ProgressCallback, estimate_eta
 
@@ -130,6 +131,8 @@ class StepLoop:
         progress: progress callback, or None.
         should_cancel: polled before every step, or None.
         history: ``[{"iteration", "loss", "validation_mre_mm"}, ...]``, extended in place.
+        distributed: this process's place in a ``torchrun`` run: only process 0 validates,
+            reports and writes checkpoints; cancel and the time budget are agreed by all.
     """
 
     stage: str
@@ -145,6 +148,7 @@ class StepLoop:
     history: list[dict[str, float | int | None]]
     running_loss: float | None = None
     started: float = field(default_factory=time.monotonic)
+    distributed: Distributed = field(default_factory=Distributed)
 
     @property
     def elapsed_s(self) -> float:
@@ -152,10 +156,11 @@ class StepLoop:
 
     def stop_if_cancelled(self, iteration: int, state: Callable[[], dict[str, object]]) -> None:
         """Raise :class:`TrainingCancelled` (after writing the checkpoint) when the user asked to stop."""
-        if self.should_cancel is None or not self.should_cancel():
+        wanted = self.should_cancel is not None and self.should_cancel()
+        if not self.distributed.agree(wanted):
             return
         kept = ""
-        if self.checkpoint is not None:
+        if self.checkpoint is not None and self.distributed.is_main:
             save_checkpoint(self.checkpoint, state())
             kept = f"; the checkpoint {self.checkpoint} is kept (resume with --checkpoint {self.checkpoint} --resume)"
         msg = f"Training cancelled at iteration {iteration} of {self.total}; no model file was written{kept}"
@@ -172,7 +177,9 @@ class StepLoop:
         self.running_loss = loss if self.running_loss is None else (
             (1 - _LOSS_SMOOTHING) * self.running_loss + _LOSS_SMOOTHING * loss)
         elapsed = self.elapsed_s
-        budget_over = self.time_budget_s is not None and elapsed >= self.time_budget_s
+        budget_over = self.distributed.agree(self.time_budget_s is not None and elapsed >= self.time_budget_s)
+        if not self.distributed.is_main:  # process 0 validates, reports and writes checkpoints
+            return budget_over
         validate_now = self.validate_every and iteration % self.validate_every == 0
         mre = validate() if validate_now and iteration < self.total and not budget_over else None
         if mre is not None or iteration % self.progress_every == 0:
@@ -194,6 +201,8 @@ class StepLoop:
 
     def finish(self, iteration: int, final_mre: float | None) -> None:
         """Record the end of the run: the final validation in the history and as a progress report."""
+        if not self.distributed.is_main:
+            return
         if final_mre is not None or not self.history or self.history[-1]["iteration"] != iteration:
             self.history.append({"iteration": iteration, "loss": self.running_loss, "validation_mre_mm": final_mre})
         if final_mre is not None and self.progress is not None:
@@ -202,5 +211,5 @@ class StepLoop:
 
     def remove_checkpoint(self) -> None:
         """The run finished and its model is written: the checkpoint is no longer needed."""
-        if self.checkpoint is not None and self.checkpoint.exists():
+        if self.checkpoint is not None and self.distributed.is_main and self.checkpoint.exists():
             self.checkpoint.unlink()

@@ -36,6 +36,7 @@ from .preprocess import OUTSIDE_VALUE, PreparedImage, prepare_image
 from .progress import ProgressCallback
 from .refinement import RefinementNetwork, RefinerConfig
 from .training_case import TrainingCase
+from .distributed import distributed_from_environment
 from .step_loop import StepLoop, foreign_checkpoint, resume_state, write_trained_model
 
 __all__ = ["TrainingConfig", "TrainingResult", "adapt_to_landmarks", "train_model"]
@@ -371,6 +372,9 @@ def train_model(
 
     model.to(device)
     model.network.train()
+    run = distributed_from_environment(device)
+    run.broadcast_state(model.network)
+    run.broadcast_state(model.targets)
     optimizer = torch.optim.AdamW(_parameter_groups(model, config))
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(
         config.iterations, warmup_fraction=config.warmup_fraction, final_fraction=config.final_learning_rate_fraction))
@@ -415,21 +419,22 @@ def train_model(
 
     def validate(iteration: int) -> float | None:
         nonlocal best_mre, best_state
-        if not validation_cases:
+        if not validation_cases or not run.is_main:
             return None
         mre = validation_mre(model, validation_cases, device)
         if best_mre is None or (np.isfinite(mre) and mre < best_mre):
             best_mre, best_state = mre, snapshot()
         return mre
 
-    stream = _SampleStream(prepared, config.augmentation, config.seed + start_iteration)
+    stream = _SampleStream(prepared, config.augmentation, config.seed + start_iteration + run.seed_offset())
     loader = torch.utils.data.DataLoader(
         stream, batch_size=config.batch_size, num_workers=config.num_workers,
         persistent_workers=config.num_workers > 0, pin_memory=device.type == "cuda",
     )
     use_autocast = config.mixed_precision and device.type == "cuda"
     loop = StepLoop("train", config.iterations, start_iteration, config.time_budget_s, config.validate_every,
-                    config.progress_every, config.checkpoint_every, checkpoint, progress, should_cancel, history)
+                    config.progress_every, config.checkpoint_every, checkpoint, progress, should_cancel, history,
+                    distributed=run)
     iteration = start_iteration
     batches = iter(loader)
     try:
@@ -449,6 +454,7 @@ def train_model(
                 raise FloatingPointError(msg)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
+            run.average_gradients([*model.network.parameters(), model.targets.sigmas])
             torch.nn.utils.clip_grad_norm_(
                 list(model.network.parameters()) + [model.targets.sigmas], config.grad_clip_norm
             )
@@ -479,6 +485,7 @@ def train_model(
             "history": history[-200:],
         },
     }
-    write_trained_model(model, output, overwrite=overwrite)
+    if run.is_main:  # one writer; every process returns the same trained model
+        write_trained_model(model, output, overwrite=overwrite)
     loop.remove_checkpoint()
     return TrainingResult(model, output, iteration, history, best_mre, seconds, describe_device(device))
