@@ -48,11 +48,26 @@ def test_a_missing_input_file_is_named_as_missing_not_as_a_folder(tmp_path, tiny
     _one_line_error(capsys, "Input not found", "nothing.png")
 
 
-@pytest.mark.skipif(as_root or sys.platform == "win32", reason="root and Windows ignore folder permissions")
-def test_a_read_only_output_folder_is_refused_before_any_work(tmp_path, annotated, tiny_model_file, capsys):
+@pytest.mark.skipif(sys.platform == "win32", reason="Windows folder permissions are ACLs, not mode bits")
+def test_a_read_only_output_folder_is_refused_before_any_work(tmp_path, annotated, tiny_model_file, capsys, monkeypatch):
     read_only = tmp_path / "locked"
     read_only.mkdir()
     read_only.chmod(0o500)
+    if as_root:  # root may write anywhere (CI may run as root): the system's answers are given instead
+        real_access, real_mkdir = os.access, Path.mkdir
+
+        def access(path, mode, *args, **kwargs):  # noqa: ANN001, ANN002, ANN003
+            if Path(path) == read_only and mode & os.W_OK:
+                return False
+            return real_access(path, mode, *args, **kwargs)
+
+        def mkdir(self, *args, **kwargs):  # noqa: ANN001, ANN002, ANN003
+            if self.parent == read_only:
+                raise PermissionError(13, "Permission denied", str(self))
+            return real_mkdir(self, *args, **kwargs)
+
+        monkeypatch.setattr(os, "access", access)
+        monkeypatch.setattr(Path, "mkdir", mkdir)
     try:
         assert main(["detect", str(annotated), "--model", str(tiny_model_file), "--output", str(read_only / "out"),
                      "--device", "cpu"]) == 2
@@ -321,3 +336,47 @@ def test_model_lists_read_descriptions_without_torch(tmp_path, tiny_model_file):
 
     with pytest.raises(ModelFileError, match="never contains"):
         read_header(evil)
+
+
+def test_an_image_too_large_for_the_memory_is_skipped_and_the_batch_goes_on(tmp_path, annotated, tiny_model_file,
+                                                                          capsys, monkeypatch):
+    from SCNLandmarksLib import image_io
+
+    big = tmp_path / "images"
+    big.mkdir()
+    for name in ("case00", "case01"):
+        (big / f"{name}.nrrd").write_bytes((annotated / f"{name}.nrrd").read_bytes())
+    real_needed = image_io.memory_needed_bytes
+    assert real_needed(big / "case00.nrrd") > 0
+    # case01 "needs" more than the machine has now (as a 60000 x 60000 scan would).
+    monkeypatch.setattr(image_io, "memory_needed_bytes",
+                        lambda path: 10**15 if Path(path).name == "case01.nrrd" else real_needed(path))
+    monkeypatch.setattr(image_io, "memory_available_bytes", lambda: 8 * 2**30)
+    assert main(["detect", str(big), "--model", str(tiny_model_file), "--output", str(tmp_path / "out"),
+                 "--device", "cpu"]) == 2
+    printed = capsys.readouterr().out
+    assert "FAILED case01.nrrd: case01.nrrd is too large for the memory available" in printed and "GB free" in printed
+    assert (tmp_path / "out" / "case00.mrk.json").exists() and (tmp_path / "out" / "landmarks.csv").exists()
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="RLIMIT_FSIZE is POSIX")
+def test_a_file_size_limit_at_the_final_save_is_named_not_a_traceback(tmp_path, annotated):
+    """A real write failure (RLIMIT_FSIZE, as a full disk or a quota gives): a message, exit 2, nothing half-written."""
+    import subprocess
+
+    code = (
+        "import resource, signal, sys\n"
+        "signal.signal(signal.SIGXFSZ, signal.SIG_IGN)\n"
+        "resource.setrlimit(resource.RLIMIT_FSIZE, (20000, 20000))\n"  # checkpoints and models are larger
+        "from SCNLandmarksLib.cli import main\n"
+        f"sys.exit(main(['train', '--images', {str(annotated)!r}, '--output', {str(tmp_path / 'm.scn.pt')!r}, "
+        f"'--checkpoint-every', '1', *{TINY!r}]))\n"
+    )
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1] / "SCNLandmarks"),
+           "TMPDIR": str(tmp_path)}
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300, check=False)
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert "Traceback" not in result.stderr
+    assert "Could not write the trained model" in result.stderr and "file-size limit" in result.stderr
+    assert "No rescue copy could be written either" in result.stderr  # the temporary folder has the same limit
+    assert not (tmp_path / "m.scn.pt").exists()

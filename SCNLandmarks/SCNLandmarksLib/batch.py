@@ -17,6 +17,7 @@ import torch
 from .atomic import atomic_write_text
 
 from .detection import Detector
+from . import image_io
 from .image_io import IMAGE_SUFFIXES, find_images, output_stem, read_image  # re-exported: the batch API
 from .landmark_io import merge_detection_summary_csv, write_mrk_json
 from .landmarks import Landmarks
@@ -118,13 +119,14 @@ def detect_files(
         item = BatchItem(image=image_path)
         began = time.monotonic()
         try:
+            image_io.check_fits_in_memory(image_path)
             landmarks = detector.detect(read_image(image_path, spacing=spacing))
             target = output_folder / f"{output_stem(image_path)}.mrk.json"
             write_mrk_json(landmarks, target, node_name=output_stem(image_path),
                            low_confidence_threshold=low_confidence_threshold, overwrite=overwrite)
             item.output, item.landmarks = target, landmarks
-        except MemoryError:
-            item.error = "not enough memory to process this image; it was skipped (try a smaller image or --device cuda)"
+        except MemoryError as error:
+            item.error = (str(error) or "not enough memory to process this image") + "; it was skipped"
             log.warning("Skipped %s: %s", image_path.name, item.error)
         except (ValueError, OSError, RuntimeError) as error:
             item.error = str(error)

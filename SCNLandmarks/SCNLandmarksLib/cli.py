@@ -441,8 +441,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:  # before training started (for example while the cases load)
         print(f"scn-landmarks {args.command}: interrupted; nothing was written", file=sys.stderr)
         return EXIT_CANCELLED
-    except (ValueError, FileNotFoundError, FileExistsError, PermissionError, IsADirectoryError, ModelFileError,
-            FloatingPointError) as error:
+    except (ValueError, OSError, ModelFileError, FloatingPointError) as error:  # OSError: files, disks, permissions
         print(f"scn-landmarks {args.command}: error: {error}", file=sys.stderr)
         return EXIT_ERROR
 

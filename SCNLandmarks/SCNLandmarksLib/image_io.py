@@ -20,7 +20,7 @@ from .atomic import atomic_path
 from .geometry import ImageGeometry
 from .image import Image
 
-__all__ = ["IMAGE_SUFFIXES", "find_images", "image_from_sitk", "image_to_sitk", "is_dicom_folder", "output_stem",
+__all__ = ["IMAGE_SUFFIXES", "check_fits_in_memory", "find_images", "image_from_sitk", "image_to_sitk", "is_dicom_folder", "output_stem",
            "read_image", "write_image"]
 
 logger = logging.getLogger(__name__)
@@ -307,3 +307,49 @@ def find_images(folder: str | Path) -> list[Path]:
         elif is_dicom_folder(entry):
             images.append(entry)
     return images
+
+
+# --------------------------------------------------------------------------- memory
+
+# Reading, converting to float and resampling hold a few copies of an image at once.
+_WORKING_COPIES = 4
+
+
+def memory_needed_bytes(path: str | os.PathLike[str]) -> int | None:
+    """About how much memory reading and preparing this image takes, from its header alone (None: unknown)."""
+    path = Path(path)
+    if not path.is_file():
+        return None
+    reader = sitk.ImageFileReader()
+    reader.SetFileName(str(path))
+    try:
+        reader.ReadImageInformation()
+    except RuntimeError:
+        return None  # read_image will say what is wrong with it
+    voxels = int(np.prod(reader.GetSize(), dtype=np.int64)) * max(1, reader.GetNumberOfComponents())
+    return voxels * 4 * _WORKING_COPIES
+
+
+def memory_available_bytes() -> int | None:
+    """Memory the system can give now (Linux ``MemAvailable``), or None where unknown."""
+    try:
+        with open("/proc/meminfo", encoding="ascii") as stream:
+            for line in stream:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        return None
+    return None
+
+
+def check_fits_in_memory(path: str | os.PathLike[str]) -> None:
+    """Refuse, before reading it, an image too large for the memory available now.
+
+    Raises:
+        MemoryError: with the sizes in GB, so that a batch reports it and goes on.
+    """
+    needed, available = memory_needed_bytes(path), memory_available_bytes()
+    if needed is not None and available is not None and needed > available:
+        msg = (f"{Path(path).name} is too large for the memory available: about {needed / 2**30:.1f} GB needed, "
+               f"{available / 2**30:.1f} GB free")
+        raise MemoryError(msg)
