@@ -380,3 +380,15 @@ def test_a_file_size_limit_at_the_final_save_is_named_not_a_traceback(tmp_path, 
     assert "Could not write the trained model" in result.stderr and "file-size limit" in result.stderr
     assert "No rescue copy could be written either" in result.stderr  # the temporary folder has the same limit
     assert not (tmp_path / "m.scn.pt").exists()
+
+
+def test_ctrl_c_while_the_cases_load_is_a_message(tmp_path, annotated, capsys, monkeypatch):
+    import SCNLandmarksLib.cli as cli
+
+    def interrupted(*_args, **_kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cli, "_load_data", interrupted)
+    assert main(["train", "--images", str(annotated), "--output", str(tmp_path / "m.scn.pt"), *TINY]) == 130
+    _one_line_error(capsys, "interrupted", "nothing was written")
+    assert not (tmp_path / "m.scn.pt").exists()
