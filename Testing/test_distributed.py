@@ -118,3 +118,17 @@ def test_distributed_cli_resumes_a_checkpoint_written_by_one_process(tmp_path, a
     assert result.returncode == 0, result.stderr[-3000:]
     assert model.is_file() and not checkpoint.exists()
     assert result.stdout.count("Wrote ") == 1  # process 0 reports, the other stays silent
+
+
+def test_distributed_finetune_runs_unchanged_under_torchrun(tmp_path, annotated):
+    start = tmp_path / "start.scn.pt"
+    single = subprocess.run([sys.executable, "-m", "SCNLandmarksLib.cli", "train", "--images", str(annotated),
+                             "--output", str(start), *TINY, "--iterations", "2"],
+                            capture_output=True, text=True, env=_environment(), timeout=240, check=False)
+    assert single.returncode == 0, single.stderr[-2000:]
+    tuned = tmp_path / "tuned.scn.pt"
+    result = _torchrun(["-m", "SCNLandmarksLib.cli", "finetune", "--from-model", str(start), "--images", str(annotated),
+                        "--output", str(tuned), "--iterations", "2", "--device", "cpu", "--keep-worse"])
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert tuned.is_file() and not tuned.with_name(tuned.name + ".reserved").exists()
+    assert result.stdout.count("cross-validated error on your cases") == 1  # one report, from process 0

@@ -299,6 +299,8 @@ def _command_finetune(args: argparse.Namespace) -> int:
                        time_budget_s=args.time_budget, new_landmarks=args.new_landmarks, keep_worse=args.keep_worse,
                        device=args.device, seed=args.seed, progress=TextProgressBar(),
                        should_cancel=_CancelOnInterrupt())
+    if int(os.environ.get("RANK", "0")) != 0:  # under torchrun process 0 reports
+        return 0
     for fold in report.per_fold:
         print(f"  held out {', '.join(fold['held_out'])}: starting model {fold['start_mm']:.2f} mm, "
               f"fine-tuned {fold['new_mm']:.2f} mm")

@@ -286,7 +286,13 @@ def fine_tune(
 
 @contextlib.contextmanager
 def _reserved(output: Path) -> Iterator[None]:
-    """Hold the output name for the whole fine-tuning: a second run with the same name is refused at once."""
+    """Hold the output name for the whole fine-tuning: a second run with the same name is refused at once.
+
+    Under ``torchrun`` process 0 holds it (the one that writes).
+    """
+    if int(os.environ.get("RANK", "0")) != 0:
+        yield
+        return
     reservation = output.with_name(output.name + ".reserved")
     try:
         descriptor = os.open(reservation, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
@@ -404,7 +410,8 @@ def _fine_tune(  # noqa: PLR0913 - the arguments of fine_tune, checked
             final.info = {**final.info, "parent_model": parent,
                           "fine_tune": {"verdict": verdict, "start_error_mm": start_error, "new_error_mm": new_error,
                                         "folds": len(folds), "stages": stages, "cases": [c.name for c in cases]}}
-            written = save_model(final, output)
+            # Under torchrun every process trained the same model; process 0 writes it.
+            written = save_model(final, output) if int(os.environ.get("RANK", "0")) == 0 else output
     seconds = time.monotonic() - started
     message = note + _message(verdict, start_error, new_error, len(folds), written, changed_set)
     if uncertainty is not None and start_error is not None and abs(new_error - start_error) < 2 * uncertainty:
