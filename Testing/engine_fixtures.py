@@ -2,11 +2,17 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from SCNLandmarksLib.grid import GridSpec
 from SCNLandmarksLib.model import LandmarkModel, create_model
 from SCNLandmarksLib.network import NetworkConfig
 from SCNLandmarksLib.synthetic import make_synthetic_dataset
 from SCNLandmarksLib.training_case import TrainingCase
+
+# `scn-landmarks train` options for a network small enough to train in seconds.
+TINY_TRAIN_ARGS = ["--grid-size", "64", "64", "--filters", "8", "--levels", "3", "--spatial-downsample", "8",
+                   "--spatial-kernel", "5", "--device", "cpu", "--validate-every", "0"]
 
 # An oblique, anisotropic 2D grid with a non-zero origin.
 GEOMETRY_2D = {"dimension": 2, "size": (80, 72), "spacing": (0.9, 1.2), "origin": (12.0, -30.0), "direction": 0.3}
@@ -27,3 +33,14 @@ def synthetic_cases(count: int, *, seed: int = 1, num_landmarks: int = 4, **geom
     options = {**GEOMETRY_2D, **geometry}
     data = make_synthetic_dataset(count, seed=seed, num_landmarks=num_landmarks, **options)
     return [TrainingCase(image, landmarks, f"case{n:02d}") for n, (image, landmarks) in enumerate(data)]
+
+
+def write_annotated_folder(folder: Path, count: int, *, seed: int) -> Path:
+    """``count`` synthetic cases as ``<name>.nrrd`` images with ``<name>.mrk.json`` beside them."""
+    from SCNLandmarksLib.image_io import write_image
+    from SCNLandmarksLib.landmark_io import write_mrk_json
+
+    for case in synthetic_cases(count, seed=seed):
+        write_image(case.image, folder / f"{case.name}.nrrd")
+        write_mrk_json(case.landmarks, folder / f"{case.name}.mrk.json")
+    return folder

@@ -6,22 +6,17 @@ import sys
 
 import pytest
 
-from engine_fixtures import synthetic_cases
+from engine_fixtures import TINY_TRAIN_ARGS, write_annotated_folder
 from SCNLandmarksLib.cli import main
 from SCNLandmarksLib.image_io import write_image
-from SCNLandmarksLib.landmark_io import read_mrk_json, write_mrk_json
+from SCNLandmarksLib.landmark_io import read_mrk_json
 
-TINY = ["--grid-size", "64", "64", "--filters", "8", "--levels", "3", "--spatial-downsample", "8",
-        "--spatial-kernel", "5", "--device", "cpu", "--validate-every", "0"]
+TINY = [*TINY_TRAIN_ARGS]
 
 
 @pytest.fixture(scope="module")
 def annotated_folder(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("annotated")
-    for case in synthetic_cases(5, seed=4):
-        write_image(case.image, folder / f"{case.name}.nrrd")
-        write_mrk_json(case.landmarks, folder / f"{case.name}.mrk.json")
-    return folder
+    return write_annotated_folder(tmp_path_factory.mktemp("annotated"), 5, seed=4)
 
 
 @pytest.fixture(scope="module")

@@ -17,13 +17,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from engine_fixtures import synthetic_cases
-from SCNLandmarksLib.image_io import write_image
-from SCNLandmarksLib.landmark_io import write_mrk_json
+from engine_fixtures import TINY_TRAIN_ARGS, write_annotated_folder
 
 ENGINE = Path(__file__).resolve().parents[1] / "SCNLandmarks"
-TINY = ["--grid-size", "64", "64", "--filters", "8", "--levels", "3", "--spatial-downsample", "8",
-        "--spatial-kernel", "5", "--device", "cpu", "--validate-every", "0"]
+TINY = [*TINY_TRAIN_ARGS]
 
 pytestmark = pytest.mark.skipif(not torch.distributed.is_available(), reason="this torch has no distributed support")
 
@@ -40,11 +37,7 @@ def _torchrun(arguments: list[str], *, timeout: float = 240) -> subprocess.Compl
 
 @pytest.fixture(scope="module")
 def annotated(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("annotated")
-    for case in synthetic_cases(4, seed=21):
-        write_image(case.image, folder / f"{case.name}.nrrd")
-        write_mrk_json(case.landmarks, folder / f"{case.name}.mrk.json")
-    return folder
+    return write_annotated_folder(tmp_path_factory.mktemp("annotated"), 4, seed=21)
 
 
 SCRIPT = textwrap.dedent('''

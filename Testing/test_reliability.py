@@ -9,24 +9,19 @@ import sys
 import numpy as np
 import pytest
 
-from engine_fixtures import synthetic_cases
+from engine_fixtures import TINY_TRAIN_ARGS, synthetic_cases, write_annotated_folder
 from SCNLandmarksLib.cli import main
 from SCNLandmarksLib.image_io import write_image
 from SCNLandmarksLib.landmark_io import write_mrk_json
 from SCNLandmarksLib.synthetic import make_synthetic_case
 
-TINY = ["--grid-size", "64", "64", "--filters", "8", "--levels", "3", "--spatial-downsample", "8",
-        "--spatial-kernel", "5", "--device", "cpu", "--validate-every", "0", "--iterations", "3"]
+TINY = [*TINY_TRAIN_ARGS, "--iterations", "3"]
 as_root = hasattr(os, "geteuid") and os.geteuid() == 0
 
 
 @pytest.fixture(scope="module")
 def annotated(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("annotated")
-    for case in synthetic_cases(4, seed=11):
-        write_image(case.image, folder / f"{case.name}.nrrd")
-        write_mrk_json(case.landmarks, folder / f"{case.name}.mrk.json")
-    return folder
+    return write_annotated_folder(tmp_path_factory.mktemp("annotated"), 4, seed=11)
 
 
 @pytest.fixture(scope="module")

@@ -15,10 +15,8 @@ import numpy as np
 import torch
 
 from .atomic import atomic_write_text
-
 from .detection import Detector
-from . import image_io
-from .image_io import IMAGE_SUFFIXES, find_images, output_stem, read_image  # re-exported: the batch API
+from .image_io import IMAGE_SUFFIXES, check_fits_in_memory, find_images, output_stem, read_image  # some re-exported
 from .landmark_io import merge_detection_summary_csv, write_mrk_json
 from .landmarks import Landmarks
 from .model import LandmarkModel
@@ -119,7 +117,7 @@ def detect_files(
         item = BatchItem(image=image_path)
         began = time.monotonic()
         try:
-            image_io.check_fits_in_memory(image_path)
+            check_fits_in_memory(image_path)
             landmarks = detector.detect(read_image(image_path, spacing=spacing))
             target = output_folder / f"{output_stem(image_path)}.mrk.json"
             write_mrk_json(landmarks, target, node_name=output_stem(image_path),

@@ -181,13 +181,7 @@ def _point_flags(
         if landmarks.confidences is not None
         else [None] * count
     )
-    if landmarks.check is not None:
-        low = [bool(c) for c in landmarks.check]
-    else:
-        low = [
-            low_confidence_threshold is not None and c is not None and c < low_confidence_threshold
-            for c in confidences
-        ]
+    low = [bool(c) for c in landmarks.to_check(low_confidence_threshold)]
     corrected = [bool(c) for c in landmarks.corrected] if landmarks.corrected is not None else [False] * count
     expected: list[float | None] = (
         [float(e) if math.isfinite(e) else None for e in landmarks.expected_errors]

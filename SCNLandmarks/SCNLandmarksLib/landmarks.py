@@ -89,6 +89,19 @@ class Landmarks:
     def __len__(self) -> int:
         return len(self.names)
 
+    def to_check(self, low_confidence_threshold: float | None) -> np.ndarray:
+        """``(N,)`` bool: the points a person should check.
+
+        The detector's decision (``check``) where there is one; for landmarks without it (an
+        older model, a file written before), the points whose confidence is below
+        ``low_confidence_threshold`` (None: none).
+        """
+        if self.check is not None:
+            return self.check.copy()
+        if self.confidences is None or low_confidence_threshold is None:
+            return np.zeros(len(self), dtype=bool)
+        return np.isfinite(self.confidences) & (self.confidences < low_confidence_threshold)
+
     @classmethod
     def from_positions(
         cls,

@@ -256,13 +256,11 @@ def markups_from_landmarks(
     record_position: dict[str, list[float] | None] = {}
     was_modifying = node.StartModify()
     try:
+        to_check = landmarks.to_check(low_confidence_threshold)
         for row, label in enumerate(landmarks.names):
             confidence = float(confidences[row])
             known = math.isfinite(confidence)
-            if landmarks.check is not None:
-                low = bool(landmarks.check[row])
-            else:
-                low = bool(low_confidence_threshold is not None and known and confidence < low_confidence_threshold)
+            low = bool(to_check[row])
             expected = None if landmarks.expected_errors is None else float(landmarks.expected_errors[row])
             index = node.AddControlPoint(vtk.vtkVector3d(0.0, 0.0, 0.0), label)
             node.SetNthControlPointDescription(index, compose_point_description(

@@ -72,14 +72,6 @@ def _draw_ring(picture: np.ndarray, cx: int, cy: int, radius: int, width: int, c
     picture[top:bottom, left:right][ring] = colour
 
 
-def _to_check(landmarks: Landmarks, low_confidence_threshold: float) -> np.ndarray:
-    if landmarks.check is not None:
-        return landmarks.check
-    if landmarks.confidences is None:
-        return np.zeros(len(landmarks), dtype=bool)
-    return np.isfinite(landmarks.confidences) & (landmarks.confidences < low_confidence_threshold)
-
-
 def render_overlay(image: Image, landmarks: Landmarks, *, low_confidence_threshold: float = LOW_CONFIDENCE) -> np.ndarray:
     """RGB ``(rows, columns + legend, 3)`` uint8 picture of the image with its landmarks.
 
@@ -101,7 +93,7 @@ def render_overlay(image: Image, landmarks: Landmarks, *, low_confidence_thresho
     rows, columns = picture.shape[:2]
     arm = max(3, int(min(rows, columns) / 100))
     scale = max(1, int(min(rows, columns) / 300))
-    check = _to_check(landmarks, low_confidence_threshold)
+    check = landmarks.to_check(low_confidence_threshold)
     for number, (x, y) in enumerate(index):
         if not (np.isfinite(x) and np.isfinite(y)):
             continue
