@@ -141,6 +141,22 @@ class SCNLandmarksParameterNode:
 #
 
 
+def connectParameterNodeToGui(parameterNode, ui) -> int:
+    """Bind each widget of ``ui`` (``slicer.util.childWidgetVariables``) that names a parameter in
+    its ``SlicerParameterName`` property; returns the tag that ``disconnectGui`` takes.
+
+    ``parameterNode.connectGui(ui)`` would do the same, but up to Slicer 5.8 it returns no tag
+    (Slicer issue #7547), so ``disconnectGui`` cannot undo it: a module left and re-entered would
+    stay bound to every parameter node it ever showed. ``connectParametersToGui`` returns the tag.
+    """
+    widgets = {}
+    for widget in vars(ui).values():
+        name = widget.property("SlicerParameterName")
+        if name:
+            widgets[name] = widget
+    return parameterNode.connectParametersToGui(widgets)
+
+
 class SCNLandmarksWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     """User interface: wires widgets to :class:`SCNLandmarksLogic`, no computation here."""
 
@@ -235,7 +251,7 @@ class SCNLandmarksWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self.removeObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self._updateButtonStates)
         self._parameterNode = inputParameterNode
         if self._parameterNode:
-            self._parameterNodeGuiTag = self._parameterNode.connectGui(self.ui)
+            self._parameterNodeGuiTag = connectParameterNodeToGui(self._parameterNode, self.ui)
             self.addObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self._updateButtonStates)
             self._updateButtonStates()
 

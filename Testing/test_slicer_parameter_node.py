@@ -28,9 +28,7 @@ loading, so the other tests keep seeing the stand-ins of ``slicer_stubs.py``.
 
 from __future__ import annotations
 
-import importlib.util
 import inspect
-import os
 import sys
 import types
 from collections.abc import Iterator
@@ -43,9 +41,8 @@ slicer = pytest.importorskip("slicer", reason="slicer-core is not installed")
 vtk = pytest.importorskip("vtk")
 
 import slicer_stubs  # noqa: E402
+from real_slicer_python import PACKAGE, SKIP_REASON, find_slicer_python_dir, load_on_real_wrapper  # noqa: E402
 
-REPOSITORY = Path(__file__).resolve().parents[1]
-PACKAGE = "slicer.parameterNodeWrapper"
 
 # The names the real package evaluates at import time (found by importing it; see module docstring).
 QT_IMPORT_TIME_NAMES = ("QWidget", "QLineEdit", "QLabel", "QTextEdit", "QPushButton")
@@ -58,13 +55,6 @@ FIELDS = {
 }
 
 
-def find_slicer_python_dir() -> Path | None:
-    """``$SLICER_PYTHON_DIR``, else ``<repo>/../shared/slicer-python``; None where it has no wrapper."""
-    configured = os.environ.get("SLICER_PYTHON_DIR")
-    folder = Path(configured).expanduser() if configured else REPOSITORY.parent / "shared" / "slicer-python"
-    return folder if (folder / "slicer" / "parameterNodeWrapper" / "__init__.py").is_file() else None
-
-
 def _minimal_module(name: str, class_names: tuple[str, ...]) -> types.ModuleType:
     """A module holding only empty placeholder classes of the given names (nothing else)."""
     module = types.ModuleType(name)
@@ -75,59 +65,14 @@ def _minimal_module(name: str, class_names: tuple[str, ...]) -> types.ModuleType
 
 
 def _load_real(slicer_python: Path) -> tuple[types.ModuleType, types.ModuleType]:
-    """Import the real wrapper package, then ``SCNLandmarks.py`` on top of it; undo all registrations.
-
-    Returns:
-        ``(real parameterNodeWrapper package, SCNLandmarks module object)``.
-    """
-    slicer_stubs.install()  # i18n, ScriptedLoadableModule, qt, ctk stand-ins for the module file itself
-    module_name = "SCNLandmarks_with_real_parameterNodeWrapper"
-    touched_names = ("qt", "ctk", PACKAGE, module_name)
-    saved_modules = {name: sys.modules.get(name) for name in touched_names}
-    saved_submodules = {name for name in sys.modules if name.startswith(PACKAGE + ".")}
-    saved_attributes = {
-        name: getattr(slicer, name, None) for name in ("parameterNodeWrapper", *SLICER_IMPORT_TIME_NAMES)
-    }
-    package_dir = slicer_python / "slicer" / "parameterNodeWrapper"
-    try:
-        # 1. The real package, with only its import-time qt/ctk/slicer names provided.
-        sys.modules["qt"] = _minimal_module("qt", QT_IMPORT_TIME_NAMES)
-        sys.modules["ctk"] = _minimal_module("ctk", CTK_IMPORT_TIME_NAMES)
-        for name in SLICER_IMPORT_TIME_NAMES:
-            setattr(slicer, name, type(name, (), {"__module__": "slicer"}))
-        sys.modules.pop(PACKAGE, None)
-        spec = importlib.util.spec_from_file_location(
-            PACKAGE, package_dir / "__init__.py", submodule_search_locations=[str(package_dir)]
-        )
-        assert spec is not None and spec.loader is not None
-        package = importlib.util.module_from_spec(spec)
-        sys.modules[PACKAGE] = package
-        slicer.parameterNodeWrapper = package
-        spec.loader.exec_module(package)
-
-        # 2. The module file, whose `from slicer.parameterNodeWrapper import ...` now gets the real package.
-        sys.modules["qt"], sys.modules["ctk"] = saved_modules["qt"], saved_modules["ctk"]
-        spec = importlib.util.spec_from_file_location(module_name, slicer_stubs.MODULE_FILE)
-        assert spec is not None and spec.loader is not None
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[module_name] = module  # typing.get_type_hints resolves names through it
-        spec.loader.exec_module(module)
-    finally:
-        for name, saved in saved_modules.items():
-            if saved is None:
-                sys.modules.pop(name, None)
-            else:
-                sys.modules[name] = saved
-        for name in [name for name in sys.modules if name.startswith(PACKAGE + ".")]:
-            if name not in saved_submodules:
-                del sys.modules[name]
-        for name, saved in saved_attributes.items():
-            if saved is None:
-                if hasattr(slicer, name):
-                    delattr(slicer, name)
-            else:
-                setattr(slicer, name, saved)
-    return package, module
+    """The real wrapper package and ``SCNLandmarks.py`` on it, with import-time placeholders only."""
+    return load_on_real_wrapper(
+        slicer_python,
+        qt=_minimal_module("qt", QT_IMPORT_TIME_NAMES),
+        ctk=_minimal_module("ctk", CTK_IMPORT_TIME_NAMES),
+        slicer_names={name: type(name, (), {"__module__": "slicer"}) for name in SLICER_IMPORT_TIME_NAMES},
+        module_name="SCNLandmarks_with_real_parameterNodeWrapper",
+    )
 
 
 @pytest.fixture(scope="module")
@@ -135,10 +80,7 @@ def real() -> types.SimpleNamespace:
     """The real wrapper package (``pnw``), the module loaded on it, and its parameter node class."""
     slicer_python = find_slicer_python_dir()
     if slicer_python is None:
-        pytest.skip(
-            "Slicer's Python sources not available: set SLICER_PYTHON_DIR to a folder holding "
-            "slicer/parameterNodeWrapper/ (Slicer 5.8.1), or provide ../shared/slicer-python"
-        )
+        pytest.skip(SKIP_REASON)
     package, module = _load_real(slicer_python)
     return types.SimpleNamespace(
         pnw=package, module=module, ParameterNode=module.SCNLandmarksParameterNode, folder=slicer_python

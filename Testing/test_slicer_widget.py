@@ -1,0 +1,270 @@
+"""The module's Widget driven through its main flows, on a faithful model of Slicer (not Slicer).
+
+What is real here: the module file; Slicer 5.8.1's ``ScriptedLoadableModule.py``, ``i18n.py`` and
+``parameterNodeWrapper`` (from ``../shared/slicer-python``); ``slicer.util`` and the MRML scene,
+nodes and logics of the ``slicer-core`` wheel; the ``.ui`` file built by Qt's ``QUiLoader``; Qt
+widgets, signals and timers (PySide6, offscreen); the engine and its background worker processes.
+
+What is modelled (``pythonqt_model.py``): PythonQt's view of Qt objects, the Slicer/CTK widget
+classes (generated from their headers), and ``slicer.app`` / ``slicer.modules`` below, which give
+only what the module and ``slicer.util`` ask of them, in Slicer's testing mode (message boxes are
+logged instead of shown, as in Slicer's own self-tests).
+
+Each flow clicks the real buttons and checks what a user would see: points in the scene, labels,
+enabled buttons, files written, and a cancelled fine-tuning leaving no model behind.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+import types
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+slicer = pytest.importorskip("slicer", reason="slicer-core is not installed")
+QtWidgets = pytest.importorskip("PySide6.QtWidgets", reason="PySide6 is not installed (pip install PySide6-Essentials)")
+pytest.importorskip("torch")
+
+from PySide6 import QtCore  # noqa: E402
+
+import pythonqt_model as pq  # noqa: E402
+import slicer_stubs  # noqa: E402
+from real_slicer_python import SKIP_REASON, find_slicer_python_dir, load_on_real_wrapper  # noqa: E402
+
+SLICER_CLASSES_WITHOUT_HEADER = ("qMRMLRangeWidget", "qMRMLSliderWidget", "qMRMLSpinBox", "qSlicerWidget")
+
+
+class SlicerApplicationModel:
+    """``slicer.app`` as far as the module, ``ScriptedLoadableModule`` and ``slicer.util`` use it."""
+
+    applicationName = "Slicer"
+    documentationBaseUrl = "https://slicer.readthedocs.io/en/latest/"
+
+    def __init__(self) -> None:
+        self._moduleManager = pq.wrap(_ModuleManager())
+
+    def testingEnabled(self) -> bool:  # noqa: N802 - Slicer's names
+        return True
+
+    def moduleManager(self) -> Any:  # noqa: N802
+        return self._moduleManager
+
+    def startupEnvironment(self) -> QtCore.QProcessEnvironment:  # noqa: N802
+        return QtCore.QProcessEnvironment.systemEnvironment()
+
+    def topLevelWidgets(self) -> list[Any]:  # noqa: N802 - no main window: slicer.util.mainWindow() is None
+        return []
+
+    def setOverrideCursor(self, cursor: Any) -> None:  # noqa: N802
+        pass
+
+    def restoreOverrideCursor(self) -> None:  # noqa: N802
+        pass
+
+    def processEvents(self) -> None:  # noqa: N802
+        QtWidgets.QApplication.processEvents()
+
+    def translate(self, context: str, text: str) -> str:
+        return text
+
+    def moduleDocumentationUrl(self, name: str) -> str:  # noqa: N802
+        return self.documentationBaseUrl
+
+
+class _ModuleManager(QtCore.QObject):
+    moduleAboutToBeUnloaded = QtCore.Signal(str)  # noqa: N815 - Qt's name
+
+
+def _load_real_module(path: Path, name: str) -> types.ModuleType:
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(name, path)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def slicer_model() -> Iterator[types.SimpleNamespace]:
+    """The module loaded on the real Slicer sources, with the model of Slicer installed while this
+    file's tests run (and removed afterwards, so other tests keep their stand-ins)."""
+    folder = find_slicer_python_dir()
+    if folder is None:
+        pytest.skip(SKIP_REASON)
+    import os
+
+    os.environ.setdefault("QT_QPA_PLATFORM", "offscreen")
+    app = QtWidgets.QApplication.instance() or QtWidgets.QApplication([])
+    classes = pq.stand_in_classes(pq.read_headers(folder / "headers"))
+    qt, ctk = pq.qt_module(classes), pq.ctk_module(classes)
+    slicer_classes: dict[str, Any] = {n: pq.wrap_class(c) for n, c in classes.items() if n.startswith("qMRML")}
+    slicer_classes.update({name: pq.placeholder_class(name) for name in SLICER_CLASSES_WITHOUT_HEADER})
+    slicer_stubs.install()
+    saved_modules = {name: sys.modules.get(name) for name in ("qt", "ctk", "slicer.i18n", "slicer.ScriptedLoadableModule")}
+    saved_attributes = {name: getattr(slicer, name, None) for name in ("app", "modules", *slicer_classes)}
+    try:
+        sys.modules["qt"], sys.modules["ctk"] = qt, ctk
+        slicer.app = SlicerApplicationModel()
+        for name, cls in slicer_classes.items():
+            setattr(slicer, name, cls)
+        i18n = _load_real_module(folder / "slicer" / "i18n.py", "slicer.i18n")
+        sys.modules["slicer.i18n"] = i18n
+        scripted = _load_real_module(folder / "slicer" / "ScriptedLoadableModule.py", "slicer.ScriptedLoadableModule")
+        package, module = load_on_real_wrapper(
+            folder, qt=qt, ctk=ctk, slicer_names=slicer_classes, module_name="SCNLandmarks_in_slicer_model",
+            module_qt=qt, module_ctk=ctk,
+            module_extras={"slicer.i18n": i18n, "slicer.ScriptedLoadableModule": scripted},
+        )
+        slicer.modules = types.SimpleNamespace(scnlandmarks=types.SimpleNamespace(path=str(slicer_stubs.MODULE_FILE)))
+        # load_on_real_wrapper restores what it touched; the model stays installed for these tests.
+        sys.modules["qt"], sys.modules["ctk"] = qt, ctk
+        for name, cls in slicer_classes.items():
+            setattr(slicer, name, cls)
+        yield types.SimpleNamespace(module=module, qt=qt, ctk=ctk, app=app, scripted=scripted)
+    finally:
+        for name, saved in saved_modules.items():
+            if saved is None:
+                sys.modules.pop(name, None)
+            else:
+                sys.modules[name] = saved
+        for name, saved in saved_attributes.items():
+            if saved is None:
+                if hasattr(slicer, name):
+                    delattr(slicer, name)
+            else:
+                setattr(slicer, name, saved)
+
+
+def wait_until(condition: Callable[[], bool], timeout_s: float) -> bool:
+    """Run Qt's event loop (timers deliver the worker's events) until ``condition`` or the timeout."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        QtWidgets.QApplication.processEvents(QtCore.QEventLoop.AllEvents, 50)
+        if condition():
+            return True
+        time.sleep(0.05)
+    return condition()
+
+
+@pytest.fixture
+def panel(slicer_model: types.SimpleNamespace, mrml_scene: dict[str, Any], tmp_path: Path,
+          monkeypatch: pytest.MonkeyPatch) -> Iterator[types.SimpleNamespace]:
+    """The module panel as Slicer builds it: Widget(parent) then setup() and enter()."""
+    monkeypatch.setenv("SCN_CASES_DIR", str(tmp_path / "cases"))
+    monkeypatch.setenv("SCN_USER_MODELS_DIR", str(tmp_path / "models"))
+    QtCore.QSettings.setPath(QtCore.QSettings.IniFormat, QtCore.QSettings.UserScope, str(tmp_path / "settings"))
+    QtCore.QSettings.setDefaultFormat(QtCore.QSettings.IniFormat)
+    scene = mrml_scene["scene"]
+    previous_scene = getattr(slicer, "mrmlScene", None)
+    slicer.mrmlScene = scene
+    errors: list[str] = []
+    previous_hook = sys.excepthook
+    sys.excepthook = lambda kind, value, trace: errors.append(f"{kind.__name__}: {value}")  # errors in Qt slots
+    qt = slicer_model.qt
+    parent = slicer.qMRMLWidget()
+    parent.setLayout(qt.QVBoxLayout())
+    parent.setMRMLScene(scene)
+    widget = slicer_model.module.SCNLandmarksWidget(parent)
+    widget.setup()
+    widget.enter()
+    try:
+        yield types.SimpleNamespace(widget=widget, ui=widget.ui, scene=scene, tmp=tmp_path, errors=errors,
+                                    module=slicer_model.module, mrml=mrml_scene)
+    finally:
+        widget.exit()
+        widget.cleanup()
+        for job in (widget._fineTuneJob, widget._batchJob):
+            if job is not None and job.isRunning():
+                job.cancel()
+                wait_until(lambda job=job: not job.isRunning(), 60)
+        pq.unwrap(parent).deleteLater()
+        sys.excepthook = previous_hook
+        slicer.mrmlScene = previous_scene
+
+
+def radiograph_volume(scene: Any, name: str = "Ceph") -> Any:
+    """A single-slice scalar volume (how Slicer loads a radiograph): 0.1 mm pixels, non-zero origin."""
+    rng = np.random.default_rng(3)
+    pixels = (rng.random((1, 240, 200)) * 60).astype(np.float32)
+    pixels[0, 60:180, 50:150] += 120.0  # something to look at
+    volume = scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", name)
+    volume.SetSpacing(0.5, 0.5, 1.0)
+    volume.SetOrigin(-30.0, 12.0, 4.0)
+    slicer.util.updateVolumeFromArray(volume, pixels)
+    return volume
+
+
+def test_setup_lists_the_bundled_model_and_waits_for_a_volume(panel: types.SimpleNamespace) -> None:
+    ui = panel.ui
+    assert ui.modelComboBox.count >= 1
+    assert "ceph" in ui.modelComboBox.currentText.lower()
+    assert ui.detectButton.enabled is False  # no volume yet
+    assert ui.cancelFineTuneButton.enabled is False and ui.batchCancelButton.enabled is False
+    assert ui.casesTableWidget.rowCount == 0
+    assert str(panel.tmp / "cases") in ui.casesFolderLabel.text
+    assert panel.errors == []
+
+
+def test_detect_add_case_and_fine_tune_then_cancel(panel: types.SimpleNamespace) -> None:
+    ui, widget = panel.ui, panel.widget
+    volume = radiograph_volume(panel.scene)
+    ui.inputVolumeSelector.setCurrentNode(volume)  # as a user picking it in the selector
+    assert widget._parameterNode.inputVolume is volume
+    assert ui.detectButton.enabled is True
+
+    ui.detectButton.click()
+    points = widget._parameterNode.landmarksNode
+    assert points is not None and ui.landmarksSelector.currentNode() is points
+    assert points.GetNumberOfControlPoints() == 19
+    assert points.GetAttribute("SCNLandmarks.sourceVolumeID") == volume.GetID()
+    assert "19" in ui.detectStatusLabel.text
+    assert ui.addCaseButton.enabled is True
+
+    ui.addCaseButton.click()
+    assert ui.casesTableWidget.rowCount == 1
+    assert ui.casesTableWidget.item(0, 0).text() == "Ceph"
+    assert (panel.tmp / "cases").is_dir() and any((panel.tmp / "cases").iterdir())
+    assert ui.fineTuneButton.enabled is True
+
+    ui.fineTuneButton.click()
+    assert widget._fineTuneJob is not None and widget._fineTuneJob.isRunning()
+    assert ui.cancelFineTuneButton.enabled is True and ui.fineTuneButton.enabled is False
+    ui.cancelFineTuneButton.click()
+    assert wait_until(lambda: not widget._fineTuneJob.isRunning(), 120), "the worker did not stop"
+    assert widget._fineTuneJob.status == "cancelled"
+    assert "Cancelled" in ui.fineTuneStatusLabel.text
+    assert ui.cancelFineTuneButton.enabled is False and ui.fineTuneButton.enabled is True
+    models = panel.tmp / "models"
+    assert not models.exists() or not list(models.glob("*.scn.pt")), "a cancelled fine-tuning wrote a model"
+    assert panel.errors == []
+
+
+def test_batch_detection_runs_in_the_background(panel: types.SimpleNamespace) -> None:
+    import SimpleITK as sitk
+
+    ui, widget = panel.ui, panel.widget
+    images, results = panel.tmp / "images", panel.tmp / "results"
+    images.mkdir()
+    rng = np.random.default_rng(0)
+    for index in range(2):
+        pixels = (rng.random((200, 160)) * 255).astype(np.uint8)
+        sitk.WriteImage(sitk.GetImageFromArray(pixels), str(images / f"image{index}.png"))
+    widget._parameterNode.batchInputFolder = images
+    widget._parameterNode.batchOutputFolder = results
+    assert ui.batchInputPathLineEdit.currentPath == str(images)
+    assert ui.batchRunButton.enabled is True
+
+    ui.batchRunButton.click()
+    assert ui.batchCancelButton.enabled is True and ui.batchRunButton.enabled is False
+    assert wait_until(lambda: not widget._batchRunning, 180), "batch detection did not finish"
+    assert sorted(p.name for p in results.glob("*.mrk.json")) == ["image0.mrk.json", "image1.mrk.json"]
+    assert (results / "landmarks.csv").is_file()
+    assert ui.batchProgressBar.value == 100
+    assert ui.batchCancelButton.enabled is False and ui.batchRunButton.enabled is True
+    assert panel.errors == []
