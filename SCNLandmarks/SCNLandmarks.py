@@ -89,6 +89,31 @@ class SCNLandmarks(ScriptedLoadableModule):
         self.parent.acknowledgementText = _(
             "Based on the SpatialConfiguration-Net of Payer et al. (Medical Image Analysis, 2019)."
         )
+        if _inSlicerApplication():
+            # The Sample Data module is only complete once Slicer has started.
+            slicer.app.connect("startupCompleted()", registerSampleData)
+
+
+def registerSampleData() -> None:
+    """Offer the bundled cephalogram (ISBI 2015 image 151, 0.1 mm pixels) in the Sample Data module.
+
+    The JPEG carries no pixel size, so the sample is written once as NRRD with its true spacing
+    into Slicer's cache folder; Sample Data then loads that file like any other sample.
+    """
+    import SampleData
+
+    from SCNLandmarksLib.sample import SAMPLE_NAME, sample_volume_file
+
+    volumeFile = sample_volume_file(Path(slicer.app.cachePath) / "SCNLandmarks")
+    SampleData.SampleDataLogic.registerCustomSampleDataSource(
+        category="SCNLandmarks",
+        sampleName=SAMPLE_NAME,
+        uris=volumeFile.as_uri(),
+        fileNames="SCNLandmarks-" + volumeFile.name,
+        nodeNames="Cephalogram151",
+        thumbnailFileName=str(Path(__file__).resolve().parent / "Resources" / "Icons" / "SCNLandmarks.png"),
+        loadFileType="VolumeFile",
+    )
 
 
 #
@@ -170,6 +195,7 @@ class SCNLandmarksWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._fineTuneJob = None
         self._batchJob = None
         self._batchRunning = False
+        self._detectJob = None
 
     def setup(self) -> None:
         """Called when the user opens the module the first time and the widget is initialized."""
@@ -229,6 +255,8 @@ class SCNLandmarksWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     def onSceneStartClose(self, caller, event) -> None:
         """Called just before the scene is closed."""
+        if self._detecting():
+            self._detectJob.cancel()  # its volume and point list are going away
         self.setParameterNode(None)
 
     def onSceneEndClose(self, caller, event) -> None:
@@ -260,13 +288,14 @@ class SCNLandmarksWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         haveVolume = bool(parameters and parameters.inputVolume)
         haveModel = bool(self.selectedModelPath())
         running = self._fineTuneJob is not None and self._fineTuneJob.isRunning()
-        self.ui.detectButton.enabled = haveVolume and haveModel
+        detecting = self._detecting()
+        self.ui.detectButton.enabled = haveVolume and haveModel and not detecting
         self.ui.detectButton.toolTip = (
             _("Detect the model's landmarks on the input volume")
             if haveVolume and haveModel
             else _("Select an input volume and a model first")
         )
-        self.ui.addCaseButton.enabled = haveVolume and bool(parameters and parameters.landmarksNode)
+        self.ui.addCaseButton.enabled = haveVolume and bool(parameters and parameters.landmarksNode) and not detecting
         self.ui.fineTuneButton.enabled = haveModel and not running and self.ui.casesTableWidget.rowCount > 0
         self.ui.cancelFineTuneButton.enabled = running
         self.ui.iterationsSpinBox.enabled = bool(parameters) and not parameters.useTimeBudget
@@ -334,6 +363,7 @@ class SCNLandmarksWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     def onDetectButton(self) -> None:
         parameters = self._parameterNode
         with slicer.util.tryWithErrorDisplay(_("Landmark detection failed."), waitCursor=True):
+            # Installs what is missing first (with Slicer's own prompts), then runs in the background.
             self.logic.setupPythonRequirements()
             outputNode = parameters.landmarksNode
             volume = parameters.inputVolume
@@ -343,22 +373,38 @@ class SCNLandmarksWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                 None, volume.GetID()
             ):
                 outputNode = None
-            started = time.monotonic()
-            node = self.logic.detect(
+            self._detectJob = self.logic.detect(
                 volume,
                 model=self.selectedModelPath(),
                 device=parameters.device.value,
                 outputNode=outputNode,
                 lowConfidenceThreshold=parameters.confidenceThreshold,
                 checkAboveMm=parameters.checkAboveMm or None,
+                wait=False,
+                finishedCallback=self._onDetectionFinished,
             )
+            self.ui.detectStatusLabel.text = _("Detecting landmarks on '{name}'...").format(name=volume.GetName())
+            self._updateButtonStates()
+
+    def _onDetectionFinished(self, job: "SCNLandmarksDetection") -> None:
+        parameters = self._parameterNode
+        if job.status == "done" and parameters is not None:
+            node = job.node
             parameters.landmarksNode = node
-            flagged = self.logic.pointsToCheckCount(node)
             self.ui.detectStatusLabel.text = _(
                 "{count} landmarks in '{name}' ({seconds:.1f} s); {flagged} to check (orange)."
-            ).format(count=node.GetNumberOfControlPoints(), name=node.GetName(),
-                     seconds=time.monotonic() - started, flagged=flagged)
-            self.updateDeviceInfo()
+            ).format(count=node.GetNumberOfControlPoints(), name=node.GetName(), seconds=job.seconds,
+                     flagged=self.logic.pointsToCheckCount(node))
+        elif job.status == "failed":
+            self.ui.detectStatusLabel.text = _("Detection failed: {reason}").format(reason=job.errorMessage)
+            slicer.util.errorDisplay(_("Landmark detection failed.") + "\n\n" + job.errorMessage)
+        else:
+            self.ui.detectStatusLabel.text = _("Detection cancelled.")
+        self.updateDeviceInfo()
+        self._updateButtonStates()
+
+    def _detecting(self) -> bool:
+        return self._detectJob is not None and self._detectJob.isRunning()
 
     # ------------------------------------------------------------------ cases
 
@@ -557,6 +603,25 @@ def _formatDuration(seconds: float) -> str:
     return f"{hours}:{minutes:02d}:{secs:02d}" if hours else f"{minutes}:{secs:02d}"
 
 
+def packagesAlreadyImported(requirements: list[str]) -> list[str]:
+    """The packages of ``requirements`` (pip specifiers) that this Python has already imported:
+    installing another version of them only takes effect after a restart."""
+    imported = []
+    for requirement in requirements:
+        name = requirementName(requirement)
+        if name in sys.modules or name.replace("-", "_").lower() in sys.modules:
+            imported.append(name)
+    return imported
+
+
+def requirementName(requirement: str) -> str:
+    """The distribution name of a pip specifier: ``"scipy >=1.10; python_version>'3.9'"`` -> ``"scipy"``."""
+    name = requirement.replace(" ", "").split(";")[0]
+    for separator in ("[", ">", "<", "=", "!", "~"):
+        name = name.split(separator)[0]
+    return name
+
+
 def _inSlicerApplication() -> bool:
     """True inside the Slicer application (not with slicer-core or a plain Python)."""
     return getattr(slicer, "app", None) is not None
@@ -565,6 +630,90 @@ def _inSlicerApplication() -> bool:
 #
 # Fine-tuning job
 #
+
+
+class SCNLandmarksDetection:
+    """One detection running on a worker thread, so Slicer stays responsive (see
+    :meth:`SCNLandmarksLogic.detect` with ``wait=False``).
+
+    The network runs on the thread (torch releases Python's lock while it computes); the point
+    list is made on the caller's thread once the thread is done, because MRML is not thread-safe.
+    Inside Slicer a ``qt.QTimer`` notices the end; elsewhere :meth:`wait` does.
+
+    Attributes:
+        status: "running", "done", "failed" or "cancelled".
+        node: the point list once done.
+        errorMessage: why it failed, for the user.
+        seconds: wall time from start to the point list.
+    """
+
+    def __init__(self, compute: Callable[[], Any], finish: Callable[[Any], Any],
+                 finishedCallback: Optional[Callable[["SCNLandmarksDetection"], None]] = None) -> None:
+        import threading
+
+        self._compute, self._finish = compute, finish
+        self.finishedCallback = finishedCallback
+        self.status = "running"
+        self.node = None
+        self.errorMessage = ""
+        self.seconds = 0.0
+        self._result: Any = None
+        self._error: Optional[BaseException] = None
+        self._cancelled = False
+        self._started = time.monotonic()
+        self._thread = threading.Thread(target=self._run, name="SCNLandmarks detection", daemon=True)
+        self._timer = None
+
+    def _run(self) -> None:
+        try:
+            self._result = self._compute()
+        except Exception as error:  # reported on the caller's thread by poll()
+            self._error = error
+
+    def start(self) -> "SCNLandmarksDetection":
+        self._thread.start()
+        if _inSlicerApplication():
+            self._timer = qt.QTimer()
+            self._timer.setInterval(50)
+            self._timer.connect("timeout()", self.poll)
+            self._timer.start()
+        return self
+
+    def poll(self) -> None:
+        """Finish on this thread once the worker thread is done (called by the timer in Slicer)."""
+        if self.status != "running" or self._thread.is_alive():
+            return
+        if self._timer is not None:
+            self._timer.stop()
+        if self._cancelled:
+            self.status = "cancelled"
+        elif self._error is not None:
+            self.status, self.errorMessage = "failed", str(self._error)
+        else:
+            try:
+                self.node = self._finish(self._result)
+                self.status = "done"
+            except Exception as error:
+                self._error = error
+                self.status, self.errorMessage = "failed", str(error)
+        self.seconds = time.monotonic() - self._started
+        if self.finishedCallback is not None:
+            self.finishedCallback(self)
+
+    def wait(self):
+        """Block until done; returns the point list (re-raises a failure as it was raised)."""
+        self._thread.join()
+        self.poll()
+        if self.status == "failed" and self._error is not None:
+            raise self._error
+        return self.node
+
+    def isRunning(self) -> bool:
+        return self.status == "running"
+
+    def cancel(self) -> None:
+        """Drop the result: the network finishes its pass, but no point list is made or changed."""
+        self._cancelled = True
 
 
 class SCNLandmarksJob:
@@ -766,11 +915,8 @@ class SCNLandmarksLogic(ScriptedLoadableModuleLogic):
             requirement = line.split("#", 1)[0].strip()
             if not requirement:
                 continue
-            name = requirement.replace(" ", "").split(";")[0]
-            for separator in ("[", ">", "<", "=", "!", "~"):
-                name = name.split(separator)[0]
             try:
-                metadata.version(name)
+                metadata.version(requirementName(requirement))
             except metadata.PackageNotFoundError:
                 missing.append(requirement)
         return missing
@@ -797,8 +943,14 @@ class SCNLandmarksLogic(ScriptedLoadableModuleLogic):
         ):
             raise InstallError(_("Required Python packages were not installed: {names}").format(
                 names=", ".join(requirements)))
+        outdated = packagesAlreadyImported(requirements)
         for requirement in requirements:
             slicer.util.pip_install(requirement)
+        if outdated and slicer.util.confirmYesNoDisplay(
+            _("A new version of {names} was installed, but the old one is still in use until Slicer restarts. "
+              "Restart Slicer now?").format(names=", ".join(outdated))
+        ):
+            slicer.util.restart()
 
     def environmentSummary(self) -> str:
         """One line for the user: device used (after a detection), PyTorch version, GPU name.
@@ -886,7 +1038,9 @@ class SCNLandmarksLogic(ScriptedLoadableModuleLogic):
         outputNode: Optional[vtkMRMLMarkupsFiducialNode] = None,
         lowConfidenceThreshold: float = DEFAULT_LOW_CONFIDENCE_THRESHOLD,
         checkAboveMm: Optional[float] = None,
-    ) -> vtkMRMLMarkupsFiducialNode:
+        wait: bool = True,
+        finishedCallback: Optional[Callable[[SCNLandmarksDetection], None]] = None,
+    ) -> Union[vtkMRMLMarkupsFiducialNode, SCNLandmarksDetection]:
         """Detect the model's landmarks on a volume and show them as an editable point list.
 
         :param volumeNode: 3D volume, or a single-slice volume for a 2D model. A linear parent
@@ -899,9 +1053,12 @@ class SCNLandmarksLogic(ScriptedLoadableModuleLogic):
             confidence (0..1) are to be checked.
         :param checkAboveMm: points whose expected error exceeds this (mm) are to be checked;
             None: the threshold the model was validated with. Points to check are drawn in orange.
+        :param wait: False runs the network on a worker thread and returns the running
+            :class:`SCNLandmarksDetection` at once (the GUI stays responsive); its ``node`` is set,
+            and ``finishedCallback(job)`` called, on this thread when it is done.
         :return: the point list, named "<volume> - <model>", one point per landmark (label = name,
             description = definition, confidence, expected error and "please check" where it
-            applies); missing landmarks are missing points.
+            applies); missing landmarks are missing points. With ``wait=False``, the job.
         """
         from SCNLandmarksLib import mrml_adapter
 
@@ -909,29 +1066,39 @@ class SCNLandmarksLogic(ScriptedLoadableModuleLogic):
             raise ValueError(_("Select an input volume first."))
         self.setupPythonRequirements()
         modelPath = self.resolveModel(model)
-        detector = self._getDetector(modelPath, str(getattr(device, "value", device)), checkAboveMm,
-                                     lowConfidenceThreshold)
-        self.lastDeviceDescription = detector.device_description
+        # Read on this thread: the pixels are copied out of the MRML node before the worker starts.
         image = mrml_adapter.image_from_volume_node(volumeNode)
-        startTime = time.time()
-        landmarks = detector.detect(image.as_dimension(detector.model.dimension))
-        logging.info("Detected %d landmarks on %s in %.2f s (%s)", len(landmarks), volumeNode.GetName(),
-                     time.time() - startTime, self.lastDeviceDescription)
-        if outputNode is not None and outputNode.GetNumberOfControlPoints() > 0 and self.isEdited(outputNode):
-            logging.info("'%s' was edited; the new detection goes into a new point list", outputNode.GetName())
-            outputNode = None
-        modelName = modelPath.name.removesuffix(".scn.pt")
-        node = mrml_adapter.markups_from_landmarks(
-            landmarks,
-            scene=volumeNode.GetScene(),
-            name=f"{volumeNode.GetName()} - {modelName}",
-            low_confidence_threshold=lowConfidenceThreshold,
-            existing_node=outputNode,
-            reference_geometry=image.geometry,
-            model_name=modelPath.name,
-        )
-        node.SetAttribute("SCNLandmarks.sourceVolumeID", volumeNode.GetID())
-        return node
+        volumeName, scene = volumeNode.GetName(), volumeNode.GetScene()
+
+        def compute():
+            detector = self._getDetector(modelPath, str(getattr(device, "value", device)), checkAboveMm,
+                                         lowConfidenceThreshold)
+            self.lastDeviceDescription = detector.device_description
+            startTime = time.time()
+            landmarks = detector.detect(image.as_dimension(detector.model.dimension))
+            logging.info("Detected %d landmarks on %s in %.2f s (%s)", len(landmarks), volumeName,
+                         time.time() - startTime, self.lastDeviceDescription)
+            return landmarks
+
+        def finish(landmarks):
+            existing = outputNode
+            if existing is not None and existing.GetNumberOfControlPoints() > 0 and self.isEdited(existing):
+                logging.info("'%s' was edited; the new detection goes into a new point list", existing.GetName())
+                existing = None
+            node = mrml_adapter.markups_from_landmarks(
+                landmarks,
+                scene=scene,
+                name=f"{volumeName} - {modelPath.name.removesuffix('.scn.pt')}",
+                low_confidence_threshold=lowConfidenceThreshold,
+                existing_node=existing,
+                reference_geometry=image.geometry,
+                model_name=modelPath.name,
+            )
+            node.SetAttribute("SCNLandmarks.sourceVolumeID", volumeNode.GetID())
+            return node
+
+        job = SCNLandmarksDetection(compute, finish, finishedCallback).start()
+        return job.wait() if wait else job
 
     def isEdited(self, markupsNode: vtkMRMLMarkupsFiducialNode) -> bool:
         """True when the user changed the point list after detection (or placed it by hand)."""

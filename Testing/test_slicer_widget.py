@@ -47,6 +47,16 @@ class SlicerApplicationModel:
 
     def __init__(self) -> None:
         self._moduleManager = pq.wrap(_ModuleManager())
+        self.connections: dict[str, list[Callable[[], Any]]] = {}
+        self.cachePath = ""
+
+    def connect(self, signature: str, slot: Callable[[], Any]) -> None:
+        """PythonQt's ``slicer.app.connect("startupCompleted()", slot)``; :meth:`emit` runs the slots."""
+        self.connections.setdefault(signature, []).append(slot)
+
+    def emit(self, signature: str) -> None:
+        for slot in self.connections.pop(signature, []):
+            slot()
 
     def testingEnabled(self) -> bool:  # noqa: N802 - Slicer's names
         return True
@@ -107,7 +117,7 @@ def slicer_model() -> Iterator[types.SimpleNamespace]:
     slicer_classes.update({name: pq.placeholder_class(name) for name in SLICER_CLASSES_WITHOUT_HEADER})
     slicer_stubs.install()
     saved_modules = {name: sys.modules.get(name) for name in ("qt", "ctk", "slicer.i18n", "slicer.ScriptedLoadableModule")}
-    saved_attributes = {name: getattr(slicer, name, None) for name in ("app", "modules", *slicer_classes)}
+    saved_attributes = {name: getattr(slicer, name, None) for name in ("app", "modules", "selfTests", *slicer_classes)}
     try:
         sys.modules["qt"], sys.modules["ctk"] = qt, ctk
         slicer.app = SlicerApplicationModel()
@@ -179,7 +189,7 @@ def panel(slicer_model: types.SimpleNamespace, mrml_scene: dict[str, Any], tmp_p
     finally:
         widget.exit()
         widget.cleanup()
-        for job in (widget._fineTuneJob, widget._batchJob):
+        for job in (widget._detectJob, widget._fineTuneJob, widget._batchJob):
             if job is not None and job.isRunning():
                 job.cancel()
                 wait_until(lambda job=job: not job.isRunning(), 60)
@@ -219,6 +229,12 @@ def test_detect_add_case_and_fine_tune_then_cancel(panel: types.SimpleNamespace)
     assert ui.detectButton.enabled is True
 
     ui.detectButton.click()
+    # The network runs on a worker thread: the panel stays live and Detect cannot be clicked twice.
+    assert widget._detectJob.isRunning() and ui.detectButton.enabled is False
+    assert "Detecting" in ui.detectStatusLabel.text
+    assert wait_until(lambda: not widget._detectJob.isRunning(), 120), "detection did not finish"
+    assert widget._detectJob.status == "done", widget._detectJob.errorMessage
+    assert ui.detectButton.enabled is True
     points = widget._parameterNode.landmarksNode
     assert points is not None and ui.landmarksSelector.currentNode() is points
     assert points.GetNumberOfControlPoints() == 19
@@ -268,3 +284,72 @@ def test_batch_detection_runs_in_the_background(panel: types.SimpleNamespace) ->
     assert ui.batchProgressBar.value == 100
     assert ui.batchCancelButton.enabled is False and ui.batchRunButton.enabled is True
     assert panel.errors == []
+
+
+def test_the_sample_is_offered_in_sample_data_with_its_true_pixel_size(
+    slicer_model: types.SimpleNamespace, mrml_scene: dict[str, Any], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Registered once Slicer has started, as a NRRD whose pixels are 0.1 mm (the JPEG has none)."""
+    registered: list[dict[str, Any]] = []
+
+    def registerCustomSampleDataSource(category="Custom", sampleName=None, uris=None, fileNames=None,  # noqa: N802, ANN001, ANN202
+                                       nodeNames=None, customDownloader=None, thumbnailFileName=None,
+                                       loadFileType="VolumeFile", loadFiles=None, loadFileProperties=None,
+                                       checksums=None):
+        """Slicer 5.8's SampleDataLogic.registerCustomSampleDataSource signature (recording only)."""
+        registered.append(dict(locals()))
+
+    sample_data = types.SimpleNamespace(SampleDataLogic=types.SimpleNamespace(
+        registerCustomSampleDataSource=registerCustomSampleDataSource))
+    monkeypatch.setitem(sys.modules, "SampleData", sample_data)
+    monkeypatch.setattr(slicer.app, "cachePath", str(tmp_path))
+    description = types.SimpleNamespace(path=str(slicer_stubs.MODULE_FILE))
+    slicer_model.module.SCNLandmarks(description)
+    assert description.title == "SCN Landmarks" and "Quantification" in description.categories
+    assert registered == []  # nothing happens before Slicer has started
+    slicer.app.emit("startupCompleted()")
+
+    assert len(registered) == 1
+    source = registered[0]
+    assert source["category"] == "SCNLandmarks" and source["loadFileType"] == "VolumeFile"
+    assert Path(source["thumbnailFileName"]).is_file()
+    volume_file = Path(source["uris"].removeprefix("file://"))
+    assert volume_file.is_file() and volume_file.is_relative_to(tmp_path)
+    assert source["fileNames"].endswith(".nrrd")
+    # Loaded by Slicer's own volume reader (what Sample Data does), the pixels are 0.1 mm.
+    storage = mrml_scene["scene"].AddNewNodeByClass("vtkMRMLVolumeArchetypeStorageNode")
+    storage.SetFileName(str(volume_file))
+    volume = mrml_scene["scene"].AddNewNodeByClass("vtkMRMLScalarVolumeNode")
+    assert storage.ReadData(volume)
+    assert volume.GetSpacing()[:2] == pytest.approx((0.1, 0.1))
+    assert volume.GetImageData().GetDimensions()[:2] == (1935, 2400)
+
+
+def test_a_package_already_in_use_asks_for_a_restart(slicer_model: types.SimpleNamespace) -> None:
+    module = slicer_model.module
+    assert module.requirementName("scipy >=1.10; python_version>'3.9'") == "scipy"
+    assert module.requirementName("SimpleITK[extra]==2.3") == "SimpleITK"
+    assert module.packagesAlreadyImported(["numpy>=1.0", "not-a-package-here>=1"]) == ["numpy"]
+
+
+def test_a_detection_that_fails_says_why_and_frees_the_panel(panel: types.SimpleNamespace) -> None:
+    ui, widget = panel.ui, panel.widget
+    volume = panel.scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", "Stack")
+    slicer.util.updateVolumeFromArray(volume, np.zeros((5, 64, 64), dtype=np.float32))  # 3D; the model is 2D
+    ui.inputVolumeSelector.setCurrentNode(volume)
+    ui.detectButton.click()
+    assert wait_until(lambda: not widget._detectJob.isRunning(), 120)
+    assert widget._detectJob.status == "failed"
+    assert "failed" in ui.detectStatusLabel.text and "expects a 2D image" in ui.detectStatusLabel.text
+    assert widget._parameterNode.landmarksNode is None
+    assert ui.detectButton.enabled is True
+    assert panel.errors == []
+
+
+def test_a_cancelled_detection_makes_no_point_list(panel: types.SimpleNamespace) -> None:
+    volume = radiograph_volume(panel.scene)
+    before = panel.scene.GetNumberOfNodesByClass("vtkMRMLMarkupsFiducialNode")
+    job = panel.widget.logic.detect(volume, wait=False)
+    job.cancel()
+    assert job.wait() is None and job.status == "cancelled"
+    assert panel.scene.GetNumberOfNodesByClass("vtkMRMLMarkupsFiducialNode") == before
