@@ -58,6 +58,7 @@ def parse_arguments(argv: Sequence[str] | None) -> argparse.Namespace:
                         help="a two-stage model whose local stage trains further (a second phase of the recipe)")
     parser.add_argument("--annotation", choices=("mean", "senior"), default="mean")
     parser.add_argument("--time-budget-min", type=float, default=None)
+    parser.add_argument("--seed", type=int, default=0, help="seeds the network's initial weights and the crops")
     parser.add_argument("--test-images", type=int, default=None, help="evaluate on this many test1 images (default all)")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--device", default="cpu")
@@ -148,12 +149,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         else:
             model = load_model(args.global_model)
             filters = tuple(int(f) for f in args.filters.split(","))
+            if args.seed:
+                # Seed 0 keeps torch's start-up state, with which the shipped local stage was made.
+                torch.manual_seed(args.seed)
             attach_refiner(model, patch_size=args.patch_size, spacing_mm=args.spacing, filters=filters,
                            target_sigma_mm=args.target_sigma, passes=args.passes)
         config = RefinerTrainingConfig(
             iterations=iterations, batch_size=args.batch_size, learning_rate=args.learning_rate,
             offset_mm=args.offset, rotation_rad=args.rotation, validate_every=max(50, iterations // 12), checkpoint_every=100,
             device=args.device, time_budget_s=None if args.time_budget_min is None else 60 * args.time_budget_min,
+            seed=args.seed,
         )
         result = train_refiner(cases, model, output=full_precision, config=config, validation_cases=validation,
                                checkpoint=output / "refiner.checkpoint.pt",
