@@ -56,9 +56,10 @@ def test_a_fine_tune_that_is_not_better_keeps_the_starting_model(two_stage_file,
     path, cases = two_stage_file
     start = load_model(path)
 
-    def measured(model, held_out, device):  # the starting model is better on every case
-        return [1.0] * len(held_out) if model is start else [2.0 + 0.1 * n for n in range(len(held_out))]
+    def measured(detections, held_out):  # the starting model is better on every case
+        return [1.0] * len(held_out) if detections[0] == "start" else [2.0 + 0.1 * n for n in range(len(held_out))]
 
+    monkeypatch.setattr(finetuning, "_detect_all", lambda model, cases, device: ["start" if model is start else "new"] * len(cases))
     monkeypatch.setattr(finetuning, "_case_errors", measured)
     report = fine_tune(cases, start, output=tmp_path / "new.scn.pt", iterations=2, device="cpu")
     assert report.verdict == "not better" and report.output is None and not (tmp_path / "new.scn.pt").exists()
@@ -74,9 +75,10 @@ def test_a_verdict_within_the_noise_of_few_cases_says_so(two_stage_file, tmp_pat
     start = load_model(path)
     swings = iter([0.5, -0.6, 0.55, -0.45])  # better on some cases, worse on others
 
-    def measured(model, held_out, device):
-        return [1.0] * len(held_out) if model is start else [1.0 + next(swings) for _ in held_out]
+    def measured(detections, held_out):
+        return [1.0] * len(held_out) if detections[0] == "start" else [1.0 + next(swings) for _ in held_out]
 
+    monkeypatch.setattr(finetuning, "_detect_all", lambda model, cases, device: ["start" if model is start else "new"] * len(cases))
     monkeypatch.setattr(finetuning, "_case_errors", measured)
     report = fine_tune(cases, start, output=tmp_path / "new.scn.pt", iterations=2, device="cpu", keep_worse=True)
     assert "within what 4 cases can tell apart" in report.message

@@ -37,6 +37,7 @@ import numpy as np
 from .progress import Progress, ProgressCallback
 
 if TYPE_CHECKING:  # torch-heavy; imported where used so that the defaults load without torch
+    from .landmarks import Landmarks
     from .model import LandmarkModel
     from .training_case import TrainingCase
 
@@ -153,7 +154,15 @@ def _folds(count: int, seed: int) -> list[np.ndarray]:
     return [np.sort(part) for part in np.array_split(order, min(MAX_FOLDS, count))]
 
 
-def _unlike_training_images(model: LandmarkModel, cases: Sequence[TrainingCase], device: str) -> tuple[float, float] | None:
+def _detect_all(model: LandmarkModel, cases: Sequence[TrainingCase], device: str) -> list[Landmarks]:
+    """The model's detection on every case, in case order."""
+    from .detection import Detector
+
+    detector = Detector(model, device=device)
+    return [detector.detect(case.image) for case in cases]
+
+
+def _unlike_training_images(model: LandmarkModel, detections: Sequence[Landmarks]) -> tuple[float, float] | None:
     """``(mean expected error on the cases, on the validation images)`` when the cases look unlike
     the training images (another device, another protocol), else None.
 
@@ -162,27 +171,22 @@ def _unlike_training_images(model: LandmarkModel, cases: Sequence[TrainingCase],
     (bundled model: 1.02 mm on usual test1 cases against 1.01 mm; 37 mm, before clipping, on a
     simulated blurred, noisy device).
     """
-    from .detection import Detector
-
     errors = model.error_model
     reference = None if errors is None else errors.validation_mean_mm
     if not reference:
         return None
-    detector = Detector(model, device=device)
-    values = [detector.detect(case.image).expected_errors for case in cases]
+    values = [found.expected_errors for found in detections]
     mean = float(np.nanmean([np.nanmean(v) for v in values if v is not None and np.isfinite(v).any()] or [np.nan]))
     return (mean, reference) if np.isfinite(mean) and mean >= UNLIKE_TRAINING_RATIO * reference else None
 
 
-def _case_errors(model: LandmarkModel, cases: Sequence[TrainingCase], device: str) -> list[float]:
-    """Mean point error of each case, mm (NaN for a case without comparable points)."""
-    from .detection import Detector
+def _case_errors(detections: Sequence[Landmarks], cases: Sequence[TrainingCase]) -> list[float]:
+    """Mean point error of each case's detection, mm (NaN for a case without comparable points)."""
     from .evaluation import point_errors
 
-    detector = Detector(model, device=device)
     means = []
-    for case in cases:
-        errors = point_errors(detector.detect(case.image), case.landmarks)
+    for found, case in zip(detections, cases):
+        errors = point_errors(found, case.landmarks)
         means.append(float(np.nanmean(errors)) if np.isfinite(errors).any() else float("nan"))
     return means
 
@@ -342,8 +346,11 @@ def _fine_tune(  # noqa: PLR0913 - the arguments of fine_tune, checked
             raise ValueError(msg)
         stages = [stage for stage in ("global", "local") if stage in chosen_stages]
     note = ""
+    # The starting model's detections serve the device check and every fold's "before" (once each).
+    start_found: list[Landmarks] | None = None
     if chosen_stages is None and stages == ["local"]:
-        unlike = _unlike_training_images(start, cases, device)
+        start_found = _detect_all(start, cases, device)
+        unlike = _unlike_training_images(start, start_found)
         if unlike is not None:
             stages = ["global", "local"]
             note = (f"Your images look unlike the model's training images (expected error {unlike[0]:.1f} mm against "
@@ -382,13 +389,16 @@ def _fine_tune(  # noqa: PLR0913 - the arguments of fine_tune, checked
         return trained
 
     per_fold: list[dict[str, object]] = []
+    if folds and start_found is None:
+        start_found = _detect_all(start, cases, device)
     with tempfile.TemporaryDirectory(prefix="scn-finetune-") as scratch:
         for number, held_out in enumerate(folds):
             held_out_set = set(held_out.tolist())
             training = [c for i, c in enumerate(cases) if i not in held_out_set]
             testing = [cases[i] for i in held_out]
             fold_model = train(training, f"fold {number + 1} of {len(folds)}", Path(scratch) / f"fold{number}.scn.pt")
-            start_cases, new_cases = _case_errors(start, testing, device), _case_errors(fold_model, testing, device)
+            start_cases = _case_errors([start_found[i] for i in held_out], testing)
+            new_cases = _case_errors(_detect_all(fold_model, testing, device), testing)
             per_fold.append({
                 "held_out": [c.name for c in testing],
                 "start_mm": float(np.nanmean(start_cases)), "new_mm": float(np.nanmean(new_cases)),
