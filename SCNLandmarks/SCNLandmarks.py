@@ -990,14 +990,6 @@ class SCNLandmarksLogic(ScriptedLoadableModuleLogic):
         """
         from SCNLandmarksLib import catalog
 
-        if model is None or str(model) == "":
-            default = catalog.default_model()
-            if default is not None:
-                return default
-            usable = [entry.path for entry in self.listModels() if entry.usable]
-            if usable:
-                return usable[0]
-            raise FileNotFoundError(_("No landmark model is installed yet. Use 'Load model file...' to add one."))
         return catalog.find_model(model, user_folder=self.userModelsFolder)
 
     def loadModelFile(self, path: Union[str, Path]) -> Path:

@@ -97,6 +97,18 @@ def test_default_and_find_model(folders):
         catalog.read_catalog()
 
 
+def test_without_a_default_the_first_usable_model_is_used(folders):
+    """One rule for "no model chosen", in the CLI, the API and Slicer alike."""
+    bundled, user = folders
+    for path in bundled.iterdir():
+        path.unlink()
+    assert catalog.default_model() is None
+    assert catalog.find_model(None) == user / "mine-ft001.scn.pt"  # broken.scn.pt is skipped
+    (user / "mine-ft001.scn.pt").unlink()
+    with pytest.raises(FileNotFoundError, match="No landmark model is installed yet"):
+        catalog.find_model(None)
+
+
 def test_next_model_version_never_reuses_a_name(tmp_path):
     user = tmp_path / "user"
     first = catalog.next_model_version_path(tmp_path / "ceph.scn.pt", user)

@@ -303,17 +303,21 @@ def find_model(
 
     Args:
         name_or_path: an existing file path, a model name as :func:`list_models` shows it
-            (catalog name or file stem), or None for :func:`default_model`.
+            (catalog name or file stem), or None: the :func:`default_model`, else the first
+            usable model of :func:`list_models` (a user who only loaded their own model).
 
     Raises:
         FileNotFoundError: nothing matches, with the names that exist.
     """
     if name_or_path is None or str(name_or_path) == "":
         found = default_model(bundled_folder=bundled_folder)
-        if found is None:
-            msg = "No model chosen and no default model installed; load a model file first"
-            raise FileNotFoundError(msg)
-        return found
+        if found is not None:
+            return found
+        usable = [e.path for e in list_models(user_folder=user_folder, bundled_folder=bundled_folder) if e.usable]
+        if usable:
+            return usable[0]
+        msg = "No landmark model is installed yet; load a model file first ('Load model file...' in Slicer)"
+        raise FileNotFoundError(msg)
     path = Path(name_or_path).expanduser()
     if path.is_file():
         return path

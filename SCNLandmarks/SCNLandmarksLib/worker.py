@@ -54,13 +54,11 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, NoReturn, TextIO
 
+from .process import EXIT_CANCELLED, EXIT_ERROR, EXIT_OK
 from .quality import LOW_CONFIDENCE
 
 __all__ = ["EXIT_CANCELLED", "EXIT_ERROR", "EXIT_OK", "main"]
 
-EXIT_OK = 0
-EXIT_ERROR = 2
-EXIT_CANCELLED = 3
 
 log = logging.getLogger("SCNLandmarksLib.worker")
 
