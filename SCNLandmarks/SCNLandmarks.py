@@ -1002,8 +1002,9 @@ class SCNLandmarksLogic(ScriptedLoadableModuleLogic):
 
         return catalog.import_model_file(path, self.userModelsFolder)
 
-    def modelDescription(self, model: Union[str, Path, None] = None) -> dict:
-        """The JSON description of a model (landmarks, grid, training provenance)."""
+    def modelDescription(self, model: Union[str, Path, None] = None):
+        """The description of a model (``SCNLandmarksLib.model_header.ModelDescription``: landmarks,
+        grid, training provenance; also readable as the file's JSON, ``description["info"]``)."""
         from SCNLandmarksLib.model_file import read_model_description
 
         return read_model_description(self.resolveModel(model))
@@ -1284,7 +1285,7 @@ class SCNLandmarksLogic(ScriptedLoadableModuleLogic):
 
     def modelDescriptionLandmarks(self, model: Union[str, Path, None] = None) -> list[str]:
         """The landmark names of a model, in channel order."""
-        return [str(item["name"]) for item in self.modelDescription(model).get("landmarks", [])]
+        return list(self.modelDescription(model).landmark_names)
 
     # ------------------------------------------------------------------ batch
 

@@ -97,7 +97,7 @@ def test_two_stage_file_round_trips_in_half_precision_and_old_files_still_load(t
 @pytest.mark.slow
 def test_refinement_weights_without_their_description_are_refused(two_stage, tmp_path):
     payload = torch.load(two_stage["result"].output, weights_only=True)
-    description = read_model_description(two_stage["result"].output)
+    description = read_model_description(two_stage["result"].output).to_dict()  # the JSON, to tamper with
     description["refiner"] = None
     payload["description"] = __import__("json").dumps(description)
     # A consistent file (its description checksum recomputed) that still does not add up.

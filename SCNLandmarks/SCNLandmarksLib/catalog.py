@@ -211,15 +211,13 @@ def _describe_file(entry: ModelEntry) -> ModelEntry:
 
     try:
         description = read_header(entry.path)
-        network = description.get("network", {})
-        landmarks = description.get("landmarks", [])
-        entry.dimension = int(network["dimension"])
-        entry.landmark_names = tuple(str(item["name"]) for item in landmarks)
-        entry.landmark_count = len(entry.landmark_names)
+        entry.dimension = description.dimension
+        entry.landmark_names = description.landmark_names
+        entry.landmark_count = description.num_landmarks
         if not entry.description:
-            info = description.get("info") or {}
-            training = info.get("training") if isinstance(info, dict) else None
-            if isinstance(info, dict) and info.get("description"):
+            info = description.info
+            training = info.get("training")
+            if info.get("description"):
                 entry.description = str(info["description"])
             elif isinstance(training, dict):
                 mre = training.get("best_validation_mre_mm")

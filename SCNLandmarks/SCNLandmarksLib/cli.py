@@ -406,20 +406,21 @@ def _command_info(args: argparse.Namespace) -> int:
     path = _resolve_model(args.model)
     load_model(path)  # checks the whole file (weights and description), not only what is shown
     description = read_model_description(path)
-    info = dict(description.get("info", {}))
+    info = dict(description.info)
     refiner_training = info.pop("refiner_training", {}) if isinstance(info.get("refiner_training"), dict) else {}
     info["refiner_training"] = {k: refiner_training.get(k) for k in ("iterations", "best_validation_mre_mm", "seconds")}
     training = info.pop("training", {}) if isinstance(info.get("training"), dict) else {}
     summary = {
-        "network": description["network"],
-        "grid": description["grid"],
-        "landmarks": [item["name"] for item in description["landmarks"]],
+        "network": description.network,
+        "grid": {"size": list(description.grid_size),
+                 "spacing": None if description.grid_spacing is None else list(description.grid_spacing)},
+        "landmarks": list(description.landmark_names),
         "info": info,
         "training": {k: training.get(k) for k in ("iterations", "best_validation_mre_mm", "seconds", "device")},
-        "refinement_stage": description.get("refiner"),
-        "expected_errors": None if not description.get("error_model") else {
-            key: description["error_model"].get(key) for key in ("signals", "check_above_mm", "fitted_on")},
-        "shape_model": bool(description.get("shape_model")),
+        "refinement_stage": description.refiner,
+        "expected_errors": None if not description.error_model else {
+            key: description.error_model.get(key) for key in ("signals", "check_above_mm", "fitted_on")},
+        "shape_model": bool(description.shape_model),
     }
     print(json.dumps(summary, indent=2))
     return 0

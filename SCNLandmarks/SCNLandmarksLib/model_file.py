@@ -24,13 +24,22 @@ from .grid import GridSpec
 from .heatmaps import HeatmapTargets
 from .intensity import IntensityConfig
 from .model import LandmarkModel
-from .model_header import FORMAT_TAG, FORMAT_VERSION, MODEL_SUFFIX, check_archive, check_description, check_format, read_header
+from .model_header import (
+    FORMAT_TAG,
+    FORMAT_VERSION,
+    MODEL_SUFFIX,
+    ModelDescription,
+    check_archive,
+    check_description,
+    check_format,
+    read_header,
+)
 from .network import NetworkConfig, build_network
 from .quality import ErrorModel
 from .refinement import RefinementNetwork, RefinerConfig
 from .shape_model import ShapeModel
 
-__all__ = ["FORMAT_TAG", "MODEL_SUFFIX", "load_model", "read_model_description", "save_model"]
+__all__ = ["FORMAT_TAG", "MODEL_SUFFIX", "ModelDescription", "load_model", "read_model_description", "save_model"]
 
 
 
@@ -44,21 +53,23 @@ def _weights_digest(state: dict[str, torch.Tensor]) -> str:
     return digest.hexdigest()
 
 
-def _describe(model: LandmarkModel, *, half_precision: bool) -> dict[str, object]:
-    return {
-        "network": model.config.to_dict(),
-        "grid": {"size": list(model.grid.size), "spacing": None if model.grid.spacing is None else list(model.grid.spacing)},
-        "intensity": model.intensity.to_dict(),
-        "landmarks": [
-            {"name": n, "description": d} for n, d in zip(model.landmark_names, model.landmark_descriptions)
-        ],
-        "targets": {"gamma": model.targets.gamma, "sigma_weight": model.sigma_weight},
-        "half_precision": half_precision,
-        "refiner": None if model.refiner is None else model.refiner.config.to_dict(),
-        "shape_model": None if model.shape_model is None else model.shape_model.to_dict(),
-        "error_model": None if model.error_model is None else model.error_model.to_dict(),
-        "info": model.info,
-    }
+def describe(model: LandmarkModel, *, half_precision: bool = False) -> ModelDescription:
+    """The description a model file holds for ``model``."""
+    return ModelDescription(
+        network=model.config.to_dict(),
+        grid_size=tuple(model.grid.size),
+        grid_spacing=None if model.grid.spacing is None else tuple(model.grid.spacing),
+        intensity=model.intensity.to_dict(),
+        landmark_names=tuple(model.landmark_names),
+        landmark_definitions=tuple(model.landmark_descriptions),
+        gamma=float(model.targets.gamma),
+        sigma_weight=float(model.sigma_weight),
+        half_precision=half_precision,
+        refiner=None if model.refiner is None else model.refiner.config.to_dict(),
+        shape_model=None if model.shape_model is None else model.shape_model.to_dict(),
+        error_model=None if model.error_model is None else model.error_model.to_dict(),
+        info=dict(model.info),
+    )
 
 
 def save_model(model: LandmarkModel, path: str | Path, *, overwrite: bool = False, half_precision: bool = False) -> Path:
@@ -84,7 +95,7 @@ def save_model(model: LandmarkModel, path: str | Path, *, overwrite: bool = Fals
             if half_precision and tensor.is_floating_point() and not keep:
                 tensor = tensor.half()
             state[prefix + name] = tensor.clone()
-    description = json.dumps(_describe(model, half_precision=half_precision))
+    description = json.dumps(describe(model, half_precision=half_precision).to_dict())
     payload = {
         "format": FORMAT_TAG,
         "format_version": FORMAT_VERSION,
@@ -115,8 +126,8 @@ def _read_payload(path: Path) -> dict[str, object]:
     return check_format(path, payload)
 
 
-def read_model_description(path: str | Path) -> dict[str, object]:
-    """The JSON description of a model file (landmarks, grid, provenance) without building the network.
+def read_model_description(path: str | Path) -> ModelDescription:
+    """The description of a model file (landmarks, grid, provenance) without building the network.
 
     Read without torch (see :mod:`.model_header`) and checked against its SHA-256 (files written
     before it had one are read as they are).
@@ -139,30 +150,22 @@ def load_model(path: str | Path, *, device: torch.device | str = "cpu") -> Landm
     if payload.get("weights_sha256") != _weights_digest(state):
         msg = f"{path} is damaged: its weights do not match the checksum written when it was saved"
         raise ModelFileError(msg)
-    description = check_description(path, str(payload.get("description", "")), payload.get("description_sha256"))
+    values = check_description(path, str(payload.get("description", "")), payload.get("description_sha256"))
+    description = ModelDescription.from_dict(values, source=path)
     try:
-        config = NetworkConfig.from_dict(dict(description["network"]))
-        grid_values = description["grid"]
-        grid = GridSpec(
-            size=tuple(int(s) for s in grid_values["size"]),
-            spacing=None if grid_values["spacing"] is None else tuple(float(s) for s in grid_values["spacing"]),
-        )
-        intensity = IntensityConfig(**description["intensity"])
-        landmarks = description["landmarks"]
-        names = [str(item["name"]) for item in landmarks]
-        descriptions = [str(item.get("description", "")) for item in landmarks]
-        target_values = description["targets"]
-        refiner_values = description.get("refiner")
-        refiner_config = None if refiner_values is None else RefinerConfig.from_dict(dict(refiner_values))
-        shape_values, error_values = description.get("shape_model"), description.get("error_model")
-        shape_model = None if shape_values is None else ShapeModel.from_dict(dict(shape_values))
-        error_model = None if error_values is None else ErrorModel.from_dict(dict(error_values))
+        config = NetworkConfig.from_dict(description.network)
+        grid = GridSpec(size=description.grid_size, spacing=description.grid_spacing)
+        intensity = IntensityConfig(**description.intensity)
+        names, descriptions = list(description.landmark_names), list(description.landmark_definitions)
+        refiner_config = None if description.refiner is None else RefinerConfig.from_dict(description.refiner)
+        shape_model = None if description.shape_model is None else ShapeModel.from_dict(description.shape_model)
+        error_model = None if description.error_model is None else ErrorModel.from_dict(description.error_model)
     except (KeyError, TypeError, ValueError) as error:
         msg = f"{path} has an incomplete or invalid description ({error})"
         raise ModelFileError(msg) from error
     network = build_network(config)
     refiner = None if refiner_config is None else RefinementNetwork(refiner_config)
-    targets = HeatmapTargets(config.num_landmarks, config.dimension, initial_sigma=1.0, gamma=float(target_values["gamma"]))
+    targets = HeatmapTargets(config.num_landmarks, config.dimension, initial_sigma=1.0, gamma=description.gamma)
     try:
         network.load_state_dict(
             {k[len("network.") :]: v.float() for k, v in state.items() if k.startswith("network.")}, strict=True
@@ -194,8 +197,8 @@ def load_model(path: str | Path, *, device: torch.device | str = "cpu") -> Landm
         intensity=intensity,
         landmark_names=names,
         landmark_descriptions=descriptions,
-        sigma_weight=float(target_values["sigma_weight"]),
-        info=dict(description.get("info", {})),
+        sigma_weight=description.sigma_weight,
+        info=dict(description.info),
         refiner=refiner,
         shape_model=shape_model,
         error_model=error_model,

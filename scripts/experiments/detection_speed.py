@@ -149,11 +149,10 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     count = args.images or (QUICK_IMAGES if args.quick else FULL_IMAGES)
     paths = X.image_paths(isbi / "images", X.test1_ids(isbi, count))
     description = read_model_description(model_path)
-    info = description.get("info", {})
-    grid = description["grid"]["size"]
+    info, grid = description.info, description.grid_size
     note = (f"{'QUICK RUN (few images), ' if args.quick else ''}"
             f"{'UNTRAINED WEIGHTS (timing of the architecture only), ' if args.untrained else ''}model {model_path.name} "
-            f"({description['network']['architecture']}, {description['network']['filters']} filters, grid "
+            f"({description.architecture}, {description.network['filters']} filters, grid "
             f"{'x'.join(map(str, grid))}{', QUICK MODEL' if 'QUICK' in str(info) else ''}), "
             f"{len(paths)} test1 images of 1935x2400 pixels")
     print(note)

@@ -208,8 +208,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     ceph_path = find_ceph_model(args)
     description = read_model_description(ceph_path)
     # Both arms use the cephalometric model's network and grid: the comparison is about weights only.
-    settings.grid_size = int(description["grid"]["size"][0])
-    settings.filters = int(description["network"]["filters"])
+    settings.grid_size = description.grid_size[0]
+    settings.filters = int(description.network["filters"])
     folds = sorted({int(f) for f in (args.folds or ("1" if args.quick else "1,2,3")).split(",") if f.strip()})
     if not folds or any(f not in (1, 2, 3) for f in folds):
         raise SystemExit(f"Folds must be among 1, 2, 3; got {args.folds}")
