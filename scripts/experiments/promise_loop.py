@@ -2,8 +2,10 @@
 
 Scenarios, all with the shipped model and the tool's defaults (no option set):
 
-* **same domain**: 10 corrected ISBI test1 cases (151-160, senior annotation, as one doctor
-  would correct them) fine-tune the model; before and after on the other test1 images.
+* **same domain**: 10 corrected ISBI test1 cases (151-160) fine-tune the model; before and after
+  on the other test1 images, against the same annotation as the corrections (``--annotation``:
+  the mean of both doctors by default, which the model learned; ``senior``: as one doctor would
+  correct them, see ``promise_loop_senior.py``).
 * **left-facing** and **inverted**: the test images mirrored left-right, and as negatives.
 * **other device** (simulated): every image through a low-dose, low-resolution device the model
   never saw: gamma 0.3, Gaussian blur sigma 1.5 mm, additive noise 10 % of the grey range
@@ -114,6 +116,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--test-images", type=int, default=None, help="evaluate on this many of the other test1 images")
     parser.add_argument("--hand-iterations", type=int, default=600, help="steps of each stage for the hand set")
     parser.add_argument("--scenarios", default="same,left,inverted,device,hand")
+    parser.add_argument("--annotation", choices=("mean", "senior"), default="mean",
+                        help="what the corrected cases follow, and what the errors are measured against")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--device", default="cpu")
     args = parser.parse_args(argv)
@@ -129,9 +133,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     output = args.output
     output.mkdir(parents=True, exist_ok=True)
     test_ids = X.spread([i for i in X.test1_ids(isbi) if i not in CORRECTED_IDS], args.test_images)
-    truths = X.load_ground_truths(isbi, test_ids)["mean"]
+    truths = X.load_ground_truths(isbi, test_ids)[args.annotation]
     tests = X.load_isbi_cases(isbi, test_ids)
-    corrected = X.load_isbi_cases(isbi, CORRECTED_IDS, annotation="senior")
+    corrected = X.load_isbi_cases(isbi, CORRECTED_IDS, annotation=args.annotation)
     start = load_model(args.model)
     rows: dict[str, dict[str, Any]] = {}
     usual = measure(start, tests, truths, args.device)
@@ -142,7 +146,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         after = measure(load_model(report["output"]), tests, truths, args.device) if report["output"] else usual
         rows["same domain, 10 corrected cases"] = {"before": usual, "after": after, "fine_tune": report}
     if "left" in scenarios:
-        # Mirror the mean ground truth with the image (the cases carry the senior annotation).
+        # Mirror the ground truth with the image (the test cases carry the senior annotation).
         mirrored = [mirrored_case(TrainingCase(c.image, truths[c.name], c.name)) for c in tests]
         rows["left-facing"] = {"before": measure(start, mirrored, {c.name: c.landmarks for c in mirrored}, args.device)}
     if "inverted" in scenarios:
@@ -158,7 +162,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if "hand" in scenarios:
         rows.update(hand_rows(data, args, output))
     table = loop_table(rows)
-    note = f"ISBI 2015 test1 without the 10 corrected cases: {len(test_ids)} images, mean ground truth; 2 CPU threads"
+    note = (f"ISBI 2015 test1 without the 10 corrected cases: {len(test_ids)} images; corrections and ground truth: "
+            f"{'mean of both doctors' if args.annotation == 'mean' else 'senior doctor'}; 2 CPU threads")
     X.write_table(output, "The promise loop: before and after 10 corrected cases", note, table)
     X.write_json(output / "results.json", {"rows": rows, "test_ids": test_ids, "corrected_ids": CORRECTED_IDS,
                                            "environment": X.environment()})
