@@ -11,7 +11,7 @@ from .heatmaps import HeatmapTargets
 from .intensity import IntensityConfig
 from .network import LandmarkNetwork, NetworkConfig, build_network
 from .quality import ErrorModel
-from .refinement import RefinementNetwork
+from .refinement import RefinementEnsemble, RefinementNetwork
 from .shape_model import ShapeModel
 
 __all__ = ["LandmarkModel", "create_model", "default_target_settings"]
@@ -51,7 +51,7 @@ class LandmarkModel:
     landmark_descriptions: list[str]
     sigma_weight: float
     info: dict[str, object] = field(default_factory=dict)
-    refiner: RefinementNetwork | None = None
+    refiner: RefinementNetwork | RefinementEnsemble | None = None
     shape_model: ShapeModel | None = None
     error_model: ErrorModel | None = None
 

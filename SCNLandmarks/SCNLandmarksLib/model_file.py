@@ -36,7 +36,7 @@ from .model_header import (
 )
 from .network import NetworkConfig, build_network
 from .quality import ErrorModel
-from .refinement import RefinementNetwork, RefinerConfig
+from .refinement import RefinerConfig, build_refiner
 from .shape_model import ShapeModel
 
 __all__ = ["FORMAT_TAG", "MODEL_SUFFIX", "ModelDescription", "load_model", "read_model_description", "save_model"]
@@ -164,7 +164,7 @@ def load_model(path: str | Path, *, device: torch.device | str = "cpu") -> Landm
         msg = f"{path} has an incomplete or invalid description ({error})"
         raise ModelFileError(msg) from error
     network = build_network(config)
-    refiner = None if refiner_config is None else RefinementNetwork(refiner_config)
+    refiner = None if refiner_config is None else build_refiner(refiner_config)
     targets = HeatmapTargets(config.num_landmarks, config.dimension, initial_sigma=1.0, gamma=description.gamma)
     try:
         network.load_state_dict(

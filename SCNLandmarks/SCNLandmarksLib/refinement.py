@@ -15,7 +15,7 @@ indices are x, y[, z] order, arrays ``([z,] y, x)``.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
 import numpy as np
 import torch
@@ -31,7 +31,9 @@ from .preprocess import OUTSIDE_VALUE, PreparedImage, prepare_image
 
 __all__ = [
     "RefinerConfig",
+    "RefinementEnsemble",
     "RefinementNetwork",
+    "build_refiner",
     "crop_transform",
     "crop_target",
     "prepare_for_refiner",
@@ -55,6 +57,8 @@ class RefinerConfig:
         min_peak_fraction: the local stage is trusted only where its distribution peaks at least
             this fraction of the trained target's peak; elsewhere (an image unlike its training
             images, where it would wander to the crop's edge) the global estimate is kept.
+        members: networks trained apart and read as one (:class:`RefinementEnsemble`); 1: a
+            single network.
     """
 
     dimension: int
@@ -65,6 +69,7 @@ class RefinerConfig:
     target_sigma_mm: float = 0.6
     passes: int = 1
     min_peak_fraction: float = 0.2
+    members: int = 1
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "filters", tuple(int(f) for f in self.filters))
@@ -77,8 +82,8 @@ class RefinerConfig:
         if len(self.filters) < 2 or self.patch_size % self.size_divisor:
             msg = f"Crop size {self.patch_size} must be a multiple of {self.size_divisor} for {len(self.filters)} levels"
             raise ValueError(msg)
-        if self.spacing_mm <= 0 or self.target_sigma_mm <= 0 or self.passes < 1:
-            msg = "Refiner spacing and target width must be positive and passes at least 1"
+        if self.spacing_mm <= 0 or self.target_sigma_mm <= 0 or self.passes < 1 or self.members < 1:
+            msg = "Refiner spacing and target width must be positive, passes and members at least 1"
             raise ValueError(msg)
 
     @property
@@ -99,6 +104,8 @@ class RefinerConfig:
     def to_dict(self) -> dict[str, object]:
         values = asdict(self)
         values["filters"] = list(self.filters)
+        if self.members == 1:
+            del values["members"]  # single-network files keep the layout older versions read
         return values
 
     @classmethod
@@ -149,6 +156,36 @@ class RefinementNetwork(nn.Module):
     def head_parameter_names(self) -> set[str]:
         """Parameters whose shape depends on the number of landmarks."""
         return {"head.weight", "head.bias"}
+
+
+class RefinementEnsemble(nn.Module):
+    """Several local stages with one configuration, trained apart, read as one.
+
+    Each member gives a distribution over the crop; the ensemble's is their normalised product
+    (the mean of the members' log-probabilities), which sharpens where they agree and stays
+    wide where they do not. ``forward`` returns those mean log-probabilities in place of logits,
+    so everything that reads a local stage (softmax over the crop, loss, decoding) reads an
+    ensemble unchanged.
+    """
+
+    def __init__(self, config: RefinerConfig) -> None:
+        super().__init__()
+        self.config = config
+        single = replace(config, members=1)
+        self.members = nn.ModuleList(RefinementNetwork(single) for _ in range(config.members))
+
+    def forward(self, crops: torch.Tensor) -> torch.Tensor:
+        """Mean log-probabilities ``(B, N, [z,] y, x)`` for crops ``(B, 1, [z,] y, x)``."""
+        logs = [F.log_softmax(member(crops).flatten(2).float(), dim=2) for member in self.members]
+        return torch.stack(logs).mean(0).view(crops.shape[0], self.config.num_landmarks, *crops.shape[2:])
+
+    def head_parameter_names(self) -> set[str]:
+        return {f"members.{i}.{name}" for i, m in enumerate(self.members) for name in m.head_parameter_names()}
+
+
+def build_refiner(config: RefinerConfig) -> RefinementNetwork | RefinementEnsemble:
+    """The local stage a configuration describes: one network, or an ensemble of ``members``."""
+    return RefinementNetwork(config) if config.members == 1 else RefinementEnsemble(config)
 
 
 def crop_transform(

@@ -34,6 +34,7 @@ from .preprocess import PreparedImage
 from .progress import ProgressCallback
 from .refinement import (
     RefinementNetwork,
+    build_refiner,
     RefinerConfig,
     crop_target,
     crop_transform,
@@ -143,7 +144,7 @@ def attach_refiner(model: LandmarkModel, config: RefinerConfig | None = None, **
             f"{model.dimension}D model with {len(model.landmark_names)} landmarks"
         )
         raise ValueError(msg)
-    model.refiner = RefinementNetwork(config)
+    model.refiner = build_refiner(config)
     return model
 
 

@@ -34,7 +34,7 @@ from .model import LandmarkModel
 from .network import build_network
 from .preprocess import OUTSIDE_VALUE, PreparedImage, prepare_image
 from .progress import ProgressCallback
-from .refinement import RefinementNetwork, RefinerConfig
+from .refinement import RefinementNetwork, RefinerConfig, build_refiner
 from .training_case import TrainingCase
 from .distributed import distributed_from_environment
 from .step_loop import StepLoop, foreign_checkpoint, resume_state, write_trained_model
@@ -188,7 +188,7 @@ def adapt_to_landmarks(model: LandmarkModel, names: Sequence[str], descriptions:
 def _adapt_refiner(refiner: RefinementNetwork, old_names: Sequence[str], names: Sequence[str]) -> RefinementNetwork:
     """The local stage for another landmark set: same body, head rows of shared landmarks kept."""
     config = RefinerConfig.from_dict({**refiner.config.to_dict(), "num_landmarks": len(names)})
-    adapted = RefinementNetwork(config)
+    adapted = build_refiner(config)
     heads = adapted.head_parameter_names()
     state = adapted.state_dict()
     old_index = {n: i for i, n in enumerate(old_names)}

@@ -1,0 +1,110 @@
+"""Table 1c: two local stages trained apart, read as one (the shipped model).
+
+Takes the two-stage model (global SCN + local stage A, ``train_refiner.py``) and further local
+stages trained the same way with other seeds (``train_refiner.py --seed 1``), and writes one
+model whose local stage is their ensemble (``RefinementEnsemble``: the normalised product of the
+members' crop distributions). The shape model and the error model are fitted again on the same
+data as before (the 135 training images' landmarks; detections on the 15 validation images,
+mean of both doctors), because the ensemble's peaks differ from one member's. Then the
+half-precision file is evaluated on test1 like ``train_refiner.py`` (test1 chooses nothing).
+
+    python scripts/experiments/ensemble_refiners.py \\
+        --members scripts/experiments/results/cpu/refiner/cephalometric_isbi2015_two_stage.scn.pt \\
+                  scripts/experiments/results/cpu/refiner_seed1/cephalometric_isbi2015_two_stage.scn.pt \\
+        --output scripts/experiments/results/cpu/refiner_ensemble
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import isbi2015 as X
+import train_refiner as R
+
+NAME = "ensemble_refiners"
+MODEL_FILE = "cephalometric_isbi2015_ensemble.scn.pt"
+
+
+def parse_arguments(argv: Sequence[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--data", type=Path, default=None, help="shared data folder (default: $SCN_DATA_DIR or ../shared/data)")
+    parser.add_argument("--members", type=Path, nargs="+", required=True,
+                        help="two-stage model files with the same global stage; the first gives it")
+    parser.add_argument("--output", type=Path, required=True)
+    parser.add_argument("--test-images", type=int, default=None, help="evaluate on this many test1 images (default all)")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--evaluate-only", action="store_true", help="evaluate the model file already in --output")
+    return parser.parse_args(argv)
+
+
+def combine(paths: Sequence[Path]):  # noqa: ANN201 - a LandmarkModel
+    """The first model with the local stages of all of them as one ensemble."""
+    import dataclasses
+
+    import torch
+    from SCNLandmarksLib.model_file import load_model
+    from SCNLandmarksLib.refinement import build_refiner
+
+    models = [load_model(p) for p in paths]
+    base = models[0]
+    for path, model in zip(paths, models):
+        if model.refiner is None:
+            raise SystemExit(f"{path} has no local stage")
+        if dataclasses.replace(model.refiner.config, members=1) != dataclasses.replace(base.refiner.config, members=1):
+            raise SystemExit(f"{path}: its local stage is set up differently from {paths[0]}'s")
+        same_global = all(torch.equal(a, b) for a, b in zip(base.network.state_dict().values(),
+                                                            model.network.state_dict().values()))
+        if not same_global:
+            raise SystemExit(f"{path} has another global stage than {paths[0]}; its local stage was trained on other crops")
+    ensemble = build_refiner(dataclasses.replace(base.refiner.config, members=len(models)))
+    for member, model in zip(ensemble.members, models):
+        member.load_state_dict(model.refiner.state_dict())
+    ensemble.eval()
+    base.refiner = ensemble
+    base.info = {**base.info, "local_stage_members": [
+        {"file": p.name, "refiner_training": m.info.get("refiner_training")} for p, m in zip(paths, models)]}
+    return base
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_arguments(argv)
+    import torch
+
+    torch.set_num_threads(args.threads)
+    from SCNLandmarksLib.model_file import save_model
+    from SCNLandmarksLib.quality_fitting import fit_point_quality
+
+    data = X.isbi_folder(X.find_data_folder(args.data))
+    output = args.output
+    output.mkdir(parents=True, exist_ok=True)
+    shipped = output / MODEL_FILE
+    timings: dict[str, float] = {}
+    if not args.evaluate_only:
+        started = time.perf_counter()
+        model = combine(args.members)
+        train = X.load_isbi_cases(data, X.checked_training_ids("train_N135", data), annotation="mean")
+        validation = X.load_isbi_cases(data, X.checked_training_ids("validation", data), annotation="mean")
+        print(fit_point_quality(model, train, validation, device=args.device,
+                                description="15 ISBI 2015 validation images (mean of both doctors)"))
+        save_model(model, shipped, overwrite=True, half_precision=True)
+        timings["combine_and_fit_s"] = time.perf_counter() - started
+    test_ids = X.test1_ids(data, args.test_images)
+    rows = R.evaluate_model(shipped, X.load_isbi_cases(data, test_ids), X.load_ground_truths(data, test_ids), args.device)
+    table = R.ablation_table(rows)
+    note = f"ISBI 2015 test1, {len(test_ids)} images, half-precision model file; local stage: {len(args.members)} members"
+    X.write_table(output, "Two-stage model with an ensemble local stage", note, table)
+    X.write_json(output / "results.json", {"rows": rows, "timings": timings, "environment": X.environment(),
+                                           "arguments": {k: str(v) for k, v in vars(args).items()}})
+    print(table)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
