@@ -622,6 +622,18 @@ def requirementName(requirement: str) -> str:
     return name
 
 
+def _pollingTimer(poll: Callable[[], None], intervalMs: int):
+    """Inside Slicer, a started ``qt.QTimer`` that calls ``poll`` on the GUI thread; elsewhere None
+    (the caller's ``wait`` polls instead)."""
+    if not _inSlicerApplication():
+        return None
+    timer = qt.QTimer()
+    timer.setInterval(intervalMs)
+    timer.connect("timeout()", poll)
+    timer.start()
+    return timer
+
+
 def _inSlicerApplication() -> bool:
     """True inside the Slicer application (not with slicer-core or a plain Python)."""
     return getattr(slicer, "app", None) is not None
@@ -672,11 +684,7 @@ class SCNLandmarksDetection:
 
     def start(self) -> "SCNLandmarksDetection":
         self._thread.start()
-        if _inSlicerApplication():
-            self._timer = qt.QTimer()
-            self._timer.setInterval(50)
-            self._timer.connect("timeout()", self.poll)
-            self._timer.start()
+        self._timer = _pollingTimer(self.poll, 50)
         return self
 
     def poll(self) -> None:
@@ -759,11 +767,7 @@ class SCNLandmarksJob:
 
     def start(self) -> "SCNLandmarksJob":
         self.process.start()
-        if _inSlicerApplication():
-            self._timer = qt.QTimer()
-            self._timer.setInterval(200)
-            self._timer.connect("timeout()", self.poll)
-            self._timer.start()
+        self._timer = _pollingTimer(self.poll, 200)
         return self
 
     def _onEvent(self, event: dict) -> None:

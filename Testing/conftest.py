@@ -58,3 +58,14 @@ def mrml_scene() -> Iterator[dict[str, Any]]:
         logics[name] = logic
     yield logics
     scene.Clear(1)
+
+
+@pytest.fixture
+def scene(mrml_scene: dict[str, Any]) -> Iterator[Any]:
+    """The scene of :func:`mrml_scene`, also as ``slicer.mrmlScene`` (what module code reads)."""
+    import slicer
+
+    previous = getattr(slicer, "mrmlScene", None)
+    slicer.mrmlScene = mrml_scene["scene"]
+    yield mrml_scene["scene"]
+    slicer.mrmlScene = previous

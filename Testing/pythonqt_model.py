@@ -46,6 +46,7 @@ __all__ = [
     "qt_module",
     "read_headers",
     "read_ui_file",
+    "slicer_classes",
     "stand_in_classes",
     "unwrap",
     "wrap",
@@ -393,6 +394,18 @@ def qt_module(classes: dict[str, type] | None = None) -> types.ModuleType:
                 self.registerCustomWidget(cls)
 
     return _ClassNamespace("qt", {"QUiLoader": QUiLoader}, None)
+
+
+# Slicer classes that the real GUI connectors look up on the ``slicer`` package and that have no
+# header here: placeholders, so that no widget is ever one of them.
+SLICER_CLASSES_WITHOUT_HEADER = ("qMRMLRangeWidget", "qMRMLSliderWidget", "qMRMLSpinBox", "qSlicerWidget")
+
+
+def slicer_classes(classes: dict[str, type]) -> dict[str, type]:
+    """The PythonQt classes PythonQt puts on the ``slicer`` package (``slicer.qMRMLNodeComboBox``...)."""
+    found: dict[str, type] = {name: wrap_class(cls) for name, cls in classes.items() if name.startswith("qMRML")}
+    found.update({name: placeholder_class(name) for name in SLICER_CLASSES_WITHOUT_HEADER})
+    return found
 
 
 def ctk_module(classes: dict[str, type]) -> types.ModuleType:

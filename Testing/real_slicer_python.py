@@ -11,6 +11,7 @@ import importlib.util
 import os
 import sys
 import types
+from collections.abc import Sequence
 from pathlib import Path
 
 import slicer_stubs
@@ -22,7 +23,32 @@ SKIP_REASON = (
     "slicer/parameterNodeWrapper/ (Slicer 5.8.1), or provide ../shared/slicer-python"
 )
 
-__all__ = ["PACKAGE", "SKIP_REASON", "find_slicer_python_dir", "load_on_real_wrapper"]
+__all__ = ["PACKAGE", "SKIP_REASON", "SlicerState", "find_slicer_python_dir", "load_on_real_wrapper"]
+
+
+class SlicerState:
+    """Entries of ``sys.modules`` and attributes of the ``slicer`` package, saved to be put back
+    exactly (absent ones removed again), so stand-ins never leak from one test file to another."""
+
+    def __init__(self, module_names: Sequence[str] = (), attribute_names: Sequence[str] = ()) -> None:
+        import slicer
+
+        self._slicer = slicer
+        self.modules = {name: sys.modules.get(name) for name in module_names}
+        self.attributes = {name: getattr(slicer, name, None) for name in attribute_names}
+
+    def restore(self) -> None:
+        for name, saved in self.modules.items():
+            if saved is None:
+                sys.modules.pop(name, None)
+            else:
+                sys.modules[name] = saved
+        for name, saved in self.attributes.items():
+            if saved is None:
+                if hasattr(self._slicer, name):
+                    delattr(self._slicer, name)
+            else:
+                setattr(self._slicer, name, saved)
 
 
 def find_slicer_python_dir() -> Path | None:
@@ -64,13 +90,10 @@ def load_on_real_wrapper(
 
     slicer_stubs.install()  # i18n, ScriptedLoadableModule, qt, ctk stand-ins for the module file itself
     extras = dict(module_extras or {})
-    touched_names = ("qt", "ctk", PACKAGE, module_name, *extras)
-    saved_modules = {name: sys.modules.get(name) for name in touched_names}
-    saved_submodules = {name for name in sys.modules if name.startswith(PACKAGE + ".")}
     extra_attributes = [name.split(".", 1)[1] for name in extras if name.startswith("slicer.")]
-    saved_attributes = {
-        name: getattr(slicer, name, None) for name in ("parameterNodeWrapper", *slicer_names, *extra_attributes)
-    }
+    saved = SlicerState(("qt", "ctk", PACKAGE, module_name, *extras),
+                        ("parameterNodeWrapper", *slicer_names, *extra_attributes))
+    saved_submodules = {name for name in sys.modules if name.startswith(PACKAGE + ".")}
     package_dir = slicer_python / "slicer" / "parameterNodeWrapper"
     try:
         # 1. The real package, with the given qt/ctk/slicer names.
@@ -88,8 +111,8 @@ def load_on_real_wrapper(
         spec.loader.exec_module(package)
 
         # 2. The module file, whose `from slicer.parameterNodeWrapper import ...` now gets the real package.
-        sys.modules["qt"] = module_qt or saved_modules["qt"]
-        sys.modules["ctk"] = module_ctk or saved_modules["ctk"]
+        sys.modules["qt"] = module_qt or saved.modules["qt"]
+        sys.modules["ctk"] = module_ctk or saved.modules["ctk"]
         for name, extra in extras.items():
             sys.modules[name] = extra
             if name.startswith("slicer."):
@@ -100,18 +123,8 @@ def load_on_real_wrapper(
         sys.modules[module_name] = module  # typing.get_type_hints resolves names through it
         spec.loader.exec_module(module)
     finally:
-        for name, saved in saved_modules.items():
-            if saved is None:
-                sys.modules.pop(name, None)
-            else:
-                sys.modules[name] = saved
+        saved.restore()
         for name in [name for name in sys.modules if name.startswith(PACKAGE + ".")]:
             if name not in saved_submodules:
                 del sys.modules[name]
-        for name, saved in saved_attributes.items():
-            if saved is None:
-                if hasattr(slicer, name):
-                    delattr(slicer, name)
-            else:
-                setattr(slicer, name, saved)
     return package, module

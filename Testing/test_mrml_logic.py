@@ -38,13 +38,6 @@ def module():
 
 
 @pytest.fixture
-def scene(mrml_scene):
-    slicer.mrmlScene = mrml_scene["scene"]
-    yield mrml_scene["scene"]
-    slicer.mrmlScene = None
-
-
-@pytest.fixture
 def model_path(tmp_path):
     config = NetworkConfig(dimension=2, num_landmarks=3, filters=8, levels=2, spatial_downsample=4, spatial_kernel=3)
     model = create_model(config, grid=GridSpec(size=(32, 32)), landmark_names=list(NAMES))

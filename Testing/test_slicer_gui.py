@@ -31,7 +31,7 @@ QtWidgets = pytest.importorskip("PySide6.QtWidgets", reason="PySide6 is not inst
 from PySide6 import QtCore  # noqa: E402
 
 import pythonqt_model as pq  # noqa: E402
-from real_slicer_python import REPOSITORY, SKIP_REASON, find_slicer_python_dir, load_on_real_wrapper  # noqa: E402
+from real_slicer_python import REPOSITORY, SKIP_REASON, SlicerState, find_slicer_python_dir, load_on_real_wrapper  # noqa: E402
 
 UI_FILE = REPOSITORY / "SCNLandmarks" / "Resources" / "UI" / "SCNLandmarks.ui"
 DYNAMIC_PROPERTIES = {"SlicerParameterName", "SlicerPackParameterName"}
@@ -144,38 +144,20 @@ def test_headers_are_read_as_declared(headers: dict[str, pq.HeaderClass]) -> Non
 # --- The parameter node bound to the widgets by Slicer's real GUI connectors -------------------
 
 
-# Slicer classes the real GUI connectors look up (on the ``slicer`` package) without a header here.
-SLICER_CLASSES_WITHOUT_HEADER = ("qMRMLRangeWidget", "qMRMLSliderWidget", "qMRMLSpinBox", "qSlicerWidget")
-
-
 @pytest.fixture(scope="module")
 def bound_module(slicer_python: Path, classes: dict[str, type]) -> Iterator[types.SimpleNamespace]:
     """The real wrapper whose GUI connectors see the PythonQt-like ``qt``/``ctk``/``slicer`` classes,
     and the module on it. The ``slicer`` class names stay set while this file's tests run."""
     qt, ctk = pq.qt_module(), pq.ctk_module(classes)
-    slicer_classes: dict[str, type] = {name: pq.wrap_class(cls) for name, cls in classes.items() if name.startswith("qMRML")}
-    for name in SLICER_CLASSES_WITHOUT_HEADER:
-        slicer_classes[name] = pq.placeholder_class(name)
+    on_slicer = pq.slicer_classes(classes)
     package, module = load_on_real_wrapper(
-        slicer_python, qt=qt, ctk=ctk, slicer_names=slicer_classes, module_name="SCNLandmarks_bound_to_ui",
+        slicer_python, qt=qt, ctk=ctk, slicer_names=on_slicer, module_name="SCNLandmarks_bound_to_ui",
     )
-    saved = {name: getattr(slicer, name, None) for name in slicer_classes}
-    for name, cls in slicer_classes.items():
+    saved = SlicerState(attribute_names=list(on_slicer))
+    for name, cls in on_slicer.items():
         setattr(slicer, name, cls)
     yield types.SimpleNamespace(pnw=package, module=module, qt=qt, ctk=ctk)
-    for name, value in saved.items():
-        if value is None:
-            delattr(slicer, name)
-        else:
-            setattr(slicer, name, value)
-
-
-@pytest.fixture
-def scene(mrml_scene: dict[str, Any]) -> Iterator[Any]:
-    previous = getattr(slicer, "mrmlScene", None)
-    slicer.mrmlScene = mrml_scene["scene"]
-    yield mrml_scene["scene"]
-    slicer.mrmlScene = previous
+    saved.restore()
 
 
 @pytest.fixture

@@ -88,15 +88,6 @@ def real() -> types.SimpleNamespace:
 
 
 @pytest.fixture
-def scene(mrml_scene: dict[str, Any]) -> Iterator[Any]:
-    """The real MRML scene of ``conftest.mrml_scene``, also as ``slicer.mrmlScene``."""
-    previous = getattr(slicer, "mrmlScene", None)
-    slicer.mrmlScene = mrml_scene["scene"]
-    yield mrml_scene["scene"]
-    slicer.mrmlScene = previous
-
-
-@pytest.fixture
 def node(scene: Any) -> Any:
     """A fresh, empty ``vtkMRMLScriptedModuleNode`` in the scene."""
     parameter_node = scene.AddNode(slicer.vtkMRMLScriptedModuleNode())

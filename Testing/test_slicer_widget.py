@@ -34,10 +34,7 @@ from PySide6 import QtCore  # noqa: E402
 
 import pythonqt_model as pq  # noqa: E402
 import slicer_stubs  # noqa: E402
-from real_slicer_python import SKIP_REASON, find_slicer_python_dir, load_on_real_wrapper  # noqa: E402
-
-SLICER_CLASSES_WITHOUT_HEADER = ("qMRMLRangeWidget", "qMRMLSliderWidget", "qMRMLSpinBox", "qSlicerWidget")
-
+from real_slicer_python import SKIP_REASON, SlicerState, find_slicer_python_dir, load_on_real_wrapper  # noqa: E402
 
 class SlicerApplicationModel:
     """``slicer.app`` as far as the module, ``ScriptedLoadableModule`` and ``slicer.util`` use it."""
@@ -113,11 +110,10 @@ def slicer_model() -> Iterator[types.SimpleNamespace]:
     app = QtWidgets.QApplication.instance() or QtWidgets.QApplication([])
     classes = pq.stand_in_classes(pq.read_headers(folder / "headers"))
     qt, ctk = pq.qt_module(classes), pq.ctk_module(classes)
-    slicer_classes: dict[str, Any] = {n: pq.wrap_class(c) for n, c in classes.items() if n.startswith("qMRML")}
-    slicer_classes.update({name: pq.placeholder_class(name) for name in SLICER_CLASSES_WITHOUT_HEADER})
+    slicer_classes = pq.slicer_classes(classes)
     slicer_stubs.install()
-    saved_modules = {name: sys.modules.get(name) for name in ("qt", "ctk", "slicer.i18n", "slicer.ScriptedLoadableModule")}
-    saved_attributes = {name: getattr(slicer, name, None) for name in ("app", "modules", "selfTests", *slicer_classes)}
+    saved = SlicerState(("qt", "ctk", "slicer.i18n", "slicer.ScriptedLoadableModule"),
+                        ("app", "modules", "selfTests", *slicer_classes))
     try:
         sys.modules["qt"], sys.modules["ctk"] = qt, ctk
         slicer.app = SlicerApplicationModel()
@@ -138,17 +134,7 @@ def slicer_model() -> Iterator[types.SimpleNamespace]:
             setattr(slicer, name, cls)
         yield types.SimpleNamespace(module=module, qt=qt, ctk=ctk, app=app, scripted=scripted)
     finally:
-        for name, saved in saved_modules.items():
-            if saved is None:
-                sys.modules.pop(name, None)
-            else:
-                sys.modules[name] = saved
-        for name, saved in saved_attributes.items():
-            if saved is None:
-                if hasattr(slicer, name):
-                    delattr(slicer, name)
-            else:
-                setattr(slicer, name, saved)
+        saved.restore()
 
 
 def wait_until(condition: Callable[[], bool], timeout_s: float) -> bool:
@@ -163,16 +149,13 @@ def wait_until(condition: Callable[[], bool], timeout_s: float) -> bool:
 
 
 @pytest.fixture
-def panel(slicer_model: types.SimpleNamespace, mrml_scene: dict[str, Any], tmp_path: Path,
+def panel(slicer_model: types.SimpleNamespace, mrml_scene: dict[str, Any], scene: Any, tmp_path: Path,
           monkeypatch: pytest.MonkeyPatch) -> Iterator[types.SimpleNamespace]:
     """The module panel as Slicer builds it: Widget(parent) then setup() and enter()."""
     monkeypatch.setenv("SCN_CASES_DIR", str(tmp_path / "cases"))
     monkeypatch.setenv("SCN_USER_MODELS_DIR", str(tmp_path / "models"))
     QtCore.QSettings.setPath(QtCore.QSettings.IniFormat, QtCore.QSettings.UserScope, str(tmp_path / "settings"))
     QtCore.QSettings.setDefaultFormat(QtCore.QSettings.IniFormat)
-    scene = mrml_scene["scene"]
-    previous_scene = getattr(slicer, "mrmlScene", None)
-    slicer.mrmlScene = scene
     errors: list[str] = []
     previous_hook = sys.excepthook
     sys.excepthook = lambda kind, value, trace: errors.append(f"{kind.__name__}: {value}")  # errors in Qt slots
@@ -195,7 +178,6 @@ def panel(slicer_model: types.SimpleNamespace, mrml_scene: dict[str, Any], tmp_p
                 wait_until(lambda job=job: not job.isRunning(), 60)
         pq.unwrap(parent).deleteLater()
         sys.excepthook = previous_hook
-        slicer.mrmlScene = previous_scene
 
 
 def radiograph_volume(scene: Any, name: str = "Ceph") -> Any:
