@@ -18,9 +18,7 @@ this module loads before PyTorch is installed; it is installed when first needed
 
 import enum
 import importlib.util
-import inspect
 import logging
-import math
 import os
 import shutil
 import sys
@@ -46,19 +44,10 @@ from slicer.ScriptedLoadableModule import (
 )
 from slicer.util import VTKObservationMixin
 
-# PyTorch below this version is refused (PyTorch Utils installs a matching build).
 from SCNLandmarksLib.quality import LOW_CONFIDENCE as DEFAULT_LOW_CONFIDENCE_THRESHOLD  # noqa: E402 - torch-free
+from SCNLandmarksLib.slicer_requirements import in_slicer_application  # noqa: E402 - torch-free
 
-MINIMUM_TORCH_VERSION = "2.1"
-# Packages Slicer ships (or PyTorch Utils installs with the right GPU build): pip must never
-# reinstall or upgrade them, or Slicer's own modules may break.
-NEVER_REINSTALL = ("SimpleITK", "numpy", "torch", "vtk")
 SETTINGS_MODEL_KEY = "SCNLandmarks/model"
-
-
-class InstallError(RuntimeError):
-    """A required package is missing and was not installed (the user declined, or it failed)."""
-
 
 #
 # SCNLandmarks
@@ -89,7 +78,7 @@ class SCNLandmarks(ScriptedLoadableModule):
         self.parent.acknowledgementText = _(
             "Based on the SpatialConfiguration-Net of Payer et al. (Medical Image Analysis, 2019)."
         )
-        if _inSlicerApplication():
+        if in_slicer_application():
             # The Sample Data module is only complete once Slicer has started.
             slicer.app.connect("startupCompleted()", registerSampleData)
 
@@ -484,43 +473,42 @@ class SCNLandmarksWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             )
         self._updateButtonStates()
 
-    def onFineTuneProgress(self, event: dict) -> None:
-        if event.get("event") == "started":
-            self.ui.fineTuneStatusLabel.text = _("Training on {count} cases ({device})...").format(
-                count=len(event.get("cases", [])), device=event.get("device", ""))
+    def onFineTuneProgress(self, progress) -> None:
+        """Show a ``SCNLandmarksLib.progress.Progress`` of the fine-tuning."""
+        if progress.stage == "started":
+            self.ui.fineTuneStatusLabel.text = _("Training ({what})...").format(what=progress.message)
             return
-        if event.get("event") != "progress":
-            return
-        self.ui.fineTuneProgressBar.setValue(int(round(100 * float(event.get("fraction") or 0.0))))
+        self.ui.fineTuneProgressBar.setValue(int(round(100 * progress.fraction)))
         parts = []
-        if event.get("total"):
-            parts.append(_("iteration {done}/{total}").format(done=event["done"], total=event["total"]))
+        if progress.total:
+            parts.append(_("iteration {done}/{total}").format(done=progress.done, total=progress.total))
         else:
-            parts.append(_("iteration {done}").format(done=event["done"]))
-        if event.get("eta_s") is not None:
-            parts.append(_("{time} left").format(time=_formatDuration(event["eta_s"])))
-        if event.get("loss") is not None:
-            parts.append(_("loss {loss:.4g}").format(loss=event["loss"]))
-        if event.get("validation_mre_mm") is not None:
-            parts.append(_("validation error {mre:.2f} mm").format(mre=event["validation_mre_mm"]))
+            parts.append(_("iteration {done}").format(done=progress.done))
+        if progress.eta_s is not None:
+            parts.append(_("{time} left").format(time=_formatDuration(progress.eta_s)))
+        if progress.loss is not None:
+            parts.append(_("loss {loss:.4g}").format(loss=progress.loss))
+        if progress.validation_mre_mm is not None:
+            parts.append(_("validation error {mre:.2f} mm").format(mre=progress.validation_mre_mm))
         self.ui.fineTuneStatusLabel.text = ", ".join(parts)
 
     def onFineTuneFinished(self, job) -> None:
         self._updateButtonStates()
-        if job.status == "done":
+        outcome = job.outcome
+        if outcome.status == "done":
             self.ui.fineTuneProgressBar.setValue(100)
             # The worker's sentence states both cross-validated errors; a model that is not
             # better is not written, and the starting model stays selected.
-            self.ui.fineTuneStatusLabel.text = job.report.get("message", "")
+            self.ui.fineTuneStatusLabel.text = outcome.message
             if job.outputPath is not None:
                 self.updateModelList(select=str(job.outputPath))
-        elif job.status == "cancelled":
+        elif outcome.status == "cancelled":
             self.ui.fineTuneStatusLabel.text = _("Cancelled. No new model was saved; the previous model is unchanged.")
         else:
             self.ui.fineTuneStatusLabel.text = _("Fine-tuning failed; the previous model is unchanged.")
             slicer.util.errorDisplay(
-                _("Fine-tuning failed. The previous model is unchanged.") + "\n\n" + (job.errorMessage or ""),
-                detailedText=job.details,
+                _("Fine-tuning failed. The previous model is unchanged.") + "\n\n" + outcome.message,
+                detailedText=outcome.details,
             )
 
     def onCancelFineTuneButton(self) -> None:
@@ -552,24 +540,26 @@ class SCNLandmarksWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self.ui.batchCancelButton.enabled = True
         self._updateButtonStates()
 
-    def onBatchProgress(self, event: dict) -> None:
-        if event.get("event") != "progress":
+    def onBatchProgress(self, progress) -> None:
+        """Show a ``SCNLandmarksLib.progress.Progress`` of the batch detection."""
+        if progress.stage == "started":
             return
-        self.ui.batchProgressBar.setValue(int(round(100 * float(event.get("fraction") or 0.0))))
+        self.ui.batchProgressBar.setValue(int(round(100 * progress.fraction)))
         self.ui.batchStatusLabel.text = _("{done}/{total}: {message}").format(
-            done=event.get("done"), total=event.get("total"), message=event.get("message", ""))
+            done=progress.done, total=progress.total, message=progress.message)
 
     def onBatchFinished(self, job) -> None:
         self._batchRunning = False
         self.ui.batchCancelButton.enabled = False
         self._updateButtonStates()
-        if job.status != "done":
-            self.ui.batchStatusLabel.text = job.errorMessage
-            if job.status == "failed":
-                slicer.util.errorDisplay(_("Batch detection failed.") + "\n\n" + job.errorMessage,
-                                         detailedText=job.details)
+        outcome = job.outcome
+        if outcome.status != "done":
+            self.ui.batchStatusLabel.text = outcome.message
+            if outcome.status == "failed":
+                slicer.util.errorDisplay(_("Batch detection failed.") + "\n\n" + outcome.message,
+                                         detailedText=outcome.details)
             return
-        report = job.report
+        report = outcome.report
         failed = report.get("failed", [])
         text = _("{ok} images done, {failed} skipped.").format(ok=report.get("succeeded", 0), failed=len(failed))
         if report.get("cancelled"):
@@ -603,40 +593,16 @@ def _formatDuration(seconds: float) -> str:
     return f"{hours}:{minutes:02d}:{secs:02d}" if hours else f"{minutes}:{secs:02d}"
 
 
-def packagesAlreadyImported(requirements: list[str]) -> list[str]:
-    """The packages of ``requirements`` (pip specifiers) that this Python has already imported:
-    installing another version of them only takes effect after a restart."""
-    imported = []
-    for requirement in requirements:
-        name = requirementName(requirement)
-        if name in sys.modules or name.replace("-", "_").lower() in sys.modules:
-            imported.append(name)
-    return imported
-
-
-def requirementName(requirement: str) -> str:
-    """The distribution name of a pip specifier: ``"scipy >=1.10; python_version>'3.9'"`` -> ``"scipy"``."""
-    name = requirement.replace(" ", "").split(";")[0]
-    for separator in ("[", ">", "<", "=", "!", "~"):
-        name = name.split(separator)[0]
-    return name
-
-
 def _pollingTimer(poll: Callable[[], None], intervalMs: int):
     """Inside Slicer, a started ``qt.QTimer`` that calls ``poll`` on the GUI thread; elsewhere None
     (the caller's ``wait`` polls instead)."""
-    if not _inSlicerApplication():
+    if not in_slicer_application():
         return None
     timer = qt.QTimer()
     timer.setInterval(intervalMs)
     timer.connect("timeout()", poll)
     timer.start()
     return timer
-
-
-def _inSlicerApplication() -> bool:
-    """True inside the Slicer application (not with slicer-core or a plain Python)."""
-    return getattr(slicer, "app", None) is not None
 
 
 #
@@ -730,40 +696,52 @@ class SCNLandmarksJob:
 
     Inside Slicer a ``qt.QTimer`` delivers the worker's events on the GUI thread, so the
     callbacks may update widgets and Slicer stays responsive. Elsewhere call :meth:`poll`
-    regularly, or :meth:`wait`.
+    regularly, or :meth:`wait`. Progress arrives as ``SCNLandmarksLib.progress.Progress`` (stage
+    ``"started"`` first), the end as one ``SCNLandmarksLib.process.WorkerOutcome``.
 
     Attributes:
         outputPath: the model file a fine-tuning writes when it finishes (None once it finished
             without writing one: the fine-tuned model was not better, the starting model is kept),
             or a batch detection's output folder.
-        status: ``"running"``, ``"done"``, ``"cancelled"`` or ``"failed"``.
-        report: the worker's ``done`` event. Fine-tuning: ``verdict`` ("better", "not better",
-            "unchecked"), ``start_error_mm`` and ``new_error_mm`` (cross-validated on the cases),
-            ``message``. Batch: see :meth:`SCNLandmarksLogic.detectFolder`.
-        errorMessage: why it failed, for the user.
-        details: the end of the worker's error output, for the log or a details box.
-        lastProgress: the last progress event (dict), or None.
+        outcome: how the run ended (None while it runs): ``status``, ``message`` (the worker's
+            summary, or why it was cancelled or failed), ``report`` (fine-tuning: ``verdict``
+            "better", "not better" or "unchecked", ``start_error_mm`` and ``new_error_mm``
+            cross-validated on the cases; batch: see :meth:`SCNLandmarksLogic.detectFolder`) and
+            ``details`` (the end of the worker's error output).
+        lastProgress: the last ``Progress``, or None.
     """
 
     def __init__(
         self,
         process,
         outputPath: Path,
-        progressCallback: Optional[Callable[[dict], None]] = None,
+        progressCallback=None,
         finishedCallback: Optional[Callable[["SCNLandmarksJob"], None]] = None,
     ) -> None:
         self.process = process
         self.outputPath = Path(outputPath)
         self.progressCallback = progressCallback
         self.finishedCallback = finishedCallback
-        self.status = "running"
-        self.errorMessage = ""
-        self.details = ""
-        self.lastProgress: Optional[dict] = None
-        self.report: dict = {}
+        self.outcome = None
+        self.lastProgress = None
         self._timer = None
         process.on_event = self._onEvent
         process.on_finished = self._onFinished
+
+    @property
+    def status(self) -> str:
+        """``"running"``, ``"done"``, ``"cancelled"`` or ``"failed"``."""
+        return "running" if self.outcome is None else self.outcome.status
+
+    @property
+    def errorMessage(self) -> str:
+        """Why the run was cancelled or failed, for the user ("" otherwise)."""
+        return "" if self.outcome is None or self.outcome.status == "done" else self.outcome.message
+
+    @property
+    def report(self) -> dict:
+        """The worker's ``done`` event ({} until done)."""
+        return {} if self.outcome is None else dict(self.outcome.report)
 
     def start(self) -> "SCNLandmarksJob":
         self.process.start()
@@ -771,32 +749,29 @@ class SCNLandmarksJob:
         return self
 
     def _onEvent(self, event: dict) -> None:
-        kind = event.get("event")
-        if kind == "progress":
-            self.lastProgress = event
-        elif kind == "log":
+        from SCNLandmarksLib.process import progress_from_event
+
+        if event.get("event") == "log":
             logging.info("SCNLandmarks worker: %s", event.get("message"))
-        if self.progressCallback is not None and kind in ("started", "progress"):
-            self.progressCallback(event)
+        progress = progress_from_event(event)
+        if progress is None:
+            return
+        if progress.stage != "started":
+            self.lastProgress = progress
+        if self.progressCallback is not None:
+            self.progressCallback(progress)
 
     def _onFinished(self, process) -> None:
-        from SCNLandmarksLib.process import WorkerCancelled, WorkerError
-
         if self._timer is not None:
             self._timer.stop()
-        try:
-            done = process.raise_for_outcome()
-            self.report = dict(done)
-            self.outputPath = Path(done["output"]) if done.get("output") else None
-            self.status = "done"
-            logging.info("Background job finished: %s", done.get("message", ""))
-        except WorkerCancelled as cancelled:
-            self.status, self.errorMessage = "cancelled", str(cancelled)
-            logging.info("%s", cancelled)
-        except WorkerError as error:
-            self.status, self.errorMessage = "failed", str(error)
-            self.details = process.stderr_tail
-            logging.error("Background job failed: %s\n%s", error, self.details)
+        self.outcome = process.outcome()
+        if self.outcome.status == "done":
+            self.outputPath = self.outcome.output
+            logging.info("Background job finished: %s", self.outcome.message)
+        elif self.outcome.status == "cancelled":
+            logging.info("%s", self.outcome.message)
+        else:
+            logging.error("Background job failed: %s\n%s", self.outcome.message, self.outcome.details)
         if self.finishedCallback is not None:
             self.finishedCallback(self)
 
@@ -867,94 +842,16 @@ class SCNLandmarksLogic(ScriptedLoadableModuleLogic):
     # ------------------------------------------------------------------ dependencies
 
     def setupPythonRequirements(self, askConfirmation: bool = True) -> None:
-        """Install what is missing: PyTorch through PyTorch Utils, other packages with pip.
-
-        Never called at import or in a constructor; quick when everything is present.
-        SimpleITK, numpy and torch are never reinstalled by pip.
+        """Install what is missing: PyTorch through PyTorch Utils, other packages with pip
+        (``SCNLandmarksLib.slicer_requirements``). Never called at import or in a constructor;
+        quick when everything is present.
 
         Raises:
-            InstallError: a package is missing and was not installed.
+            SCNLandmarksLib.slicer_requirements.InstallError: a package is missing and was not installed.
         """
-        from importlib import metadata
+        from SCNLandmarksLib.slicer_requirements import ensure_requirements
 
-        if importlib.util.find_spec("torch") is None:
-            self._installTorch(askConfirmation)
-        version = _versionTuple(metadata.version("torch"))
-        if version < _versionTuple(MINIMUM_TORCH_VERSION):
-            raise InstallError(_(
-                "PyTorch {version} is installed but SCNLandmarks needs {minimum} or newer. "
-                "Update it in the 'PyTorch Utils' module, then restart Slicer."
-            ).format(version=metadata.version("torch"), minimum=MINIMUM_TORCH_VERSION))
-        missing = self.missingRequirements()
-        if missing:
-            self._pipInstall(missing, askConfirmation)
-
-    def _installTorch(self, askConfirmation: bool) -> None:
-        if not _inSlicerApplication():
-            raise InstallError(_("PyTorch is not installed; install it with: pip install 'torch>={minimum}'").format(
-                minimum=MINIMUM_TORCH_VERSION))
-        try:
-            import PyTorchUtils
-        except ImportError as error:
-            raise InstallError(_(
-                "SCNLandmarks needs the 'PyTorch' extension. Install it from the Extensions Manager and restart Slicer."
-            )) from error
-        torchLogic = PyTorchUtils.PyTorchUtilsLogic()
-        if not torchLogic.torchInstalled():
-            # PyTorch Utils picks the build that matches this computer's GPU driver (or a CPU build).
-            torch = torchLogic.installTorch(askConfirmation=askConfirmation,
-                                            torchVersionRequirement=f">={MINIMUM_TORCH_VERSION}")
-            if torch is None:
-                raise InstallError(_("PyTorch is required for landmark detection; it was not installed."))
-
-    def requirementsPath(self) -> Path:
-        return Path(__file__).resolve().parent / "Resources" / "requirements.txt"
-
-    def missingRequirements(self) -> list[str]:
-        """Lines of Resources/requirements.txt whose package is not importable."""
-        from importlib import metadata
-
-        missing = []
-        for line in self.requirementsPath().read_text(encoding="utf-8").splitlines():
-            requirement = line.split("#", 1)[0].strip()
-            if not requirement:
-                continue
-            try:
-                metadata.version(requirementName(requirement))
-            except metadata.PackageNotFoundError:
-                missing.append(requirement)
-        return missing
-
-    def _pipInstall(self, requirements: list[str], askConfirmation: bool) -> None:
-        if not _inSlicerApplication():
-            raise InstallError(_("Missing Python packages: {names}").format(names=", ".join(requirements)))
-        try:  # Slicer 5.12 and later; slicer/__init__ does not import it, so import it by name
-            import slicer.packaging as packaging
-        except ImportError:
-            packaging = None
-        if packaging is not None and hasattr(packaging, "pip_ensure"):
-            requested = packaging.load_requirements(str(self.requirementsPath()))
-            options = {"requester": "SCNLandmarks", "prompt_install": askConfirmation}
-            # Asked of the signature, not by retrying on TypeError: a TypeError from inside the
-            # install must surface, not start a second install.
-            if "skip_packages" in inspect.signature(packaging.pip_ensure).parameters:
-                options["skip_packages"] = list(NEVER_REINSTALL)
-            packaging.pip_ensure(requested, **options)
-            return
-        if askConfirmation and not slicer.util.confirmOkCancelDisplay(
-            _("SCNLandmarks needs these Python packages, which will be downloaded and installed now:"),
-            detailedText="\n".join(requirements),
-        ):
-            raise InstallError(_("Required Python packages were not installed: {names}").format(
-                names=", ".join(requirements)))
-        outdated = packagesAlreadyImported(requirements)
-        for requirement in requirements:
-            slicer.util.pip_install(requirement)
-        if outdated and slicer.util.confirmYesNoDisplay(
-            _("A new version of {names} was installed, but the old one is still in use until Slicer restarts. "
-              "Restart Slicer now?").format(names=", ".join(outdated))
-        ):
-            slicer.util.restart()
+        ensure_requirements(ask_confirmation=askConfirmation)
 
     def environmentSummary(self) -> str:
         """One line for the user: device used (after a detection), PyTorch version, GPU name.
@@ -987,7 +884,8 @@ class SCNLandmarksLogic(ScriptedLoadableModuleLogic):
         return catalog.list_models(user_folder=self.userModelsFolder)
 
     def resolveModel(self, model: Union[str, Path, None] = None) -> Path:
-        """The model file for a path, a model name, or None (the default model).
+        """The model file for a path, a model name, or None (the default model). A catalog model
+        that is not downloaded yet is fetched into the user's models folder (checksum-checked).
 
         Raises:
             FileNotFoundError: no such model (the message lists the available ones).
@@ -1187,7 +1085,7 @@ class SCNLandmarksLogic(ScriptedLoadableModuleLogic):
 
     def pythonExecutable(self) -> str:
         """The Python that runs the worker: Slicer's PythonSlicer inside Slicer, else this one."""
-        if _inSlicerApplication():
+        if in_slicer_application():
             launcher = shutil.which("PythonSlicer")
             if launcher:
                 return launcher
@@ -1208,7 +1106,7 @@ class SCNLandmarksLogic(ScriptedLoadableModuleLogic):
         iterations: Optional[int] = None,
         timeBudgetSeconds: Optional[float] = None,
         device: str = "auto",
-        progressCallback: Optional[Callable[[dict], None]] = None,
+        progressCallback: Optional[Callable[[Any], None]] = None,
         wait: bool = True,
         finishedCallback: Optional[Callable[["SCNLandmarksJob"], None]] = None,
         outputPath: Union[str, Path, None] = None,
@@ -1227,9 +1125,9 @@ class SCNLandmarksLogic(ScriptedLoadableModuleLogic):
         :param iterations: steps of each training run (default: :meth:`suggestedIterations`).
         :param timeBudgetSeconds: train for this long instead of a number of iterations.
         :param device: "auto", "cpu" or "cuda".
-        :param progressCallback: called with each progress event, a dict with ``stage, done,
-            total (None with a time budget), fraction (0..1), elapsed_s, eta_s, loss,
-            validation_mre_mm, message`` (and once with the ``started`` event).
+        :param progressCallback: called with a ``SCNLandmarksLib.progress.Progress`` at each step
+            (``stage, done, total`` (None with a time budget), ``fraction`` (0..1), ``elapsed_s,
+            eta_s, loss, validation_mre_mm, message``), and first with stage ``"started"``.
         :param wait: True blocks until the end and returns the new model path (scripts, tests);
             False returns an :class:`SCNLandmarksJob` at once (GUI; it has ``cancel()``).
         :param finishedCallback: called with the job when it ends (any outcome).
@@ -1278,7 +1176,7 @@ class SCNLandmarksLogic(ScriptedLoadableModuleLogic):
             # The cases name landmarks the model does not know: learn the cases' landmark set.
             arguments.append("--landmarks-from-cases")
 
-        environment = slicer.util.startupEnvironment() if _inSlicerApplication() else None
+        environment = slicer.util.startupEnvironment() if in_slicer_application() else None
         process = BackgroundProcess(
             worker_command(arguments, python=self.pythonExecutable()),
             env=worker_environment(environment),
@@ -1313,8 +1211,8 @@ class SCNLandmarksLogic(ScriptedLoadableModuleLogic):
         A file that cannot be read or processed is reported in the result and skipped.
 
         :param lowConfidenceThreshold, checkAboveMm: which points are to be checked, as in :meth:`detect`.
-        :param progressCallback: called after each image: with a ``SCNLandmarksLib.progress.Progress``
-            (``wait=True``), or with the worker's progress event dict (``wait=False``).
+        :param progressCallback: called with a ``SCNLandmarksLib.progress.Progress`` after each image
+            (with ``wait=False`` first with stage ``"started"``).
         :param shouldCancel: polled between images; True stops (finished images are kept). With
             ``wait=False`` use ``job.cancel()`` instead.
         :param wait: True runs here and returns ``SCNLandmarksLib.batch.BatchReport`` (scripts);
@@ -1342,7 +1240,7 @@ class SCNLandmarksLogic(ScriptedLoadableModuleLogic):
                 arguments += ["--check-above", str(float(checkAboveMm))]
             if overwrite:
                 arguments.append("--overwrite")
-            environment = slicer.util.startupEnvironment() if _inSlicerApplication() else None
+            environment = slicer.util.startupEnvironment() if in_slicer_application() else None
             process = BackgroundProcess(worker_command(arguments, python=self.pythonExecutable()),
                                         env=worker_environment(environment))
             logging.info("Batch detection of %s with %s in the background", inputFolder, modelPath.name)
@@ -1362,16 +1260,6 @@ class SCNLandmarksLogic(ScriptedLoadableModuleLogic):
         logging.info("Batch detection: %d done, %d skipped, summary %s", len(report.succeeded),
                      len(report.failed), report.summary_csv)
         return report
-
-
-def _versionTuple(text: str) -> tuple:
-    numbers = []
-    for part in text.split("+")[0].split("."):
-        digits = "".join(ch for ch in part if ch.isdigit())
-        if not digits:
-            break
-        numbers.append(int(digits))
-    return tuple(numbers)
 
 
 #
@@ -1456,7 +1344,7 @@ class SCNLandmarksTest(ScriptedLoadableModuleTest):
         newModel = logic.fineTune(fromModel=modelPath, iterations=5, device="cpu", progressCallback=progress.append)
         self.assertTrue(newModel.exists())
         self.assertEqual(newModel.parent, self.workFolder / "models")
-        self.assertTrue(any(event.get("event") == "progress" for event in progress))
+        self.assertTrue(any(report.stage == "fine-tune" for report in progress))
         self.delayDisplay("Fine-tuned")
 
         tuned = logic.detect(volume, model=newModel, device="cpu")

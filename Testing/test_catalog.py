@@ -195,3 +195,31 @@ def test_listing_works_before_torch_is_installed(folders):
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "ok"
+
+
+def test_a_catalog_model_with_an_address_is_fetched_once_when_first_asked_for(folders, tmp_path, model_bytes):
+    bundled, user = folders
+    published = tmp_path / "published" / "shared.scn.pt"
+    published.parent.mkdir()
+    published.write_bytes(model_bytes)
+    digest = hashlib.sha256(model_bytes).hexdigest()
+    entries = json.loads((bundled / "models.json").read_text())["models"]
+    entries += [
+        {"name": "Shared model", "file": "shared.scn.pt", "sha256": digest, "url": published.as_uri()},
+        {"name": "Tampered model", "file": "tampered.scn.pt", "sha256": "0" * 64, "url": published.as_uri()},
+    ]
+    (bundled / "models.json").write_text(json.dumps({"models": entries}))
+    assert {e.name: e.error for e in catalog.list_models()}["Shared model"] == "not downloaded yet"
+
+    reports = []
+    fetched = catalog.find_model("Shared model", progress=reports.append)
+    assert fetched == user / "shared.scn.pt" and fetched.read_bytes() == model_bytes
+    assert reports and reports[-1].done == len(model_bytes)
+    listed = {e.name: e for e in catalog.list_models()}
+    assert listed["Shared model"].usable and listed["Shared model"].path == fetched
+    assert "shared" not in listed  # the fetched file is the catalog model, not a second entry
+    with pytest.raises(ValueError, match="damaged or not the expected file"):
+        catalog.find_model("Tampered model")
+    assert not (user / "tampered.scn.pt").exists()
+    published.unlink()  # asked again, it is not fetched again
+    assert catalog.find_model("Shared model") == fetched

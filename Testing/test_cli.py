@@ -87,6 +87,11 @@ def test_progress_bar_in_a_log_is_throttled_but_keeps_validation_results():
     lines = stream.getvalue().splitlines()
     assert len(lines) == 3  # the first report, the validation at 30, the end
     assert "val MRE 2.50 mm" in lines[1] and "100/100" in lines[2]
+    # A time budget, not a count, ends the work: the share done comes from the budget.
+    budgeted = Progress("fine-tune", 7, None, 30.0, 90.0, completed=0.25)
+    assert budgeted.fraction == 0.25 and not budgeted.finished
+    TextProgressBar(stream=stream)(budgeted)
+    assert stream.getvalue().splitlines()[-1].strip().startswith("fine-tune [#######-") and "7/?" in stream.getvalue()
 
 
 def test_train_with_a_refinement_stage_writes_a_two_stage_model(annotated_folder, tmp_path, capsys):

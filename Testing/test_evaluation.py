@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from SCNLandmarksLib.evaluation import evaluate, format_summary, point_errors, write_evaluation
+from SCNLandmarksLib.evaluation import evaluate, format_summary, named_like_model, point_errors, write_evaluation
 from SCNLandmarksLib.landmarks import Landmarks
 
 NAMES = ["A", "B", "C"]
@@ -122,3 +122,16 @@ def test_write_evaluation_without_matplotlib(
         written = write_evaluation(evaluate(_cases()), tmp_path)
     assert [p.name for p in written] == ["evaluation.json"]
     assert "matplotlib is not installed" in caplog.text
+
+
+def test_a_reference_without_names_takes_the_models_names_in_column_order() -> None:
+    unnamed = Landmarks.from_positions(_truth().positions)  # a CSV without header: L1, L2, L3
+    named = named_like_model(unnamed, NAMES)
+    assert named.names == NAMES
+    np.testing.assert_array_equal(named.positions, _truth().positions)
+    truth = _truth()
+    assert named_like_model(truth, ["B", "Z"]) is truth  # a shared name: matched by name as before
+    with pytest.raises(ValueError, match="share no name"):
+        named_like_model(unnamed, ["A", "B"])  # two names for three columns: cannot be matched
+    with pytest.raises(ValueError, match="--names"):
+        named_like_model(_truth(), ["X", "Y", "Z"])

@@ -258,19 +258,6 @@ def test_landmark_csv_header_nan_names_and_3d(tmp_path: Path) -> None:
     np.testing.assert_allclose(read["case2"].positions, [[4, 5, 6], [7, 8, 9]])
 
 
-def test_landmark_csv_pixel_units(tmp_path: Path) -> None:
-    path = tmp_path / "pixels.csv"
-    path.write_text("a,10,20,30,40\nb,1,1,2,2\n")
-    read = read_landmark_csv(path, dimension=2, units="pixel", spacing=(0.1, 0.2))
-    np.testing.assert_allclose(read["a"].positions, [[1.0, 4.0], [3.0, 8.0]])
-    per_image = read_landmark_csv(
-        path, dimension=2, units="pixel", spacing={"a": (1.0, 1.0), "b": (2.0, 3.0)}
-    )
-    np.testing.assert_allclose(per_image["b"].positions, [[2.0, 3.0], [4.0, 6.0]])
-    with pytest.raises(ValueError, match="pixel spacing"):
-        read_landmark_csv(path, dimension=2, units="pixel")
-
-
 @pytest.mark.parametrize(
     ("content", "message"),
     [

@@ -177,7 +177,8 @@ def test_fine_tune_blocking_and_cancel(logic, scene, model_path, tmp_path):
     new_model = logic.fineTune(fromModel=model_path, iterations=3, device="cpu", progressCallback=events.append)
     assert new_model == tmp_path / "models" / "tiny-ft001.scn.pt"
     assert load_model(new_model).landmark_names == NAMES
-    assert [e["event"] for e in events][0] == "started" and any(e["event"] == "progress" for e in events)
+    assert events[0].stage == "started" and "2 cases" in events[0].message
+    assert any(e.stage == "fine-tune" and 0 < e.fraction <= 1 for e in events)
     assert model_path.read_bytes() == before
     assert any(entry.path == new_model for entry in logic.listModels())
     # Fine-tuning the new version continues the numbering.
@@ -237,7 +238,7 @@ def test_detect_folder_writes_files_and_skips_bad_ones(logic, model_path, tmp_pa
     assert finished == [job] and job.status == "done"
     assert job.report["succeeded"] == 2 and [item["image"] for item in job.report["failed"]] == ["broken.nrrd"]
     assert not job.report["cancelled"] and (tmp_path / "background" / "img2.mrk.json").is_file()
-    assert [e["done"] for e in events if e["event"] == "progress"] == [1, 2, 3]
+    assert [e.done for e in events if e.stage != "started"] == [1, 2, 3] and events[-1].fraction == 1.0
     assert sorted(row["image"] for row in job.report["review_order"]) == ["img1", "img2"]
     # Cancelled at once: it stops between images, and what it finished stays.
     job = logic.detectFolder(inputs, tmp_path / "cancelled", model=model_path, device="cpu", wait=False)
@@ -252,7 +253,9 @@ def test_detect_folder_writes_files_and_skips_bad_ones(logic, model_path, tmp_pa
 
 def test_requirements_are_present_here_and_never_list_slicer_packages(logic):
     logic.setupPythonRequirements(askConfirmation=False)  # torch and scipy present: nothing to do
-    assert logic.missingRequirements() == []
+    from SCNLandmarksLib.slicer_requirements import missing_requirements
+
+    assert missing_requirements() == []
     assert logic.suggestedIterations(2) < logic.suggestedIterations(20)
     presets = logic.fineTunePresets(2)
     assert presets[0][1] == logic.suggestedIterations(2) and any(minutes for _, _, minutes in presets)

@@ -307,11 +307,25 @@ def test_the_sample_is_offered_in_sample_data_with_its_true_pixel_size(
     assert volume.GetImageData().GetDimensions()[:2] == (1935, 2400)
 
 
-def test_a_package_already_in_use_asks_for_a_restart(slicer_model: types.SimpleNamespace) -> None:
-    module = slicer_model.module
-    assert module.requirementName("scipy >=1.10; python_version>'3.9'") == "scipy"
-    assert module.requirementName("SimpleITK[extra]==2.3") == "SimpleITK"
-    assert module.packagesAlreadyImported(["numpy>=1.0", "not-a-package-here>=1"]) == ["numpy"]
+def test_a_package_already_in_use_asks_for_a_restart(slicer_model: types.SimpleNamespace, monkeypatch) -> None:
+    import slicer
+    from SCNLandmarksLib import slicer_requirements
+    from SCNLandmarksLib.slicer_requirements import packages_already_imported, requirement_name
+
+    assert requirement_name("scipy >=1.10; python_version>'3.9'") == "scipy"
+    assert requirement_name("SimpleITK[extra]==2.3") == "SimpleITK"
+    assert packages_already_imported(["numpy>=1.0", "not-a-package-here>=1"]) == ["numpy"]
+    assert slicer_requirements.in_slicer_application()
+    calls = []
+    monkeypatch.setattr(slicer.util, "confirmOkCancelDisplay", lambda *a, **k: calls.append("ok?") or True, raising=False)
+    monkeypatch.setattr(slicer.util, "pip_install", lambda requirement: calls.append(f"pip {requirement}"), raising=False)
+    monkeypatch.setattr(slicer.util, "confirmYesNoDisplay", lambda *a, **k: calls.append("restart?") or True, raising=False)
+    monkeypatch.setattr(slicer.util, "restart", lambda: calls.append("restart"), raising=False)
+    slicer_requirements._pip_install(["numpy>=1.0", "not-a-package-here>=1"], ask_confirmation=True)
+    assert calls == ["ok?", "pip numpy>=1.0", "pip not-a-package-here>=1", "restart?", "restart"]
+    calls.clear()
+    slicer_requirements._pip_install(["not-a-package-here>=1"], ask_confirmation=False)
+    assert calls == ["pip not-a-package-here>=1"]  # nothing in use: no restart asked
 
 
 def test_a_detection_that_fails_says_why_and_frees_the_panel(panel: types.SimpleNamespace) -> None:

@@ -21,8 +21,7 @@ from SCNLandmarksLib.process import (
     EXIT_CANCELLED,
     EXIT_ERROR,
     BackgroundProcess,
-    WorkerCancelled,
-    WorkerError,
+    progress_from_event,
     worker_command,
     worker_environment,
 )
@@ -192,9 +191,11 @@ def test_background_process_cancel_and_events(workspace):
     assert job.wait(timeout=60) == EXIT_CANCELLED
     assert finished == [job] and not job.is_running()
     assert not job.cancel_file.exists()
-    with pytest.raises(WorkerCancelled, match="previous model is unchanged"):
-        job.raise_for_outcome()
-    assert not output.exists()
+    outcome = job.outcome()
+    assert outcome.status == "cancelled" and "previous model is unchanged" in outcome.message
+    assert outcome.output is None and not output.exists()
+    progress = progress_from_event(first)
+    assert progress.total is None and progress.fraction == pytest.approx(first["fraction"])
 
 
 def test_errors_exit_2_with_a_readable_message(workspace, tmp_path):
@@ -205,8 +206,8 @@ def test_errors_exit_2_with_a_readable_message(workspace, tmp_path):
         "--output", str(existing), "--iterations", "2",
     ])).start()
     assert job.wait(timeout=60) == EXIT_ERROR
-    with pytest.raises(WorkerError, match="already exists"):
-        job.raise_for_outcome()
+    outcome = job.outcome()
+    assert outcome.status == "failed" and "already exists" in outcome.message
     assert existing.read_bytes() == b"user data"
 
     damaged = tmp_path / "damaged.scn.pt"

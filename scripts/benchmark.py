@@ -3,7 +3,8 @@
 Prints one line per measurement. Sizes are the paper configurations: 2D SCN on a 512x512
 grid with 19 landmarks (cephalograms), 3D SCN on a 96^3 grid with 32 landmarks; and the shipped
 local refinement stage (19 landmarks, 128x128 crops): a training step of 32 crops in float32 and
-with bfloat16 autocast, and the 19 crops of one detection.
+with bfloat16 autocast, and the 19 crops of one detection; and the bundled global SCN's training
+step (its own grid) in float32 and with bfloat16 autocast.
 
     python scripts/benchmark.py                    # CPU, 2 threads
     python scripts/benchmark.py --device cuda      # GPU, with peak memory
@@ -39,7 +40,23 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize()
 
 
-def time_training_step(model, device: torch.device, size: tuple[int, ...], repeats: int, amp: bool) -> list[float]:
+def time_global_stage(device: torch.device, repeats: int) -> None:
+    """The bundled model's global SCN: one training step (1 image on its grid), float32 vs bfloat16 autocast."""
+    from pathlib import Path
+
+    from SCNLandmarksLib.model_file import load_model
+
+    bundled = Path(__file__).resolve().parents[1] / "SCNLandmarks" / "Resources" / "Models" / "cephalometric_isbi2015.scn.pt"
+    model = load_model(bundled)
+    size = tuple(model.grid.size)
+    for amp in (False, True):
+        step = time_training_step(model, device, size, repeats, amp, cpu_autocast=True)
+        print(f"global-2d (bundled SCN, grid {'x'.join(map(str, size))}): training iteration "
+              f"{'bfloat16 autocast' if amp else 'float32'} {statistics.median(step):.3f} s (min {min(step):.3f})")
+
+
+def time_training_step(model, device: torch.device, size: tuple[int, ...], repeats: int, amp: bool, *,
+                       cpu_autocast: bool = False) -> list[float]:
     network, targets = model.network.to(device).train(), model.targets.to(device)
     optimizer = torch.optim.AdamW(list(network.parameters()) + [targets.sigmas], lr=1e-5)
     image = torch.randn(1, 1, *size[::-1], device=device)
@@ -49,7 +66,7 @@ def time_training_step(model, device: torch.device, size: tuple[int, ...], repea
     for _ in range(repeats + 1):  # the first one warms up kernels and allocators
         _sync(device)
         start = time.perf_counter()
-        with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=amp and device.type == "cuda"):
+        with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=amp and (cpu_autocast or device.type == "cuda")):
             predicted = network(image)
         loss = heatmap_loss(predicted.float(), targets(positions, size[::-1]), valid, targets.sigmas, sigma_weight=20.0)
         optimizer.zero_grad()
@@ -92,8 +109,8 @@ def time_local_stage(device: torch.device, repeats: int) -> None:
             _sync(device)
             started = time.perf_counter()
             with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=amp):
-                logits = network(crops)
-            loss = refinement_loss(logits, channels, targets)
+                member_logits = network.member_logits(crops)
+            loss = refinement_loss(member_logits, channels, targets)
             optimizer.zero_grad()
             loss.backward()
             optimizer.step()
@@ -118,7 +135,8 @@ def main() -> None:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=2)
-    parser.add_argument("--cases", nargs="+", default=[*CASES, "local-2d"], choices=[*CASES, "local-2d"])
+    parser.add_argument("--cases", nargs="+", default=[*CASES, "local-2d", "global-2d"],
+                        choices=[*CASES, "local-2d", "global-2d"])
     parser.add_argument("--no-amp", action="store_true", help="no bfloat16 autocast on the GPU")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -133,6 +151,8 @@ def main() -> None:
             print(f"parameters {name} {architecture} ({landmarks} landmarks): {count:,}")
     if "local-2d" in args.cases:
         time_local_stage(device, args.repeats)
+    if "global-2d" in args.cases:
+        time_global_stage(device, args.repeats)
     for name in [c for c in args.cases if c in CASES]:
         factory, landmarks, size = CASES[name]
         model = create_model(factory(landmarks), grid=GridSpec(size=size), landmark_names=[f"L{i}" for i in range(landmarks)])

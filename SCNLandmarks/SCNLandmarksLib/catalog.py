@@ -13,8 +13,9 @@ Two folders hold models:
     [{"name": "Cephalometric 2D", "file": "ceph2d.scn.pt", "sha256": "ab12...",
       "url": "https://.../ceph2d.scn.pt", "default": true, "description": "..."}]
 
-``url`` is optional: a model whose file is not in the folder yet can be fetched from it
-with :func:`fetch_model`, which checks the SHA-256 before the file appears.
+``url`` is optional: a model whose file is not in the folder yet is fetched from it into the
+user's folder the first time it is asked for by name (:func:`find_model`; the SHA-256, which
+such an entry must give, is checked before the file appears).
 
 Nothing here imports torch at module level, so listing folders works before torch is
 installed; reading a model's description (``list_models``) needs it.
@@ -45,6 +46,7 @@ __all__ = [
     "ModelEntry",
     "bundled_models_folder",
     "default_model",
+    "fetch_catalog_model",
     "fetch_model",
     "file_sha256",
     "find_model",
@@ -254,7 +256,7 @@ def list_models(
         log.warning("%s", error)
         catalog = []
     for item in catalog:
-        path = bundled / item.file
+        path = _catalog_file(item, bundled, user)
         entry = ModelEntry(item.name, path, "bundled", description=item.description, default=item.default, url=item.url)
         listed.add(path.resolve())
         if not path.is_file():
@@ -271,6 +273,46 @@ def list_models(
             listed.add(path.resolve())
             entries.append(_describe_file(ModelEntry(_model_stem(path), path, source)))
     return entries
+
+
+def _catalog_file(item: CatalogEntry, bundled: Path, user: Path) -> Path:
+    """Where a catalog model's file is: shipped in the bundled folder, or fetched into the user's."""
+    shipped = bundled / item.file
+    fetched = user / item.file
+    return fetched if item.url and not shipped.is_file() and fetched.is_file() else shipped
+
+
+def fetch_catalog_model(
+    name: str,
+    *,
+    user_folder: str | os.PathLike[str] | None = None,
+    bundled_folder: str | os.PathLike[str] | None = None,
+    progress: ProgressCallback | None = None,
+    should_cancel: Callable[[], bool] | None = None,
+) -> Path:
+    """The file of the catalog model ``name``, fetched from its ``url`` into the user's folder first
+    when it is not there yet (the bundled folder may be read-only).
+
+    Raises:
+        KeyError: no catalog model has that name.
+        ValueError: the entry has no ``url`` or no ``sha256`` (an unchecked download is refused),
+            or the downloaded bytes do not match it.
+        OSError: the download failed.
+    """
+    bundled = Path(bundled_folder) if bundled_folder is not None else bundled_models_folder()
+    user = Path(user_folder) if user_folder is not None else user_models_folder()
+    item = next((entry for entry in read_catalog(bundled) if entry.name == name), None)
+    if item is None:
+        raise KeyError(name)
+    path = _catalog_file(item, bundled, user)
+    if path.is_file():
+        return path
+    if not item.url or not item.sha256:
+        msg = f"The model {name!r} is not installed and its catalog entry gives no address and checksum to fetch it from"
+        raise ValueError(msg)
+    log.info("Fetching the model %r from %s", name, item.url)
+    return fetch_model(item.url, user, sha256=item.sha256, file_name=item.file, progress=progress,
+                       should_cancel=should_cancel)
 
 
 def default_model(*, bundled_folder: str | os.PathLike[str] | None = None) -> Path | None:
@@ -296,6 +338,7 @@ def find_model(
     *,
     user_folder: str | os.PathLike[str] | None = None,
     bundled_folder: str | os.PathLike[str] | None = None,
+    progress: ProgressCallback | None = None,
 ) -> Path:
     """Resolve what a user typed to a model file.
 
@@ -303,6 +346,8 @@ def find_model(
         name_or_path: an existing file path, a model name as :func:`list_models` shows it
             (catalog name or file stem), or None: the :func:`default_model`, else the first
             usable model of :func:`list_models` (a user who only loaded their own model).
+            A catalog model that is not downloaded yet is fetched (:func:`fetch_catalog_model`).
+        progress: reports a download.
 
     Raises:
         FileNotFoundError: nothing matches, with the names that exist.
@@ -324,6 +369,10 @@ def find_model(
     for entry in entries:
         if text in (entry.name, entry.path.name, _model_stem(entry.path)) and entry.path.is_file():
             return entry.path
+    for entry in entries:
+        if entry.url and text in (entry.name, entry.path.name, _model_stem(entry.path)):
+            return fetch_catalog_model(entry.name, user_folder=user_folder, bundled_folder=bundled_folder,
+                                       progress=progress)
     names = ", ".join(entry.name for entry in entries if entry.path.is_file()) or "none"
     msg = f"No model named or found at {text!r}; available models: {names}"
     raise FileNotFoundError(msg)

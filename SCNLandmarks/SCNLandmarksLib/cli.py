@@ -7,6 +7,7 @@ import logging
 import os
 import signal
 import sys
+import time
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -147,8 +148,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _resolve_model(name: str | None) -> Path:
     from .catalog import find_model
+    from .progress import TextProgressBar
 
-    return find_model(name)
+    return find_model(name, progress=TextProgressBar())  # the bar shows only when a catalog model is fetched
 
 
 def _spacing(values: Sequence[float] | None, dimension: int | None = None) -> tuple[float, ...] | float | None:
@@ -380,17 +382,20 @@ def _command_detect(args: argparse.Namespace) -> int:
 
 def _command_evaluate(args: argparse.Namespace) -> int:
     from .detection import Detector
-    from .evaluation import check_evaluation_folder, evaluate, format_summary, write_evaluation
-    from .progress import Progress, TextProgressBar
+    from .evaluation import check_evaluation_folder, evaluate, format_summary, named_like_model, write_evaluation
+    from .progress import Progress, TextProgressBar, estimate_eta
 
     check_evaluation_folder(args.output, overwrite=args.overwrite)  # before the work, not after it
     cases = _load_data(args)
     detector = Detector(_resolve_model(args.model), device=args.device)
+    references = [named_like_model(case.landmarks, detector.model.landmark_names) for case in cases]
     bar = TextProgressBar()
     rows = []
-    for number, case in enumerate(cases):
-        rows.append((case.name, detector.detect(case.image), case.landmarks))
-        bar(Progress("evaluate", number + 1, len(cases), 0.0))
+    start = time.monotonic()
+    for number, (case, reference) in enumerate(zip(cases, references)):
+        rows.append((case.name, detector.detect(case.image), reference))
+        elapsed = time.monotonic() - start
+        bar(Progress("evaluate", number + 1, len(cases), elapsed, estimate_eta(number + 1, len(cases), elapsed)))
     report = evaluate(rows)
     write_evaluation(report, args.output, overwrite=args.overwrite)
     print(format_summary(report))

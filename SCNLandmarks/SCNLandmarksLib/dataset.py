@@ -68,7 +68,7 @@ def load_cases(
         raise FileNotFoundError(msg)
     table = None
     if landmarks is not None:
-        table = read_landmark_csv(landmarks, dimension=dimension, units="mm", names=names)
+        table = read_landmark_csv(landmarks, dimension=dimension, names=names)
     cases = []
     for image_id in wanted:
         image = read_image(files[image_id], spacing=spacing)

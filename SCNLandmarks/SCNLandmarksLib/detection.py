@@ -29,13 +29,12 @@ import numpy as np
 import torch
 
 from .device import describe_device, resolve_device
-from .grid import SamplingTransform, padded_size, resample
+from .grid import SamplingTransform, padded_size
 from .image import Image
-from .intensity import finish
 from .landmarks import Landmarks
 from .model import LandmarkModel
 from .model_file import load_model
-from .preprocess import OUTSIDE_VALUE, PreparedImage, prepare_image
+from .preprocess import PreparedImage, prepare_image
 from .decode import heatmap_maxima
 from .quality import LOW_CONFIDENCE
 from .refinement import prepare_for_refiner, refine_positions
@@ -170,7 +169,7 @@ class Detector:
     def _heatmaps(self, prepared: PreparedImage) -> tuple[np.ndarray, SamplingTransform]:
         model = self.model
         grid = detection_grid(prepared, model)
-        array = finish(resample(prepared.array, prepared.geometry, grid, fill=OUTSIDE_VALUE))
+        array = prepared.sample(grid)
         tile = tuple(min(t, f) for t, f in zip(model.grid.size[::-1], array.shape))
         merged = np.full((model.config.num_landmarks, *array.shape), -np.inf, dtype=np.float32)
         starts = [_tile_starts(f, t) for f, t in zip(array.shape, tile)]
@@ -223,8 +222,11 @@ class Detector:
         if self.refine:
             refiner = model.refiner
             fine = reading.apply(prepare_for_refiner(image, refiner.config, model.intensity))
-            physical, peaks = refine_positions(refiner, fine, physical, device=self.device)
-            signals["local_peak"] = peaks / refiner.config.target_peak
+            refined = refine_positions(refiner, fine, physical, device=self.device)
+            physical = refined.positions
+            signals["local_peak"] = refined.peaks / refiner.config.target_peak
+            if refiner.config.members > 1:
+                signals["member_spread_mm"] = refined.member_spread_mm
         if model.shape_model is not None:
             signals["shape_deviation"] = model.shape_model.deviations(physical) / model.shape_model.spread_mm
         self.last_signals = signals

@@ -26,7 +26,7 @@ import numpy as np
 from .atomic import atomic_path, atomic_write_text, check_writable
 from .landmarks import Landmarks
 
-__all__ = ["evaluate", "format_summary", "point_errors", "write_evaluation"]
+__all__ = ["evaluate", "format_summary", "named_like_model", "point_errors", "write_evaluation"]
 
 logger = logging.getLogger(__name__)
 
@@ -56,6 +56,33 @@ def point_errors(predicted: Landmarks, truth: Landmarks) -> np.ndarray:
         if source is not None:
             matched[row] = predicted.positions[source]
     return np.sqrt(((matched - truth.positions) ** 2).sum(axis=1))
+
+
+def named_like_model(reference: Landmarks, model_names: Sequence[str]) -> Landmarks:
+    """The reference landmarks under the model's names, when the file gave them none.
+
+    A CSV without a header or a ``--names`` file gives the default names ``L1..LN``; when it
+    has exactly as many landmarks as the model, its columns are read in the model's order
+    (the order the model's own CSVs are written in).
+
+    Raises:
+        ValueError: the reference and the model share no landmark name and the columns cannot
+            be matched by position: every point would count as "not detected".
+    """
+    model_names = list(model_names)
+    if set(reference.names) & set(model_names):
+        return reference
+    default = [f"L{i + 1}" for i in range(len(reference))]
+    if reference.names == default and len(reference) == len(model_names):
+        return Landmarks(names=model_names, positions=reference.positions.copy(),
+                         descriptions=list(reference.descriptions))
+    msg = (
+        f"The reference landmarks ({', '.join(reference.names[:4])}{', ...' if len(reference) > 4 else ''}; "
+        f"{len(reference)} of them) share no name with the model's ({', '.join(model_names[:4])}"
+        f"{', ...' if len(model_names) > 4 else ''}; {len(model_names)} of them). Give the landmark "
+        "names in the reference's column order with --names, or evaluate with the model made for them."
+    )
+    raise ValueError(msg)
 
 
 def _number(value: float) -> float | None:

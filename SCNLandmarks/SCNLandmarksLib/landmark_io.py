@@ -551,48 +551,21 @@ def _is_number(text: str) -> bool:
     return True
 
 
-def _row_spacing(
-    spacing: Sequence[float] | Mapping[str, Sequence[float]] | None, image_id: str, dimension: int, path: Path
-) -> np.ndarray:
-    if spacing is None:
-        msg = f"{path} is in pixel units: give the pixel spacing in mm to convert it"
-        raise ValueError(msg)
-    if isinstance(spacing, Mapping):
-        if image_id not in spacing:
-            msg = f"{path}: no pixel spacing given for image {image_id!r}"
-            raise ValueError(msg)
-        spacing = spacing[image_id]
-    values = np.asarray(spacing, dtype=float).reshape(-1)
-    if values.shape[0] < dimension or not np.all(values[:dimension] > 0):
-        msg = (
-            f"Pixel spacing for {dimension}D landmarks must be {dimension} positive numbers, "
-            f"got {list(values)}"
-        )
-        raise ValueError(msg)
-    return values[:dimension]
-
-
 def read_landmark_csv(
     path: str | os.PathLike[str],
     *,
     dimension: int,
-    units: Literal["mm", "pixel"] = "mm",
-    spacing: Sequence[float] | Mapping[str, Sequence[float]] | None = None,
     names: Sequence[str] | None = None,
 ) -> dict[str, Landmarks]:
     """Read a challenge-style CSV: one row per image, ``id,x1,y1[,z1],x2,y2,...``.
 
     A header row (first row with non-numeric coordinates) is skipped. NaN or empty cells
-    mark a missing landmark.
+    mark a missing landmark. The coordinates are returned as they are written: LPS mm, or
+    pixel indices that ``dataset.load_cases(units="pixel")`` maps through each image's geometry.
 
     Args:
         path: the file.
         dimension: 2 or 3 coordinates per landmark.
-        units: ``"mm"`` for physical coordinates (taken as LPS mm), or ``"pixel"`` for pixel
-            indices of an image with origin 0 and identity direction (how PNG/JPEG/BMP images
-            are read), converted as ``mm = pixel * spacing``.
-        spacing: pixel size in mm, x, y[, z] order, for ``units="pixel"``; one tuple for all
-            images or a mapping from image id to tuple.
         names: landmark names; default ``L1..LN``.
 
     Returns:
@@ -605,9 +578,6 @@ def read_landmark_csv(
     path = Path(path).expanduser()
     if dimension not in (2, 3):
         msg = f"dimension must be 2 or 3, got {dimension!r}"
-        raise ValueError(msg)
-    if units not in ("mm", "pixel"):
-        msg = f'units must be "mm" or "pixel", got {units!r}'
         raise ValueError(msg)
     if not path.is_file():
         msg = f"Landmark file not found: {path}"
@@ -647,8 +617,6 @@ def read_landmark_csv(
             msg = f"{path}, row {image_id!r}: a coordinate is not a number ({error})"
             raise ValueError(msg) from error
         positions = values.reshape(count, dimension)
-        if units == "pixel":
-            positions = positions * _row_spacing(spacing, image_id, dimension, path)
         result[image_id] = Landmarks.from_positions(positions, names=names)
     return result
 

@@ -7,9 +7,9 @@ from dataclasses import dataclass
 import numpy as np
 
 from .geometry import ImageGeometry
-from .grid import GridSpec, SamplingTransform, downsample_for_grid, nearest_lps_axes
+from .grid import GridSpec, SamplingTransform, downsample_for_grid, nearest_lps_axes, resample
 from .image import Image, validate_image
-from .intensity import IntensityConfig, intensity_window, normalise
+from .intensity import IntensityConfig, finish, intensity_window, normalise
 
 __all__ = ["PreparedImage", "prepare_image"]
 
@@ -35,6 +35,16 @@ class PreparedImage:
     def extent_along_grid_mm(self) -> np.ndarray:
         axes, _ = nearest_lps_axes(self.geometry.direction_matrix)
         return self.geometry.physical_extent[axes]
+
+    def sample(self, transform: SamplingTransform, *, shift: float = 0.0, scale: float = 1.0) -> np.ndarray:
+        """What a network sees on ``transform``'s grid: pixels ``([z,] y, x)`` clipped to [-1, 1].
+
+        The one sampling step of training and detection, for both stages. Outside the image
+        the grid reads the bottom of the intensity window; ``shift`` and ``scale`` augment
+        the intensities (none at detection).
+        """
+        array = resample(self.array, self.geometry, transform, fill=OUTSIDE_VALUE)
+        return finish(array, shift=shift, scale=scale)
 
 
 def prepare_image(image: Image, *, grid: GridSpec, intensity: IntensityConfig, dimension: int) -> PreparedImage:

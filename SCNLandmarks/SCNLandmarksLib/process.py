@@ -28,17 +28,20 @@ import tempfile
 import threading
 import time
 import uuid
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
+
+from .progress import Progress
 
 __all__ = [
     "EXIT_CANCELLED",
     "EXIT_ERROR",
     "EXIT_OK",
     "BackgroundProcess",
-    "WorkerCancelled",
-    "WorkerError",
+    "WorkerOutcome",
+    "progress_from_event",
     "worker_command",
     "worker_environment",
 ]
@@ -52,12 +55,56 @@ EXIT_CANCELLED = 3
 _END = object()
 
 
-class WorkerError(RuntimeError):
-    """The worker failed; the message is the worker's own explanation when it gave one."""
+@dataclass(frozen=True)
+class WorkerOutcome:
+    """How a worker run ended: the one form a finish, a cancel or a failure takes to the caller.
+
+    Attributes:
+        status: ``"done"``, ``"cancelled"`` or ``"failed"``.
+        message: for the user: the worker's own summary when done, what a cancel kept, or why
+            the run failed.
+        report: the worker's ``done`` event (empty unless done): for a fine-tuning ``output``,
+            ``verdict``, ``start_error_mm``, ``new_error_mm``...; for a batch ``succeeded``,
+            ``failed``, ``cancelled``, ``review_order``...
+        details: the end of the worker's error output when it failed, for a details box or a log.
+    """
+
+    status: str
+    message: str
+    report: Mapping[str, Any] = field(default_factory=dict)
+    details: str = ""
+
+    @property
+    def output(self) -> Path | None:
+        """The file or folder the run wrote; None when it wrote none (or kept the starting model)."""
+        value = self.report.get("output")
+        return Path(value) if value else None
 
 
-class WorkerCancelled(RuntimeError):
-    """The worker stopped because it was cancelled; it wrote no output."""
+_PROGRESS_FIELDS = {f.name for f in fields(Progress)}
+
+
+def progress_from_event(event: Mapping[str, Any]) -> Progress | None:
+    """A worker's ``started`` or ``progress`` event as a :class:`Progress`; None for other events.
+
+    ``started`` becomes stage ``"started"`` with nothing done and, as its message, the cases and
+    device of a fine-tuning or the device of a batch.
+    """
+    kind = event.get("event")
+    if kind == "started":
+        cases = event.get("cases")
+        what = f"{len(cases)} cases, " if isinstance(cases, list) else ""
+        return Progress("started", 0, event.get("iterations"), 0.0, message=f"{what}{event.get('device', '')}")
+    if kind != "progress":
+        return None
+    values = {name: event[name] for name in _PROGRESS_FIELDS if name in event}
+    values.setdefault("stage", "")
+    values.setdefault("done", 0)
+    values.setdefault("total", None)
+    values.setdefault("elapsed_s", 0.0)
+    if values.get("completed") is None and event.get("fraction") is not None:
+        values["completed"] = float(event["fraction"])
+    return Progress(**values)
 
 
 def lib_parent_folder() -> Path:
@@ -346,30 +393,29 @@ class BackgroundProcess:
 
     # ------------------------------------------------------------------ results
 
-    def raise_for_outcome(self) -> dict[str, Any]:
-        """The ``done`` event of a finished run.
+    def outcome(self) -> WorkerOutcome:
+        """How the finished run ended.
 
         Raises:
-            WorkerCancelled: the run was cancelled.
-            WorkerError: the run failed; the message is the worker's or the end of its stderr.
+            RuntimeError: the run has not finished yet.
         """
         if not self._finished_reported:
             msg = "The worker has not finished yet"
             raise RuntimeError(msg)
         done = self.last_event("done")
         if self.returncode == EXIT_OK and done is not None:
-            return done
+            return WorkerOutcome("done", str(done.get("message", "")), dict(done))
         if self.returncode == EXIT_CANCELLED or self.last_event("cancelled") is not None or self.cancel_requested:
             if "detect" in self.command:
                 msg = "Batch detection was cancelled; the images finished before it are kept"
             else:
                 msg = "Fine-tuning was cancelled; no new model was written and the previous model is unchanged"
-            raise WorkerCancelled(msg)
+            return WorkerOutcome("cancelled", msg)
         error = self.last_event("error")
         if error is not None:
-            raise WorkerError(str(error.get("message", "unknown error")))
+            return WorkerOutcome("failed", str(error.get("message", "unknown error")), details=self.stderr_tail)
         tail = self.stderr_tail.strip().splitlines()[-5:]
         msg = f"The background process ended unexpectedly (exit code {self.returncode})" + (
             ":\n" + "\n".join(tail) if tail else ""
         )
-        raise WorkerError(msg)
+        return WorkerOutcome("failed", msg, details=self.stderr_tail)

@@ -34,6 +34,7 @@ SIGNALS = {
     "local_peak": ("clip", 1e-3),  # largest crop probability / the trained target's peak
     "global_confidence": ("clip", 1e-3),  # global heatmap maximum / its target's peak
     "view_spread_mm": ("add", 0.05),  # mean distance of the shifted-crop results from the point
+    "member_spread_mm": ("add", 0.05),  # mean distance of the local networks' points from their mean
     "shape_deviation": ("add", 0.05),  # distance from where the other points place it / its usual spread
 }
 LANDMARK_SHRINKAGE = 5.0

@@ -15,7 +15,9 @@ indices are x, y[, z] order, arrays ``([z,] y, x)``.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, replace
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -23,11 +25,11 @@ from torch import nn
 from torch.nn import functional as F
 
 from .decode import heatmap_maxima
-from .grid import GridSpec, SamplingTransform, resample
+from .grid import GridSpec, SamplingTransform
 from .image import Image
-from .intensity import IntensityConfig, finish
+from .intensity import IntensityConfig
 from .network import settings_from_dict
-from .preprocess import OUTSIDE_VALUE, PreparedImage, prepare_image
+from .preprocess import PreparedImage, prepare_image
 
 __all__ = [
     "RefinerConfig",
@@ -37,6 +39,7 @@ __all__ = [
     "crop_transform",
     "crop_target",
     "prepare_for_refiner",
+    "Refinement",
     "refine_positions",
     "refinement_loss",
 ]
@@ -157,15 +160,19 @@ class RefinementNetwork(nn.Module):
         """Parameters whose shape depends on the number of landmarks."""
         return {"head.weight", "head.bias"}
 
+    def member_logits(self, crops: torch.Tensor) -> list[torch.Tensor]:
+        """One network is an ensemble of one: ``[logits]``."""
+        return [self(crops)]
+
 
 class RefinementEnsemble(nn.Module):
     """Several local stages with one configuration, trained apart, read as one.
 
-    Each member gives a distribution over the crop; the ensemble's is their normalised product
-    (the mean of the members' log-probabilities), which sharpens where they agree and stays
-    wide where they do not. ``forward`` returns those mean log-probabilities in place of logits,
-    so everything that reads a local stage (softmax over the crop, loss, decoding) reads an
-    ensemble unchanged.
+    Each member places each landmark on its own; the ensemble's position is the mean of the
+    members' positions (:func:`refine_positions`). On the 15 validation images this gave
+    0.97 mm against 1.00 mm for the normalised product of their distributions and 1.02-1.03 mm
+    for either member alone. When fine-tuned, each member learns from the same crops with its
+    own loss, so the members stay separate estimators.
     """
 
     def __init__(self, config: RefinerConfig) -> None:
@@ -174,10 +181,9 @@ class RefinementEnsemble(nn.Module):
         single = replace(config, members=1)
         self.members = nn.ModuleList(RefinementNetwork(single) for _ in range(config.members))
 
-    def forward(self, crops: torch.Tensor) -> torch.Tensor:
-        """Mean log-probabilities ``(B, N, [z,] y, x)`` for crops ``(B, 1, [z,] y, x)``."""
-        logs = [F.log_softmax(member(crops).flatten(2).float(), dim=2) for member in self.members]
-        return torch.stack(logs).mean(0).view(crops.shape[0], self.config.num_landmarks, *crops.shape[2:])
+    def member_logits(self, crops: torch.Tensor) -> list[torch.Tensor]:
+        """Each member's logits ``(B, N, [z,] y, x)`` for crops ``(B, 1, [z,] y, x)``."""
+        return [member(crops) for member in self.members]
 
     def head_parameter_names(self) -> set[str]:
         return {f"members.{i}.{name}" for i, m in enumerate(self.members) for name in m.head_parameter_names()}
@@ -213,12 +219,6 @@ def prepare_for_refiner(image: Image, config: RefinerConfig, intensity: Intensit
     return prepare_image(image, grid=grid, intensity=intensity, dimension=dim)
 
 
-def sample_crop(prepared: PreparedImage, transform: SamplingTransform, *, shift: float = 0.0, scale: float = 1.0) -> np.ndarray:
-    """Crop pixels ``([z,] y, x)`` in [-1, 1], intensity-augmented by ``shift`` and ``scale``."""
-    array = resample(prepared.array, prepared.geometry, transform, fill=OUTSIDE_VALUE)
-    return finish(array, shift=shift, scale=scale)
-
-
 def crop_target(position: torch.Tensor, config: RefinerConfig) -> torch.Tensor:
     """Normalised Gaussian targets ``(B, [z,] y, x)`` summing to 1, at crop indices ``(B, D)`` (x, y[, z])."""
     size = config.patch_size
@@ -232,56 +232,84 @@ def crop_target(position: torch.Tensor, config: RefinerConfig) -> torch.Tensor:
     return target / target.flatten(1).sum(1).clamp_min(1e-12).view(-1, *([1] * config.dimension))
 
 
-def refinement_loss(logits: torch.Tensor, channels: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """Mean cross-entropy between each crop's own landmark channel and its target distribution.
+def refinement_loss(member_logits: Sequence[torch.Tensor], channels: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy between each crop's own landmark channel and its target distribution.
 
     Args:
-        logits: ``(B, N, [z,] y, x)`` network output.
+        member_logits: ``(B, N, [z,] y, x)`` output of each member of the local stage
+            (``member_logits``); the loss is the mean over crops and members.
         channels: ``(B,)`` the landmark of each crop.
         targets: ``(B, [z,] y, x)`` from :func:`crop_target`.
     """
-    own = logits[torch.arange(logits.shape[0], device=logits.device), channels].flatten(1).float()
-    return -(targets.flatten(1) * F.log_softmax(own, dim=1)).sum(1).mean()
+    losses = []
+    for logits in member_logits:
+        own = logits[torch.arange(logits.shape[0], device=logits.device), channels].flatten(1).float()
+        losses.append(-(targets.flatten(1) * F.log_softmax(own, dim=1)).sum(1).mean())
+    return torch.stack(losses).mean()
+
+
+class Refinement(NamedTuple):
+    """What the local stage found for each landmark (model channel order).
+
+    Attributes:
+        positions: ``(N, D)`` refined LPS mm; the estimate itself where no network trusted its
+            crop.
+        peaks: ``(N,)`` the largest pixel probability of each crop's distribution (the members'
+            mean for an ensemble); NaN where not refined.
+        member_spread_mm: ``(N,)`` mean distance of the trusted members' points from their mean
+            (0 for one network or one trusted member); NaN where not refined.
+    """
+
+    positions: np.ndarray
+    peaks: np.ndarray
+    member_spread_mm: np.ndarray
 
 
 def refine_positions(
-    network: RefinementNetwork,
+    network: RefinementNetwork | RefinementEnsemble,
     prepared: PreparedImage,
     estimates: np.ndarray,
     *,
     device: torch.device,
-) -> tuple[np.ndarray, np.ndarray]:
+) -> Refinement:
     """Refine global estimates in fine crops.
 
+    A member whose peak is below ``config.min_peak_fraction`` of the target's has no say; where
+    no member has, the estimate is kept. An ensemble's position is the mean of its trusted
+    members' positions.
+
     Args:
-        network: the local stage (in evaluation mode).
+        network: the local stage (in evaluation mode): one network or an ensemble.
         prepared: the image prepared for the refiner's spacing.
         estimates: ``(N, D)`` LPS mm, model channel order; NaN rows are left as they are.
         device: where the network lives.
-
-    Returns:
-        ``(positions, peak_probability)``: ``(N, D)`` refined LPS mm and ``(N,)`` the largest
-        pixel probability of each crop's distribution (NaN where not refined). Where that peak
-        is below ``config.min_peak_fraction`` of the target's, the estimate is returned unchanged.
     """
     config = network.config
     positions = np.array(estimates, dtype=float, copy=True)
     peaks = np.full(len(positions), np.nan)
+    spread = np.full(len(positions), np.nan)
     channels = np.flatnonzero(np.isfinite(positions).all(axis=1))
     if channels.size == 0:
-        return positions, peaks
+        return Refinement(positions, peaks, spread)
     for _ in range(config.passes):
         transforms = [crop_transform(prepared.base, positions[c], config) for c in channels]
-        crops = np.stack([sample_crop(prepared, t) for t in transforms])[:, None]
+        crops = np.stack([prepared.sample(t) for t in transforms])[:, None]
+        found, values = [], []
         with torch.inference_mode():
-            logits = network(torch.from_numpy(crops).to(device))
-            own = logits[torch.arange(len(channels)), torch.from_numpy(channels).to(device)].float()
-            probabilities = F.softmax(own.flatten(1), dim=1).view_as(own).cpu().numpy()
-        # Parabola through log-probabilities (= logits): exact for a Gaussian-shaped distribution.
-        found, values = heatmap_maxima(probabilities)
-        trusted = values >= config.min_peak_fraction * config.target_peak
+            for logits in network.member_logits(torch.from_numpy(crops).to(device)):
+                own = logits[torch.arange(len(channels)), torch.from_numpy(channels).to(device)].float()
+                probabilities = F.softmax(own.flatten(1), dim=1).view_as(own).cpu().numpy()
+                # Parabola through log-probabilities (= logits): exact for a Gaussian-shaped distribution.
+                member_found, member_values = heatmap_maxima(probabilities)
+                found.append(member_found)
+                values.append(member_values)
+        trusted = np.stack(values) >= config.min_peak_fraction * config.target_peak  # (members, crops)
         for row, channel in enumerate(channels):
-            if trusted[row]:
-                positions[channel] = transforms[row].grid_to_physical(found[row])[0]
-        peaks[channels] = values
-    return positions, peaks
+            placed = [transforms[row].grid_to_physical(member_found[row])[0]
+                      for member_found, keep in zip(found, trusted[:, row]) if keep]
+            spread[channel] = 0.0
+            if placed:
+                positions[channel] = np.mean(placed, axis=0)
+                spread[channel] = float(np.mean(np.linalg.norm(np.array(placed) - positions[channel], axis=1)))
+        peaks[channels] = np.mean(values, axis=0)
+    return Refinement(positions, peaks, spread)

@@ -41,7 +41,6 @@ from .refinement import (
     prepare_for_refiner,
     refine_positions,
     refinement_loss,
-    sample_crop,
 )
 from .distributed import distributed_from_environment
 from .step_loop import StepLoop, foreign_checkpoint, resume_state, write_trained_model
@@ -201,7 +200,7 @@ def _draw_batch(
         transform = crop_transform(case.image.base, case.positions[channel] + offset, config, linear=linear)
         shift = rng.uniform(-settings.intensity_shift, settings.intensity_shift)
         scale = 1.0 + rng.uniform(-settings.intensity_scale, settings.intensity_scale)
-        crops.append(sample_crop(case.image, transform, shift=shift, scale=scale))
+        crops.append(case.image.sample(transform, shift=shift, scale=scale))
         channels.append(channel)
         truths.append(transform.physical_to_grid(case.positions[channel][None])[0])
     return np.stack(crops)[:, None], np.asarray(channels), np.asarray(truths, dtype=np.float32)
@@ -318,7 +317,7 @@ def train_refiner(
         network.eval()
         errors = []
         for prepared, estimates, truth in validation:
-            refined, _ = refine_positions(network, prepared, estimates, device=device)
+            refined = refine_positions(network, prepared, estimates, device=device).positions
             errors.append(point_errors(Landmarks(truth.names, refined), truth))
         _set_mode(network, training=was_training, freeze_batch_norm=settings.freeze_batch_norm)
         values = np.concatenate(errors)
@@ -356,8 +355,8 @@ def train_refiner(
         crops_t = torch.from_numpy(crops).to(device)
         targets = crop_target(torch.from_numpy(truths).to(device), refiner_config)
         with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=settings.mixed_precision):
-            logits = network(crops_t)
-        loss = refinement_loss(logits, torch.from_numpy(channels).to(device), targets)
+            member_logits = network.member_logits(crops_t)
+        loss = refinement_loss(member_logits, torch.from_numpy(channels).to(device), targets)
         if not torch.isfinite(loss):
             msg = f"Training diverged at iteration {iteration} (the loss is not a number); lower the learning rate. No model file was written."
             raise FloatingPointError(msg)

@@ -25,14 +25,12 @@ from .augmentation import AugmentationConfig, random_intensity, random_transform
 from .detection import AS_IS, Detector
 from .device import describe_device, resolve_device
 from .evaluation import point_errors
-from .grid import resample
 from .heatmaps import heatmap_loss
 from .image import Image
-from .intensity import finish
 from .landmarks import Landmarks
 from .model import LandmarkModel
 from .network import build_network
-from .preprocess import OUTSIDE_VALUE, PreparedImage, prepare_image
+from .preprocess import PreparedImage, prepare_image
 from .progress import ProgressCallback
 from .refinement import RefinementNetwork, RefinerConfig, build_refiner
 from .training_case import TrainingCase
@@ -242,9 +240,8 @@ def _make_sample(
     case: _PreparedCase, augmentation: AugmentationConfig, rng: np.random.Generator
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     transform = random_transform(case.image.base, augmentation, rng, image_extent_mm=case.image.extent_along_grid_mm)
-    array = resample(case.image.array, case.image.geometry, transform, fill=OUTSIDE_VALUE)
     shift, scale = random_intensity(augmentation, rng)
-    array = finish(array, shift=shift, scale=scale)
+    array = case.image.sample(transform, shift=shift, scale=scale)
     positions = transform.physical_to_grid(case.positions)
     valid = np.isfinite(positions).all(axis=1)
     return array[None], positions.astype(np.float32), valid

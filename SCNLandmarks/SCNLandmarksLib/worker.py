@@ -19,8 +19,9 @@ Output protocol: standard output carries only JSON objects, one per line, flushe
 
 * ``{"event": "started", "cases": [...], "device": "...", "iterations": N, ...}``
 * ``{"event": "progress", "stage", "done", "total", "elapsed_s", "eta_s", "loss",
-  "validation_mre_mm", "message", "fraction"}`` (``Progress.to_dict()`` plus ``fraction`` in [0, 1],
-  which also accounts for a time budget)
+  "validation_mre_mm", "message", "completed", "fraction"}`` (``Progress.to_dict()``, ``completed``
+  accounting for a time budget, plus ``fraction`` in [0, 1]; ``process.progress_from_event``
+  reads it back as a ``Progress``)
 * ``{"event": "done", "output": "..."|null, "verdict": "better"|"not better"|"unchecked",
   "start_error_mm": x|null, "new_error_mm": x|null, "folds": k, "stages": [...], "message": "...",
   "seconds": s, "device": "..."}``: the recipe of :mod:`SCNLandmarksLib.finetuning`; ``output`` is
@@ -41,6 +42,7 @@ starting model is only ever read, so a cancelled or failed run changes no model 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import math
@@ -55,6 +57,7 @@ from pathlib import Path
 from typing import Any, NoReturn, TextIO
 
 from .process import EXIT_CANCELLED, EXIT_ERROR, EXIT_OK
+from .progress import Progress
 from .quality import LOW_CONFIDENCE
 
 __all__ = ["EXIT_CANCELLED", "EXIT_ERROR", "EXIT_OK", "main"]
@@ -91,6 +94,14 @@ def _finite_or_none(value: object) -> float | None:
         return None
     number = float(value)  # type: ignore[arg-type]
     return number if math.isfinite(number) else None
+
+
+def _emit_progress(emit: _Emitter, progress: Progress) -> None:
+    values = progress.to_dict()
+    values["fraction"] = progress.fraction
+    for key in ("loss", "validation_mre_mm", "eta_s", "completed"):
+        values[key] = _finite_or_none(values.get(key))
+    emit("progress", **values)
 
 
 class _CancelFlag:
@@ -204,7 +215,6 @@ def _finetune(arguments: argparse.Namespace, emit: _Emitter, should_cancel: _Can
     from .errors import TrainingCancelled
     from .finetuning import fine_tune
     from .model_file import load_model
-    from .progress import Progress
 
     device = resolve_device(arguments.device)
     _limit_threads(arguments.threads)
@@ -227,20 +237,17 @@ def _finetune(arguments: argparse.Namespace, emit: _Emitter, should_cancel: _Can
     time_budget = arguments.time_budget
 
     def report(progress: Progress) -> None:
-        values = progress.to_dict()
-        fraction = progress.fraction
         if time_budget is not None:
             used = time.monotonic() - started
-            fraction = max(fraction, min(1.0, used / time_budget))
-            eta = values.get("eta_s")
             remaining = max(0.0, time_budget - used)
-            values["eta_s"] = remaining if eta is None else min(float(eta), remaining)  # type: ignore[arg-type]
-            if arguments.iterations is None:
-                values["total"] = None  # unknown: the budget, not a count, ends training
-        values["fraction"] = fraction
-        for key in ("loss", "validation_mre_mm", "eta_s"):
-            values[key] = _finite_or_none(values.get(key))
-        emit("progress", **values)
+            progress = dataclasses.replace(
+                progress,
+                completed=max(progress.fraction, min(1.0, used / time_budget)),
+                eta_s=remaining if progress.eta_s is None else min(progress.eta_s, remaining),
+                # Unknown when the budget, not a count, ends training.
+                total=None if arguments.iterations is None else progress.total,
+            )
+        _emit_progress(emit, progress)
 
     result = fine_tune(
         cases, model, output=output, iterations=arguments.iterations, time_budget_s=time_budget,
@@ -267,7 +274,6 @@ def _detect(arguments: argparse.Namespace, emit: _Emitter, should_cancel: _Cance
     """Batch detection; a cancel stops after the current image and keeps the finished ones ("done")."""
     from .batch import detect_folder
     from .device import describe_device, resolve_device
-    from .progress import Progress
 
     device = resolve_device(arguments.device)
     _limit_threads(arguments.threads)
@@ -275,10 +281,7 @@ def _detect(arguments: argparse.Namespace, emit: _Emitter, should_cancel: _Cance
          output=str(arguments.output), model=str(arguments.model))
 
     def report(progress: Progress) -> None:
-        values = progress.to_dict()
-        values["fraction"] = progress.fraction
-        values["eta_s"] = _finite_or_none(values.get("eta_s"))
-        emit("progress", **values)
+        _emit_progress(emit, progress)
 
     result = detect_folder(
         arguments.input_folder.expanduser(), arguments.output.expanduser(), arguments.model.expanduser(),

@@ -2,8 +2,8 @@
 
 Takes the two-stage model (global SCN + local stage A, ``train_refiner.py``) and further local
 stages trained the same way with other seeds (``train_refiner.py --seed 1``), and writes one
-model whose local stage is their ensemble (``RefinementEnsemble``: the normalised product of the
-members' crop distributions). The shape model and the error model are fitted again on the same
+model whose local stage is their ensemble (``RefinementEnsemble``: the mean of the members'
+positions). The shape model and the error model are fitted again on the same
 data as before (the 135 training images' landmarks; detections on the 15 validation images,
 mean of both doctors), because the ensemble's peaks differ from one member's. Then the
 half-precision file is evaluated on test1 like ``train_refiner.py`` (test1 chooses nothing).

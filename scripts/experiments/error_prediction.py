@@ -31,9 +31,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import isbi2015 as X
 from confidence_signals import auroc
+from SCNLandmarksLib.quality_fitting import QUALITY_SIGNALS
 
 SHIPPED = X.REPOSITORY / "SCNLandmarks" / "Resources" / "Models" / "cephalometric_isbi2015.scn.pt"
-SIGNALS = ("local_peak", "global_confidence", "shape_deviation")
 
 
 def detect_with_signals(detector: Any, cases: Sequence[Any], truths: dict[str, Any]) -> tuple[dict[str, np.ndarray], np.ndarray, np.ndarray, float]:
@@ -61,6 +61,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--flag-fraction", type=float, default=0.15,
                         help="share of the validation points the default threshold flags (default 0.15: the issue's budget)")
     parser.add_argument("--test-images", type=int, default=None)
+    parser.add_argument("--signals", type=lambda text: text.split(","), default=list(QUALITY_SIGNALS),
+                        help="comma-separated signals the error model may use, where the detector has them "
+                             f"(default: {','.join(QUALITY_SIGNALS)}, as the engine fits it)")
     args = parser.parse_args(argv)
     import torch
 
@@ -85,7 +88,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     detector = Detector(model, device="cpu")
     signals, errors, _, _ = detect_with_signals(detector, validation, X.load_ground_truths(isbi, validation_ids)["mean"])
     model.error_model = ErrorModel.fit(
-        signals, errors, use=SIGNALS, flag_fraction=args.flag_fraction,
+        signals, errors, use=[name for name in args.signals if name in signals], flag_fraction=args.flag_fraction,
         fitted_on=f"ISBI 2015 validation split ({len(validation_ids)} images), mean of both doctors",
     )
     threshold = model.error_model.check_above_mm
@@ -109,7 +112,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             "low local peak": auroc(-signals["local_peak"][found], e > 4),
             "low global confidence": auroc(-signals["global_confidence"][found], e > 4),
             "shape deviation": auroc(signals["shape_deviation"][found], e > 4),
+            **({"local networks' disagreement": auroc(signals["member_spread_mm"][found], e > 4)}
+               if "member_spread_mm" in signals else {}),
         },
+        "signals": list(model.error_model.signals),
     }
     order = np.argsort(p)
     deciles = [chunk for chunk in np.array_split(order, 10)]
@@ -134,6 +140,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         ["images ranked by expected error: Spearman with actual MRE", f"{rows['image_rank_spearman']:.2f}", ""],
         ["MRE of the top-ranked tenth of images / of all", f"{rows['top_tenth_images_mre_mm']:.2f} / {rows['all_images_mre_mm']:.2f} mm", ""],
         ["detection, s / image (2 threads)", f"{seconds:.2f}", "<= 1.0"],
+        ["signals in the error model", ", ".join(rows["signals"]), ""],
     ])
     body += "\n\n### Each signal alone, AUROC for points > 4 mm off\n\n" + X.markdown_table(
         ["signal", "AUROC"], [[k, f"{v:.3f}"] for k, v in rows["signal_auroc_4mm"].items()])

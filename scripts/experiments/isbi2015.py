@@ -258,7 +258,7 @@ def load_ground_truths(isbi: Path, ids: Sequence[str]) -> dict[str, dict[str, An
     from SCNLandmarksLib.landmarks import Landmarks
 
     names, descriptions = landmark_names()
-    tables = {who: read_landmark_csv(isbi / "landmarks" / f"{who}.csv", dimension=2, units="mm", names=names)
+    tables = {who: read_landmark_csv(isbi / "landmarks" / f"{who}.csv", dimension=2, names=names)
               for who in ("senior", "junior")}
     truths: dict[str, dict[str, Any]] = {"senior": {}, "mean": {}, "junior": {}}
     for image_id in ids:
