@@ -169,7 +169,7 @@ class RefinementEnsemble(nn.Module):
     """Several local stages with one configuration, trained apart, read as one.
 
     Each member places each landmark on its own; the ensemble's position is the mean of the
-    members' positions (:func:`refine_positions`). On the 15 validation images this gave
+    members' positions where every member trusts its crop (:func:`refine_positions`). On the 15 validation images this gave
     0.97 mm against 1.00 mm for the normalised product of their distributions and 1.02-1.03 mm
     for either member alone. When fine-tuned, each member learns from the same crops with its
     own loss, so the members stay separate estimators.
@@ -252,12 +252,12 @@ class Refinement(NamedTuple):
     """What the local stage found for each landmark (model channel order).
 
     Attributes:
-        positions: ``(N, D)`` refined LPS mm; the estimate itself where no network trusted its
-            crop.
+        positions: ``(N, D)`` refined LPS mm; the estimate itself where a network did not trust
+            its crop.
         peaks: ``(N,)`` the largest pixel probability of each crop's distribution (the members'
-            mean for an ensemble); NaN where not refined.
-        member_spread_mm: ``(N,)`` mean distance of the trusted members' points from their mean
-            (0 for one network or one trusted member); NaN where not refined.
+            mean for an ensemble); NaN where there was no estimate.
+        member_spread_mm: ``(N,)`` mean distance of the members' points from their mean, whether
+            or not they were trusted (0 for one network); NaN where there was no estimate.
     """
 
     positions: np.ndarray
@@ -274,9 +274,10 @@ def refine_positions(
 ) -> Refinement:
     """Refine global estimates in fine crops.
 
-    A member whose peak is below ``config.min_peak_fraction`` of the target's has no say; where
-    no member has, the estimate is kept. An ensemble's position is the mean of its trusted
-    members' positions.
+    A network trusts its crop where its distribution peaks at least ``config.min_peak_fraction``
+    of the target's peak. Where every network of the stage trusts its crop, the point is the mean
+    of their points; elsewhere the estimate is kept. (Letting any one network decide gave 4.1 mm on
+    a simulated other device against 2.5 mm, and changed 6 of 1 330 points on ISBI test1 images.)
 
     Args:
         network: the local stage (in evaluation mode): one network or an ensemble.
@@ -303,13 +304,11 @@ def refine_positions(
                 member_found, member_values = heatmap_maxima(probabilities)
                 found.append(member_found)
                 values.append(member_values)
-        trusted = np.stack(values) >= config.min_peak_fraction * config.target_peak  # (members, crops)
+        trusted = (np.stack(values) >= config.min_peak_fraction * config.target_peak).all(axis=0)
         for row, channel in enumerate(channels):
-            placed = [transforms[row].grid_to_physical(member_found[row])[0]
-                      for member_found, keep in zip(found, trusted[:, row]) if keep]
-            spread[channel] = 0.0
-            if placed:
-                positions[channel] = np.mean(placed, axis=0)
-                spread[channel] = float(np.mean(np.linalg.norm(np.array(placed) - positions[channel], axis=1)))
+            placed = np.array([transforms[row].grid_to_physical(member_found[row])[0] for member_found in found])
+            spread[channel] = float(np.mean(np.linalg.norm(placed - placed.mean(axis=0), axis=1)))
+            if trusted[row]:
+                positions[channel] = placed.mean(axis=0)
         peaks[channels] = np.mean(values, axis=0)
     return Refinement(positions, peaks, spread)
