@@ -17,6 +17,7 @@ Without ``torchrun`` everything here is a no-op.
 
 from __future__ import annotations
 
+import atexit
 import datetime
 import os
 from collections.abc import Iterable
@@ -78,6 +79,10 @@ class Distributed:
             parameter.grad.copy_(flat[offset : offset + count].view_as(parameter.grad))
             offset += count
 
+    def wait_for_all(self) -> None:
+        """Return once every process got here (the end of a run: none exits while another still works)."""
+        self.agree(False)
+
     def agree(self, flag: bool) -> bool:
         """True on every process when it is True on any (stop, cancel)."""
         if not self.active:
@@ -105,4 +110,14 @@ def distributed_from_environment(device: torch.device) -> Distributed:
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo",
                                 timeout=datetime.timedelta(seconds=TIMEOUT_S))
+        # A process group left to the interpreter's exit can abort the process ("terminate called
+        # without an active exception", exit code -6) after its work is done; leave it first.
+        atexit.register(_leave_process_group)
     return Distributed(rank=dist.get_rank(), world_size=dist.get_world_size())
+
+
+def _leave_process_group() -> None:
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        dist.destroy_process_group()

@@ -391,4 +391,5 @@ def train_refiner(
     if run.is_main:  # one writer; every process returns the same trained model
         write_trained_model(model, output, overwrite=overwrite)
     loop.remove_checkpoint()
+    run.wait_for_all()
     return RefinerTrainingResult(model, output, iteration, history, best_mre, seconds, describe_device(device))

@@ -485,4 +485,5 @@ def train_model(
     if run.is_main:  # one writer; every process returns the same trained model
         write_trained_model(model, output, overwrite=overwrite)
     loop.remove_checkpoint()
+    run.wait_for_all()
     return TrainingResult(model, output, iteration, history, best_mre, seconds, describe_device(device))
