@@ -1035,12 +1035,7 @@ class SCNLandmarksLogic(ScriptedLoadableModuleLogic):
                                "volume it belongs to, or detect on this one first.").format(
                 points=markupsNode.GetName(), other=other.GetName() if other is not None else source,
                 volume=volumeNode.GetName()))
-        image = mrml_adapter.image_from_volume_node(volumeNode)
-        recorded = markupsNode.GetAttribute(mrml_adapter.ATTRIBUTE_DIMENSION)
-        dimension = int(recorded) if recorded in ("2", "3") else (2 if image.geometry.size[2] == 1 else 3)
-        landmarks = mrml_adapter.landmarks_from_markups(markupsNode, dimension=dimension)
-        if dimension == 2:
-            image = image.as_dimension(2)
+        image, landmarks = mrml_adapter.case_from_nodes(volumeNode, markupsNode)
         metadata = {
             "volume": volumeNode.GetName(),
             "pointList": markupsNode.GetName(),

@@ -240,6 +240,30 @@ def test_2d_landmarks_lie_in_the_plane_of_a_single_slice_volume(mrml_scene):
     np.testing.assert_allclose(back.positions, landmarks_2d.positions, atol=1e-9)
 
 
+def test_a_case_takes_the_dimension_its_points_were_made_for(mrml_scene):
+    from SCNLandmarksLib.image import Image
+
+    scene = mrml_scene["scene"]
+    geometry = ImageGeometry(size=(20, 16, 1), spacing=(0.3, 0.4, 2.0), origin=(5.0, 6.0, -42.0),
+                             direction=(0.0, -1.0, 0.0, 1.0, 0.0, 0.0, 0.0, 0.0, 1.0))
+    slice_node = adapter.volume_node_from_image(Image(np.zeros((1, 16, 20), np.float32), geometry), scene=scene,
+                                                name="radiograph")
+    found = Landmarks(names=["P", "Q"], positions=np.array([[4.0, 7.0], [5.5, 8.2]]))
+    detected = adapter.markups_from_landmarks(found, scene=scene, reference_geometry=geometry)
+    image, landmarks = adapter.case_from_nodes(slice_node, detected)
+    assert image.dimension == 2 and landmarks.dimension == 2
+    np.testing.assert_allclose(landmarks.positions, found.positions, atol=1e-9)
+    by_hand = scene.AddNewNodeByClass("vtkMRMLMarkupsFiducialNode", "manual")  # no record: the volume decides
+    by_hand.AddControlPoint(vtk.vtkVector3d(-4.0, -7.0, -42.0), "P")
+    assert adapter.case_from_nodes(slice_node, by_hand)[1].dimension == 2
+    thick = ImageGeometry(size=(20, 16, 3), spacing=(0.3, 0.4, 2.0), origin=(5.0, 6.0, -42.0),
+                          direction=geometry.direction)
+    volume_node = adapter.volume_node_from_image(Image(np.zeros((3, 16, 20), np.float32), thick), scene=scene,
+                                                 name="volume")
+    image, landmarks = adapter.case_from_nodes(volume_node, by_hand)
+    assert image.dimension == 3 and landmarks.dimension == 3
+
+
 def test_volume_node_from_image_round_trip(mrml_scene):
     from SCNLandmarksLib.synthetic import make_bright_point_image
 

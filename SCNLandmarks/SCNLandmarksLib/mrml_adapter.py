@@ -39,6 +39,7 @@ __all__ = [
     "ATTRIBUTE_CONFIDENCES",
     "ATTRIBUTE_DETECTED",
     "ATTRIBUTE_MODEL",
+    "case_from_nodes",
     "NORMAL_COLOR",
     "WARNING_COLOR",
     "ijk_to_world_ras_matrix",
@@ -299,6 +300,21 @@ def _point_world_ras(node, index: int) -> np.ndarray | None:  # noqa: ANN001
 def is_detection_result(node) -> bool:  # noqa: ANN001
     """True when the point list was made by :func:`markups_from_landmarks` (has its record)."""
     return node is not None and _json_attribute(node, ATTRIBUTE_DETECTED) is not None
+
+
+def case_from_nodes(volume_node, markups_node):  # noqa: ANN001, ANN201 - (Image, Landmarks)
+    """A volume and its point list as an engine image and landmarks, in the dimension the points
+    were made for: the one detection recorded on the list, else 2D for a single-slice volume (how
+    Slicer holds a radiograph), else 3D.
+
+    Raises:
+        ValueError: as :func:`image_from_volume_node` and :func:`landmarks_from_markups`.
+    """
+    image = image_from_volume_node(volume_node)
+    recorded = markups_node.GetAttribute(ATTRIBUTE_DIMENSION)
+    dimension = int(recorded) if recorded in ("2", "3") else (2 if image.geometry.size[2] == 1 else 3)
+    landmarks = landmarks_from_markups(markups_node, dimension=dimension)
+    return image.as_dimension(dimension), landmarks
 
 
 def landmarks_from_markups(
