@@ -24,7 +24,7 @@ from typing import Any
 import numpy as np
 
 from .atomic import atomic_path, atomic_write_text, check_writable
-from .landmarks import Landmarks
+from .landmarks import Landmarks, default_names
 
 __all__ = ["evaluate", "format_summary", "named_like_model", "point_errors", "write_evaluation"]
 
@@ -72,8 +72,7 @@ def named_like_model(reference: Landmarks, model_names: Sequence[str]) -> Landma
     model_names = list(model_names)
     if set(reference.names) & set(model_names):
         return reference
-    default = [f"L{i + 1}" for i in range(len(reference))]
-    if reference.names == default and len(reference) == len(model_names):
+    if reference.names == default_names(len(reference)) and len(reference) == len(model_names):
         return Landmarks(names=model_names, positions=reference.positions.copy(),
                          descriptions=list(reference.descriptions))
     msg = (

@@ -8,7 +8,12 @@ from dataclasses import dataclass, field
 import numpy as np
 import numpy.typing as npt
 
-__all__ = ["Landmarks"]
+__all__ = ["Landmarks", "default_names"]
+
+
+def default_names(count: int) -> list[str]:
+    """The names landmarks get when their file gives none: ``L1..L<count>``, in column order."""
+    return [f"L{i + 1}" for i in range(count)]
 
 
 @dataclass
@@ -113,7 +118,7 @@ class Landmarks:
         """Landmarks with default names ``L1..LN`` unless ``names`` is given."""
         positions = np.asarray(positions, dtype=float)
         if names is None:
-            names = [f"L{i + 1}" for i in range(positions.shape[0])]
+            names = default_names(positions.shape[0])
         return cls(names=list(names), positions=positions, descriptions=list(descriptions or []))
 
     def reordered(self, names: Sequence[str]) -> Landmarks:

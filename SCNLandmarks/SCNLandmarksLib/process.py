@@ -102,8 +102,6 @@ def progress_from_event(event: Mapping[str, Any]) -> Progress | None:
     values.setdefault("done", 0)
     values.setdefault("total", None)
     values.setdefault("elapsed_s", 0.0)
-    if values.get("completed") is None and event.get("fraction") is not None:
-        values["completed"] = float(event["fraction"])
     return Progress(**values)
 
 

@@ -241,11 +241,14 @@ def refinement_loss(member_logits: Sequence[torch.Tensor], channels: torch.Tenso
         channels: ``(B,)`` the landmark of each crop.
         targets: ``(B, [z,] y, x)`` from :func:`crop_target`.
     """
-    losses = []
-    for logits in member_logits:
-        own = logits[torch.arange(logits.shape[0], device=logits.device), channels].flatten(1).float()
-        losses.append(-(targets.flatten(1) * F.log_softmax(own, dim=1)).sum(1).mean())
+    losses = [-(targets.flatten(1) * F.log_softmax(_own_channel(logits, channels).flatten(1), dim=1)).sum(1).mean()
+              for logits in member_logits]
     return torch.stack(losses).mean()
+
+
+def _own_channel(logits: torch.Tensor, channels: torch.Tensor) -> torch.Tensor:
+    """``(B, [z,] y, x)``: of each crop's output ``(B, N, ...)``, the channel of its own landmark, as float32."""
+    return logits[torch.arange(logits.shape[0], device=logits.device), channels].float()
 
 
 class Refinement(NamedTuple):
@@ -298,7 +301,7 @@ def refine_positions(
         found, values = [], []
         with torch.inference_mode():
             for logits in network.member_logits(torch.from_numpy(crops).to(device)):
-                own = logits[torch.arange(len(channels)), torch.from_numpy(channels).to(device)].float()
+                own = _own_channel(logits, torch.from_numpy(channels).to(device))
                 probabilities = F.softmax(own.flatten(1), dim=1).view_as(own).cpu().numpy()
                 # Parabola through log-probabilities (= logits): exact for a Gaussian-shaped distribution.
                 member_found, member_values = heatmap_maxima(probabilities)

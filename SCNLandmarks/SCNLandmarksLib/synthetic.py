@@ -19,7 +19,7 @@ import numpy.typing as npt
 
 from .geometry import ImageGeometry
 from .image import Image
-from .landmarks import Landmarks
+from .landmarks import Landmarks, default_names
 
 __all__ = [
     "make_bright_point_image",
@@ -248,7 +248,7 @@ def make_synthetic_case(
     annotated = positions.copy()
     if num_missing:
         annotated[rng.choice(num_landmarks, size=num_missing, replace=False)] = np.nan
-    names = [f"L{i + 1}" for i in range(num_landmarks)]
+    names = default_names(num_landmarks)
     descriptions = [
         f"synthetic blob, sigma {base_sigma * r:.1f} mm, brightness {b:.2f}"
         for r, b in zip(radius, brightness)

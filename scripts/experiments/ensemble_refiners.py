@@ -97,12 +97,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         timings["combine_and_fit_s"] = time.perf_counter() - started
     test_ids = X.test1_ids(data, args.test_images)
     rows = R.evaluate_model(shipped, X.load_isbi_cases(data, test_ids), X.load_ground_truths(data, test_ids), args.device)
-    table = R.ablation_table(rows)
     note = f"ISBI 2015 test1, {len(test_ids)} images, half-precision model file; local stage: {len(args.members)} members"
-    X.write_table(output, "Two-stage model with an ensemble local stage", note, table)
-    X.write_json(output / "results.json", {"rows": rows, "timings": timings, "environment": X.environment(),
-                                           "arguments": {k: str(v) for k, v in vars(args).items()}})
-    print(table)
+    print(R.write_report(output, "Two-stage model with an ensemble local stage", note, rows, timings, args))
     return 0
 
 

@@ -174,12 +174,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     truths = X.load_ground_truths(data, test_ids)
     rows = evaluate_model(shipped, test_cases, truths, args.device)
     note = "QUICK / REDUCED RUN, NOT A RESULT" if args.quick else f"ISBI 2015 test1, {len(test_ids)} images, half-precision model file"
+    print(write_report(output, "Two-stage model: global SCN vs + local refinement", note, rows, timings, args))
+    return 0
+
+
+def write_report(output: Path, title: str, note: str, rows: dict[str, Any], timings: dict[str, float],
+                 args: argparse.Namespace) -> str:
+    """Write the ablation table (``table.md``) and ``results.json`` into ``output``; returns the table."""
     table = ablation_table(rows)
-    X.write_table(output, "Two-stage model: global SCN vs + local refinement", note, table)
+    X.write_table(output, title, note, table)
     X.write_json(output / "results.json", {"rows": rows, "timings": timings, "environment": X.environment(),
                                            "arguments": {k: str(v) for k, v in vars(args).items()}})
-    print(table)
-    return 0
+    return table
 
 
 if __name__ == "__main__":
