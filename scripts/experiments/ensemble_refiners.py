@@ -41,6 +41,8 @@ def parse_arguments(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--evaluate-only", action="store_true", help="evaluate the model file already in --output")
+    parser.add_argument("--validation-only", action="store_true",
+                        help="print the ensemble's error on the 15 validation images and stop (to choose the members)")
     return parser.parse_args(argv)
 
 
@@ -89,8 +91,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not args.evaluate_only:
         started = time.perf_counter()
         model = combine(args.members)
-        train = X.load_isbi_cases(data, X.checked_training_ids("train_N135", data), annotation="mean")
         validation = X.load_isbi_cases(data, X.checked_training_ids("validation", data), annotation="mean")
+        predictions, _ = X.detect_all(model, validation, args.device)
+        numbers = X.summary(X.evaluate_against(predictions, {"mean": {c.name: c.landmarks for c in validation}})["mean"])
+        print(f"validation (15 images, mean of both doctors): MRE {numbers['mre_mm']:.3f} mm, "
+              f"SDR@2mm {100 * numbers['sdr']['2']:.1f} %, SDR@4mm {100 * numbers['sdr']['4']:.1f} %")
+        if args.validation_only:
+            return 0
+        train = X.load_isbi_cases(data, X.checked_training_ids("train_N135", data), annotation="mean")
         print(fit_point_quality(model, train, validation, device=args.device,
                                 description="15 ISBI 2015 validation images (mean of both doctors)"))
         save_model(model, shipped, overwrite=True, half_precision=True)
