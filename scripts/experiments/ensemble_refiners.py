@@ -1,6 +1,7 @@
 """Table 1c: two local stages trained apart, read as one (the shipped model).
 
-Takes the two-stage model (global SCN + local stage A, ``train_refiner.py``) and further local
+Takes the two-stage model (global SCN + local stage A, ``train_refiner.py``; or a model whose local
+stage is already an ensemble, such as the shipped one) and further local
 stages trained the same way with other seeds (``train_refiner.py --seed 1``), and writes one
 model whose local stage is their ensemble (``RefinementEnsemble``: the mean of the members'
 positions). The shape model and the error model are fitted again on the same
@@ -52,7 +53,7 @@ def combine(paths: Sequence[Path]):  # noqa: ANN201 - a LandmarkModel
 
     import torch
     from SCNLandmarksLib.model_file import load_model
-    from SCNLandmarksLib.refinement import build_refiner
+    from SCNLandmarksLib.refinement import RefinementEnsemble, build_refiner
 
     models = [load_model(p) for p in paths]
     base = models[0]
@@ -65,13 +66,19 @@ def combine(paths: Sequence[Path]):  # noqa: ANN201 - a LandmarkModel
                                                             model.network.state_dict().values()))
         if not same_global:
             raise SystemExit(f"{path} has another global stage than {paths[0]}; its local stage was trained on other crops")
-    ensemble = build_refiner(dataclasses.replace(base.refiner.config, members=len(models)))
-    for member, model in zip(ensemble.members, models):
-        member.load_state_dict(model.refiner.state_dict())
+    # A file whose local stage is already an ensemble (the shipped model) gives all its members.
+    networks, described = [], []
+    for path, model in zip(paths, models):
+        inner = list(model.refiner.members) if isinstance(model.refiner, RefinementEnsemble) else [model.refiner]
+        networks += inner
+        earlier = model.info.get("local_stage_members")
+        described += earlier if earlier else [{"file": path.name, "refiner_training": model.info.get("refiner_training")}]
+    ensemble = build_refiner(dataclasses.replace(base.refiner.config, members=len(networks)))
+    for member, network in zip(ensemble.members, networks):
+        member.load_state_dict(network.state_dict())
     ensemble.eval()
     base.refiner = ensemble
-    base.info = {**base.info, "local_stage_members": [
-        {"file": p.name, "refiner_training": m.info.get("refiner_training")} for p, m in zip(paths, models)]}
+    base.info = {**base.info, "local_stage_members": described}
     return base
 
 
@@ -80,7 +87,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     import torch
 
     torch.set_num_threads(args.threads)
-    from SCNLandmarksLib.model_file import save_model
+    from SCNLandmarksLib.model_file import load_model, save_model
     from SCNLandmarksLib.quality_fitting import fit_point_quality
 
     data = X.isbi_folder(X.find_data_folder(args.data))
@@ -105,7 +112,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         timings["combine_and_fit_s"] = time.perf_counter() - started
     test_ids = X.test1_ids(data, args.test_images)
     rows = R.evaluate_model(shipped, X.load_isbi_cases(data, test_ids), X.load_ground_truths(data, test_ids), args.device)
-    note = f"ISBI 2015 test1, {len(test_ids)} images, half-precision model file; local stage: {len(args.members)} members"
+    note = f"ISBI 2015 test1, {len(test_ids)} images, half-precision model file; local stage: {load_model(shipped).refiner.config.members} members"
     print(R.write_report(output, "Two-stage model with an ensemble local stage", note, rows, timings, args))
     return 0
 
