@@ -12,7 +12,7 @@ Python console, scripts and tests use in the same way as the GUI::
     logic.detectFolder("/data/in", "/data/out", model=newModel)
 
 The engine (``SCNLandmarksLib``) has no Slicer dependency; everything that touches MRML is in
-``SCNLandmarksLib.mrml_adapter``. torch and SimpleITK are imported inside functions only, so
+``SCNLandmarksLib.slicer_side.mrml_adapter``. torch and SimpleITK are imported inside functions only, so
 this module loads before PyTorch is installed; it is installed when first needed.
 """
 
@@ -44,8 +44,8 @@ from slicer.ScriptedLoadableModule import (
 )
 from slicer.util import VTKObservationMixin
 
-from SCNLandmarksLib.quality import LOW_CONFIDENCE as DEFAULT_LOW_CONFIDENCE_THRESHOLD  # noqa: E402 - torch-free
-from SCNLandmarksLib.slicer_requirements import in_slicer_application  # noqa: E402 - torch-free
+from SCNLandmarksLib.models.quality import LOW_CONFIDENCE as DEFAULT_LOW_CONFIDENCE_THRESHOLD  # noqa: E402 - torch-free
+from SCNLandmarksLib.slicer_side.slicer_requirements import in_slicer_application  # noqa: E402 - torch-free
 
 SETTINGS_MODEL_KEY = "SCNLandmarks/model"
 
@@ -91,7 +91,7 @@ def registerSampleData() -> None:
     """
     import SampleData
 
-    from SCNLandmarksLib.sample import SAMPLE_NAME, sample_volume_file
+    from SCNLandmarksLib.data.sample import SAMPLE_NAME, sample_volume_file
 
     volumeFile = sample_volume_file(Path(slicer.app.cachePath) / "SCNLandmarks")
     SampleData.SampleDataLogic.registerCustomSampleDataSource(
@@ -474,7 +474,7 @@ class SCNLandmarksWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._updateButtonStates()
 
     def onFineTuneProgress(self, progress) -> None:
-        """Show a ``SCNLandmarksLib.progress.Progress`` of the fine-tuning."""
+        """Show a ``SCNLandmarksLib.common.progress.Progress`` of the fine-tuning."""
         if progress.stage == "started":
             self.ui.fineTuneStatusLabel.text = _("Training ({what})...").format(what=progress.message)
             return
@@ -541,7 +541,7 @@ class SCNLandmarksWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._updateButtonStates()
 
     def onBatchProgress(self, progress) -> None:
-        """Show a ``SCNLandmarksLib.progress.Progress`` of the batch detection."""
+        """Show a ``SCNLandmarksLib.common.progress.Progress`` of the batch detection."""
         if progress.stage == "started":
             return
         self.ui.batchProgressBar.setValue(int(round(100 * progress.fraction)))
@@ -696,8 +696,8 @@ class SCNLandmarksJob:
 
     Inside Slicer a ``qt.QTimer`` delivers the worker's events on the GUI thread, so the
     callbacks may update widgets and Slicer stays responsive. Elsewhere call :meth:`poll`
-    regularly, or :meth:`wait`. Progress arrives as ``SCNLandmarksLib.progress.Progress`` (stage
-    ``"started"`` first), the end as one ``SCNLandmarksLib.process.WorkerOutcome``.
+    regularly, or :meth:`wait`. Progress arrives as ``SCNLandmarksLib.common.progress.Progress`` (stage
+    ``"started"`` first), the end as one ``SCNLandmarksLib.running.process.WorkerOutcome``.
 
     Attributes:
         outputPath: the model file a fine-tuning writes when it finishes (None once it finished
@@ -749,7 +749,7 @@ class SCNLandmarksJob:
         return self
 
     def _onEvent(self, event: dict) -> None:
-        from SCNLandmarksLib.process import progress_from_event
+        from SCNLandmarksLib.running.process import progress_from_event
 
         if event.get("event") == "log":
             logging.info("SCNLandmarks worker: %s", event.get("message"))
@@ -793,10 +793,10 @@ class SCNLandmarksJob:
 
         Raises:
             TimeoutError: still running after ``timeout`` seconds.
-            SCNLandmarksLib.errors.TrainingCancelled: the run was cancelled.
+            SCNLandmarksLib.common.errors.TrainingCancelled: the run was cancelled.
             RuntimeError: the run failed (the message says why).
         """
-        from SCNLandmarksLib.errors import TrainingCancelled
+        from SCNLandmarksLib.common.errors import TrainingCancelled
 
         if self.process.wait(timeout) is None:
             raise TimeoutError(_("The background job is still running after {seconds} s").format(seconds=timeout))
@@ -825,7 +825,8 @@ class SCNLandmarksLogic(ScriptedLoadableModuleLogic):
 
     def __init__(self, casesFolder: Union[str, Path, None] = None, userModelsFolder: Union[str, Path, None] = None) -> None:
         """Called when the logic class is instantiated. Can be used for initializing member variables."""
-        from SCNLandmarksLib import cases, catalog
+        from SCNLandmarksLib.data import cases
+        from SCNLandmarksLib.models import catalog
 
         ScriptedLoadableModuleLogic.__init__(self)
         self.casesFolder = Path(casesFolder) if casesFolder is not None else cases.default_cases_folder()
@@ -843,13 +844,13 @@ class SCNLandmarksLogic(ScriptedLoadableModuleLogic):
 
     def setupPythonRequirements(self, askConfirmation: bool = True) -> None:
         """Install what is missing: PyTorch through PyTorch Utils, other packages with pip
-        (``SCNLandmarksLib.slicer_requirements``). Never called at import or in a constructor;
+        (``SCNLandmarksLib.slicer_side.slicer_requirements``). Never called at import or in a constructor;
         quick when everything is present.
 
         Raises:
-            SCNLandmarksLib.slicer_requirements.InstallError: a package is missing and was not installed.
+            SCNLandmarksLib.slicer_side.slicer_requirements.InstallError: a package is missing and was not installed.
         """
-        from SCNLandmarksLib.slicer_requirements import ensure_requirements
+        from SCNLandmarksLib.slicer_side.slicer_requirements import ensure_requirements
 
         ensure_requirements(ask_confirmation=askConfirmation)
 
@@ -878,8 +879,8 @@ class SCNLandmarksLogic(ScriptedLoadableModuleLogic):
     # ------------------------------------------------------------------ models
 
     def listModels(self) -> list:
-        """Bundled and user models (``SCNLandmarksLib.catalog.ModelEntry``); damaged files carry ``error``."""
-        from SCNLandmarksLib import catalog
+        """Bundled and user models (``SCNLandmarksLib.models.catalog.ModelEntry``); damaged files carry ``error``."""
+        from SCNLandmarksLib.models import catalog
 
         return catalog.list_models(user_folder=self.userModelsFolder)
 
@@ -890,7 +891,7 @@ class SCNLandmarksLogic(ScriptedLoadableModuleLogic):
         Raises:
             FileNotFoundError: no such model (the message lists the available ones).
         """
-        from SCNLandmarksLib import catalog
+        from SCNLandmarksLib.models import catalog
 
         return catalog.find_model(model, user_folder=self.userModelsFolder)
 
@@ -898,21 +899,21 @@ class SCNLandmarksLogic(ScriptedLoadableModuleLogic):
         """Check a model file and copy it into the user's models folder; returns the copy.
 
         Raises:
-            SCNLandmarksLib.errors.ModelFileError: not a usable model (says why).
+            SCNLandmarksLib.common.errors.ModelFileError: not a usable model (says why).
         """
-        from SCNLandmarksLib import catalog
+        from SCNLandmarksLib.models import catalog
 
         return catalog.import_model_file(path, self.userModelsFolder)
 
     def modelDescription(self, model: Union[str, Path, None] = None):
-        """The description of a model (``SCNLandmarksLib.model_header.ModelDescription``: landmarks,
+        """The description of a model (``SCNLandmarksLib.models.model_header.ModelDescription``: landmarks,
         grid, training provenance; also readable as the file's JSON, ``description["info"]``)."""
-        from SCNLandmarksLib.model_file import read_model_description
+        from SCNLandmarksLib.models.model_file import read_model_description
 
         return read_model_description(self.resolveModel(model))
 
     def _getDetector(self, modelPath: Path, device: str, checkAboveMm: Optional[float], lowConfidence: float):
-        from SCNLandmarksLib.detection import Detector
+        from SCNLandmarksLib.inference.detection import Detector
 
         # Loading a model and moving it to the GPU takes a while; reuse it while file and device are the same.
         key = (str(modelPath.resolve()), modelPath.stat().st_mtime_ns, str(device))
@@ -955,7 +956,7 @@ class SCNLandmarksLogic(ScriptedLoadableModuleLogic):
             description = definition, confidence, expected error and "please check" where it
             applies); missing landmarks are missing points. With ``wait=False``, the job.
         """
-        from SCNLandmarksLib import mrml_adapter
+        from SCNLandmarksLib.slicer_side import mrml_adapter
 
         if volumeNode is None:
             raise ValueError(_("Select an input volume first."))
@@ -997,13 +998,13 @@ class SCNLandmarksLogic(ScriptedLoadableModuleLogic):
 
     def isEdited(self, markupsNode: vtkMRMLMarkupsFiducialNode) -> bool:
         """True when the user changed the point list after detection (or placed it by hand)."""
-        from SCNLandmarksLib import mrml_adapter
+        from SCNLandmarksLib.slicer_side import mrml_adapter
 
         return mrml_adapter.markups_edited(markupsNode)
 
     def pointsToCheckCount(self, markupsNode: vtkMRMLMarkupsFiducialNode) -> int:
         """How many points of a detection result the detector asked to check (described "please check")."""
-        from SCNLandmarksLib.landmark_io import CHECK_NOTE
+        from SCNLandmarksLib.data.landmark_io import CHECK_NOTE
 
         count = markupsNode.GetNumberOfControlPoints()
         return sum(1 for i in range(count) if markupsNode.GetNthControlPointDescription(i).endswith(CHECK_NOTE))
@@ -1022,9 +1023,10 @@ class SCNLandmarksLogic(ScriptedLoadableModuleLogic):
         left out of training; which points the user moved is recorded.
 
         :param name: case name (default: the volume name; made unique).
-        :return: ``SCNLandmarksLib.cases.CaseInfo`` of the stored case.
+        :return: ``SCNLandmarksLib.data.cases.CaseInfo`` of the stored case.
         """
-        from SCNLandmarksLib import cases, mrml_adapter
+        from SCNLandmarksLib.data import cases
+        from SCNLandmarksLib.slicer_side import mrml_adapter
 
         if volumeNode is None or markupsNode is None:
             raise ValueError(_("Select the volume and its point list first."))
@@ -1046,14 +1048,14 @@ class SCNLandmarksLogic(ScriptedLoadableModuleLogic):
         return info
 
     def trainingCases(self) -> list:
-        """The stored training cases (``SCNLandmarksLib.cases.CaseInfo``), sorted by name."""
-        from SCNLandmarksLib import cases
+        """The stored training cases (``SCNLandmarksLib.data.cases.CaseInfo``), sorted by name."""
+        from SCNLandmarksLib.data import cases
 
         return cases.list_cases(self.casesFolder)
 
     def removeTrainingCase(self, name: str) -> None:
         """Delete a stored training case from disk."""
-        from SCNLandmarksLib import cases
+        from SCNLandmarksLib.data import cases
 
         cases.remove_case(self.casesFolder, name)
 
@@ -1062,7 +1064,7 @@ class SCNLandmarksLogic(ScriptedLoadableModuleLogic):
     @staticmethod
     def suggestedIterations(numberOfCases: int) -> int:
         """Steps per training run that suit fine-tuning on this many cases (the engine's rule)."""
-        from SCNLandmarksLib.finetuning import suggested_iterations
+        from SCNLandmarksLib.learning.finetuning import suggested_iterations
 
         return suggested_iterations(numberOfCases)
 
@@ -1109,7 +1111,7 @@ class SCNLandmarksLogic(ScriptedLoadableModuleLogic):
     ):
         """Fine-tune a model on stored training cases, in a background process.
 
-        The recipe is the engine's (:func:`SCNLandmarksLib.finetuning.fine_tune`, the same as
+        The recipe is the engine's (:func:`SCNLandmarksLib.learning.finetuning.fine_tune`, the same as
         ``scn-landmarks finetune``): it is checked by cross-validation on the cases, and the
         result is a new model version in the user's models folder (``<model>-ft001.scn.pt``,
         ``-ft002``...) only when it is better than the starting model (or ``keepWorse``); the
@@ -1120,7 +1122,7 @@ class SCNLandmarksLogic(ScriptedLoadableModuleLogic):
         :param iterations: steps of each training run (default: :meth:`suggestedIterations`).
         :param timeBudgetSeconds: train for this long instead of a number of iterations.
         :param device: "auto", "cpu" or "cuda".
-        :param progressCallback: called with a ``SCNLandmarksLib.progress.Progress`` at each step
+        :param progressCallback: called with a ``SCNLandmarksLib.common.progress.Progress`` at each step
             (``stage, done, total`` (None with a time budget), ``fraction`` (0..1), ``elapsed_s,
             eta_s, loss, validation_mre_mm, message``), and first with stage ``"started"``.
         :param wait: True blocks until the end and returns the new model path (scripts, tests);
@@ -1130,11 +1132,11 @@ class SCNLandmarksLogic(ScriptedLoadableModuleLogic):
         :param keepWorse: write the new model even when it is not better.
         :return: the new model's path, or None when the starting model was kept (``wait=True``;
             ``job.report`` has both errors), or the running job (``wait=False``).
-        :raises SCNLandmarksLib.errors.TrainingCancelled: cancelled while waiting.
+        :raises SCNLandmarksLib.common.errors.TrainingCancelled: cancelled while waiting.
         :raises RuntimeError: the run failed; the message explains why.
         """
-        from SCNLandmarksLib import catalog
-        from SCNLandmarksLib.process import BackgroundProcess, worker_command, worker_environment
+        from SCNLandmarksLib.models import catalog
+        from SCNLandmarksLib.running.process import BackgroundProcess, worker_command, worker_environment
 
         self.setupPythonRequirements()
         infos = {info.name: info for info in self.trainingCases()}
@@ -1206,18 +1208,18 @@ class SCNLandmarksLogic(ScriptedLoadableModuleLogic):
         A file that cannot be read or processed is reported in the result and skipped.
 
         :param lowConfidenceThreshold, checkAboveMm: which points are to be checked, as in :meth:`detect`.
-        :param progressCallback: called with a ``SCNLandmarksLib.progress.Progress`` after each image
+        :param progressCallback: called with a ``SCNLandmarksLib.common.progress.Progress`` after each image
             (with ``wait=False`` first with stage ``"started"``).
         :param shouldCancel: polled between images; True stops (finished images are kept). With
             ``wait=False`` use ``job.cancel()`` instead.
-        :param wait: True runs here and returns ``SCNLandmarksLib.batch.BatchReport`` (scripts);
+        :param wait: True runs here and returns ``SCNLandmarksLib.inference.batch.BatchReport`` (scripts);
             False runs in a background process and returns an :class:`SCNLandmarksJob` at once
             (the GUI stays responsive; ``job.cancel()`` stops after the current image; when it ends,
             ``job.report`` has ``succeeded``, ``failed``, ``cancelled``, ``summary_csv``,
             ``review_csv`` and ``review_order``).
         :param finishedCallback: with ``wait=False``, called with the job when it ends.
         """
-        from SCNLandmarksLib.batch import detect_folder
+        from SCNLandmarksLib.inference.batch import detect_folder
 
         if not _isSet(Path(inputFolder)) or not Path(inputFolder).is_dir():
             raise ValueError(_("The input folder '{folder}' does not exist.").format(folder=inputFolder))
@@ -1226,7 +1228,7 @@ class SCNLandmarksLogic(ScriptedLoadableModuleLogic):
         self.setupPythonRequirements()
         modelPath = self.resolveModel(model)
         if not wait:
-            from SCNLandmarksLib.process import BackgroundProcess, worker_command, worker_environment
+            from SCNLandmarksLib.running.process import BackgroundProcess, worker_command, worker_environment
 
             arguments = ["detect", "--input-folder", str(inputFolder), "--output", str(outputFolder),
                          "--model", str(modelPath), "--device", str(getattr(device, "value", device)),
@@ -1283,18 +1285,18 @@ class SCNLandmarksTest(ScriptedLoadableModuleTest):
             self.tearDown()
 
     def _tinyModel(self) -> Path:
-        from SCNLandmarksLib.grid import GridSpec
-        from SCNLandmarksLib.model import create_model
-        from SCNLandmarksLib.model_file import save_model
-        from SCNLandmarksLib.network import NetworkConfig
+        from SCNLandmarksLib.imaging.grid import GridSpec
+        from SCNLandmarksLib.models.model import create_model
+        from SCNLandmarksLib.models.model_file import save_model
+        from SCNLandmarksLib.models.network import NetworkConfig
 
         config = NetworkConfig(dimension=2, num_landmarks=3, filters=8, levels=2, spatial_downsample=4, spatial_kernel=3)
         model = create_model(config, grid=GridSpec(size=(32, 32)), landmark_names=["L1", "L2", "L3"])
         return save_model(model, self.workFolder / "tiny.scn.pt")
 
     def test_DetectCorrectFineTuneDetect(self):
-        from SCNLandmarksLib import mrml_adapter
-        from SCNLandmarksLib.synthetic import make_synthetic_case
+        from SCNLandmarksLib.slicer_side import mrml_adapter
+        from SCNLandmarksLib.data.synthetic import make_synthetic_case
 
         self.delayDisplay("Starting the test")
         if importlib.util.find_spec("torch") is None:

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from SCNLandmarksLib.grid import GridSpec
-from SCNLandmarksLib.model import LandmarkModel, create_model
-from SCNLandmarksLib.network import NetworkConfig
-from SCNLandmarksLib.synthetic import make_synthetic_dataset
-from SCNLandmarksLib.training_case import TrainingCase
+from SCNLandmarksLib.imaging.grid import GridSpec
+from SCNLandmarksLib.models.model import LandmarkModel, create_model
+from SCNLandmarksLib.models.network import NetworkConfig
+from SCNLandmarksLib.data.synthetic import make_synthetic_dataset
+from SCNLandmarksLib.data.training_case import TrainingCase
 
 # `scn-landmarks train` options for a network small enough to train in seconds.
 TINY_TRAIN_ARGS = ["--grid-size", "64", "64", "--filters", "8", "--levels", "3", "--spatial-downsample", "8",
@@ -37,8 +37,8 @@ def synthetic_cases(count: int, *, seed: int = 1, num_landmarks: int = 4, **geom
 
 def write_annotated_folder(folder: Path, count: int, *, seed: int) -> Path:
     """``count`` synthetic cases as ``<name>.nrrd`` images with ``<name>.mrk.json`` beside them."""
-    from SCNLandmarksLib.image_io import write_image
-    from SCNLandmarksLib.landmark_io import write_mrk_json
+    from SCNLandmarksLib.imaging.image_io import write_image
+    from SCNLandmarksLib.data.landmark_io import write_mrk_json
 
     for case in synthetic_cases(count, seed=seed):
         write_image(case.image, folder / f"{case.name}.nrrd")

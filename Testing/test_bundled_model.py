@@ -3,13 +3,13 @@
 import numpy as np
 import pytest
 
-from SCNLandmarksLib.catalog import bundled_models_folder, default_model, read_catalog, verify_sha256
-from SCNLandmarksLib.dataset import read_landmark_names
-from SCNLandmarksLib.detection import Detector
-from SCNLandmarksLib.evaluation import point_errors
-from SCNLandmarksLib.image_io import read_image
-from SCNLandmarksLib.landmark_io import read_landmark_csv
-from SCNLandmarksLib.model_file import load_model
+from SCNLandmarksLib.models.catalog import bundled_models_folder, default_model, read_catalog, verify_sha256
+from SCNLandmarksLib.data.dataset import read_landmark_names
+from SCNLandmarksLib.inference.detection import Detector
+from SCNLandmarksLib.inference.evaluation import point_errors
+from SCNLandmarksLib.imaging.image_io import read_image
+from SCNLandmarksLib.data.landmark_io import read_landmark_csv
+from SCNLandmarksLib.models.model_file import load_model
 
 RESOURCES = bundled_models_folder().parent
 SAMPLE = RESOURCES / "Sample" / "isbi2015_151.jpg"

@@ -8,12 +8,12 @@ from pathlib import Path
 
 import pytest
 
-from SCNLandmarksLib import catalog
-from SCNLandmarksLib.errors import ModelFileError
-from SCNLandmarksLib.grid import GridSpec
-from SCNLandmarksLib.model import create_model
-from SCNLandmarksLib.model_file import load_model, save_model
-from SCNLandmarksLib.network import NetworkConfig
+from SCNLandmarksLib.models import catalog
+from SCNLandmarksLib.common.errors import ModelFileError
+from SCNLandmarksLib.imaging.grid import GridSpec
+from SCNLandmarksLib.models.model import create_model
+from SCNLandmarksLib.models.model_file import load_model, save_model
+from SCNLandmarksLib.models.network import NetworkConfig
 
 
 def _tiny(names=("A", "B", "C"), dimension=2):
@@ -55,7 +55,7 @@ def test_folders_follow_environment_and_default_locations(folders, monkeypatch, 
     monkeypatch.delenv("SCN_MODELS_DIR")
     monkeypatch.delenv("SCN_USER_MODELS_DIR")
     monkeypatch.setenv("HOME", str(tmp_path / "home"))
-    assert catalog.bundled_models_folder() == Path(catalog.__file__).resolve().parents[1] / "Resources" / "Models"
+    assert catalog.bundled_models_folder() == Path(catalog.__file__).resolve().parents[2] / "Resources" / "Models"
     assert catalog.user_models_folder() == tmp_path / "home" / ".SCNLandmarks" / "models"
     assert catalog.user_models_folder(create=True).is_dir()
     # The shipped catalog parses (it may be empty until a model is released).
@@ -184,7 +184,7 @@ def test_listing_works_before_torch_is_installed(folders):
 
     code = (
         "import sys; sys.modules['torch'] = None\n"
-        "from SCNLandmarksLib import catalog\n"
+        "from SCNLandmarksLib.models import catalog\n"
         "entries = {e.name: e for e in catalog.list_models()}\n"
         "assert entries['Cephalometric'].error is None and entries['Cephalometric'].dimension == 2\n"
         "assert entries['broken'].error is not None and not entries['broken'].usable\n"

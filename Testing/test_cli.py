@@ -7,9 +7,9 @@ import sys
 import pytest
 
 from engine_fixtures import TINY_TRAIN_ARGS, write_annotated_folder
-from SCNLandmarksLib.cli import main
-from SCNLandmarksLib.image_io import write_image
-from SCNLandmarksLib.landmark_io import read_mrk_json
+from SCNLandmarksLib.running.cli import main
+from SCNLandmarksLib.imaging.image_io import write_image
+from SCNLandmarksLib.data.landmark_io import read_mrk_json
 
 TINY = [*TINY_TRAIN_ARGS]
 
@@ -28,7 +28,7 @@ def trained_model(annotated_folder, tmp_path_factory):
 
 
 def test_help_explains_every_command():
-    result = subprocess.run([sys.executable, "-m", "SCNLandmarksLib.cli", "--help"], capture_output=True, text=True, check=True)
+    result = subprocess.run([sys.executable, "-m", "SCNLandmarksLib.running.cli", "--help"], capture_output=True, text=True, check=True)
     for command in ("detect", "train", "finetune", "evaluate", "info"):
         assert command in result.stdout
     assert "LPS" in result.stdout
@@ -77,7 +77,7 @@ def test_errors_are_one_clear_line_and_exit_code_2(annotated_folder, trained_mod
 def test_progress_bar_in_a_log_is_throttled_but_keeps_validation_results():
     import io
 
-    from SCNLandmarksLib.progress import Progress, TextProgressBar
+    from SCNLandmarksLib.common.progress import Progress, TextProgressBar
 
     stream = io.StringIO()
     bar = TextProgressBar(stream=stream)
@@ -114,8 +114,8 @@ def test_detect_with_the_bundled_model_flags_points_and_ranks_images_for_review(
 
     import numpy as np
 
-    from SCNLandmarksLib.catalog import bundled_models_folder
-    from SCNLandmarksLib.image_io import read_image
+    from SCNLandmarksLib.models.catalog import bundled_models_folder
+    from SCNLandmarksLib.imaging.image_io import read_image
 
     sample = bundled_models_folder().parent / "Sample" / "isbi2015_151.jpg"
     folder = tmp_path / "images"
@@ -144,7 +144,7 @@ def test_detect_with_the_bundled_model_flags_points_and_ranks_images_for_review(
 def test_distributed_shards_cover_every_image_exactly_once():
     from pathlib import Path
 
-    from SCNLandmarksLib.cli import shard
+    from SCNLandmarksLib.running.cli import shard
 
     images = [Path(f"/data/img{n:03d}.png") for n in range(23)][::-1]  # listed in any order
     for count in (1, 2, 5, 23, 30):

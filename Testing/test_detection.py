@@ -4,11 +4,11 @@ import numpy as np
 import pytest
 
 from engine_fixtures import tiny_model
-from SCNLandmarksLib.detection import Detector, _tile_starts
-from SCNLandmarksLib.geometry import ImageGeometry
-from SCNLandmarksLib.grid import GridSpec
-from SCNLandmarksLib.image import Image
-from SCNLandmarksLib.synthetic import make_synthetic_case
+from SCNLandmarksLib.inference.detection import Detector, _tile_starts
+from SCNLandmarksLib.imaging.geometry import ImageGeometry
+from SCNLandmarksLib.imaging.grid import GridSpec
+from SCNLandmarksLib.imaging.image import Image
+from SCNLandmarksLib.data.synthetic import make_synthetic_case
 
 
 def image_2d(array: np.ndarray) -> Image:

@@ -54,7 +54,7 @@ def annotated(tmp_path_factory):
 SCRIPT = textwrap.dedent('''
     import os, sys, torch
     from engine_fixtures import synthetic_cases, tiny_model
-    from SCNLandmarksLib.training import TrainingConfig, train_model
+    from SCNLandmarksLib.learning.training import TrainingConfig, train_model
 
     out = sys.argv[1]
     rank = int(os.environ["RANK"])
@@ -106,7 +106,7 @@ def test_distributed_cli_resumes_a_checkpoint_written_by_one_process(tmp_path, a
     model = tmp_path / "m.scn.pt"
     checkpoint = tmp_path / "m.ckpt"
     steps = [*TINY, "--iterations", "100000", "--checkpoint", str(checkpoint), "--checkpoint-every", "1"]
-    single = subprocess.Popen([sys.executable, "-m", "SCNLandmarksLib.cli", "train", "--images", str(annotated),
+    single = subprocess.Popen([sys.executable, "-m", "SCNLandmarksLib.running.cli", "train", "--images", str(annotated),
                                "--output", str(model), *steps], env=_environment(),
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.monotonic() + 120
@@ -118,7 +118,7 @@ def test_distributed_cli_resumes_a_checkpoint_written_by_one_process(tmp_path, a
     assert single.returncode == 130, error
     saved = torch.load(checkpoint, weights_only=True)["iteration"]
     resume = [*TINY, "--iterations", str(int(saved) + 4), "--checkpoint", str(checkpoint), "--resume"]
-    result = _torchrun(["-m", "SCNLandmarksLib.cli", "train", "--images", str(annotated), "--output", str(model), *resume])
+    result = _torchrun(["-m", "SCNLandmarksLib.running.cli", "train", "--images", str(annotated), "--output", str(model), *resume])
     assert result.returncode == 0, result.stderr[-3000:]
     assert model.is_file() and not checkpoint.exists()
     assert result.stdout.count("Wrote ") == 1  # process 0 reports, the other stays silent
@@ -126,12 +126,12 @@ def test_distributed_cli_resumes_a_checkpoint_written_by_one_process(tmp_path, a
 
 def test_distributed_finetune_runs_unchanged_under_torchrun(tmp_path, annotated):
     start = tmp_path / "start.scn.pt"
-    single = subprocess.run([sys.executable, "-m", "SCNLandmarksLib.cli", "train", "--images", str(annotated),
+    single = subprocess.run([sys.executable, "-m", "SCNLandmarksLib.running.cli", "train", "--images", str(annotated),
                              "--output", str(start), *TINY, "--iterations", "2"],
                             capture_output=True, text=True, env=_environment(), timeout=240, check=False)
     assert single.returncode == 0, single.stderr[-2000:]
     tuned = tmp_path / "tuned.scn.pt"
-    result = _torchrun(["-m", "SCNLandmarksLib.cli", "finetune", "--from-model", str(start), "--images", str(annotated),
+    result = _torchrun(["-m", "SCNLandmarksLib.running.cli", "finetune", "--from-model", str(start), "--images", str(annotated),
                         "--output", str(tuned), "--iterations", "2", "--device", "cpu", "--keep-worse"])
     assert result.returncode == 0, result.stderr[-3000:]
     assert tuned.is_file() and not tuned.with_name(tuned.name + ".reserved").exists()

@@ -10,8 +10,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from SCNLandmarksLib.evaluation import evaluate, format_summary, named_like_model, point_errors, write_evaluation
-from SCNLandmarksLib.landmarks import Landmarks
+from SCNLandmarksLib.inference.evaluation import evaluate, format_summary, named_like_model, point_errors, write_evaluation
+from SCNLandmarksLib.data.landmarks import Landmarks
 
 NAMES = ["A", "B", "C"]
 

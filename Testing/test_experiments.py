@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import SimpleITK as sitk
-from SCNLandmarksLib.synthetic import make_synthetic_case
+from SCNLandmarksLib.data.synthetic import make_synthetic_case
 
 REPOSITORY = Path(__file__).resolve().parents[1]
 EXPERIMENTS = REPOSITORY / "scripts" / "experiments"
@@ -204,8 +204,8 @@ def test_train_isbi_writes_model_card_table_and_plots(ceph_results: tuple[Path, 
     card = (output / "MODEL_CARD.md").read_text()
     assert "{{" not in card and "Wang" in card and "NOT THE REFERENCE PROTOCOL" in card
     entry = json.loads((output / "models.json.entry.json").read_text())
-    from SCNLandmarksLib.catalog import file_sha256
-    from SCNLandmarksLib.model_file import load_model
+    from SCNLandmarksLib.models.catalog import file_sha256
+    from SCNLandmarksLib.models.model_file import load_model
 
     assert entry["sha256"] == file_sha256(output / "cephalometric_isbi2015.scn.pt") and entry["default"] is True
     assert results["shipped"]["sha256"] == entry["sha256"] and results["shipped"]["configuration"] in ("scn-paper", "scn-mean")

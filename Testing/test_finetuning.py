@@ -6,12 +6,12 @@ import pytest
 import torch
 
 from engine_fixtures import synthetic_cases, tiny_model
-from SCNLandmarksLib import finetuning
-from SCNLandmarksLib.finetuning import fine_tune, plan_landmarks, suggested_iterations
-from SCNLandmarksLib.landmarks import Landmarks
-from SCNLandmarksLib.model_file import load_model, read_model_description, save_model
-from SCNLandmarksLib.refinement_training import attach_refiner
-from SCNLandmarksLib.training_case import TrainingCase
+from SCNLandmarksLib.learning import finetuning
+from SCNLandmarksLib.learning.finetuning import fine_tune, plan_landmarks, suggested_iterations
+from SCNLandmarksLib.data.landmarks import Landmarks
+from SCNLandmarksLib.models.model_file import load_model, read_model_description, save_model
+from SCNLandmarksLib.learning.refinement_training import attach_refiner
+from SCNLandmarksLib.data.training_case import TrainingCase
 
 REFINER = {"patch_size": 32, "spacing_mm": 0.5, "filters": (8, 16, 32), "target_sigma_mm": 1.0}
 
@@ -102,7 +102,7 @@ def _with_error_model(path, tmp_path, *, validation_mean_mm: float):
     """The starting model with an error model on the global confidence whose validation mean is given."""
     import numpy as np
 
-    from SCNLandmarksLib.quality import ErrorModel
+    from SCNLandmarksLib.models.quality import ErrorModel
 
     model = load_model(path)
     rng = np.random.default_rng(0)

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
-from SCNLandmarksLib.geometry import ImageGeometry, lps_to_ras, ras_to_lps
+from SCNLandmarksLib.imaging.geometry import ImageGeometry, lps_to_ras, ras_to_lps
 
 
 def oblique_geometry() -> ImageGeometry:

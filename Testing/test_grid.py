@@ -5,11 +5,11 @@ import pytest
 import SimpleITK as sitk
 import torch
 
-from SCNLandmarksLib.augmentation import AugmentationConfig, random_transform
-from SCNLandmarksLib.decode import heatmap_maxima
-from SCNLandmarksLib.geometry import ImageGeometry, lps_to_ras
-from SCNLandmarksLib.grid import GridSpec, SamplingTransform, nearest_lps_axes, resample
-from SCNLandmarksLib.heatmaps import HeatmapTargets
+from SCNLandmarksLib.imaging.augmentation import AugmentationConfig, random_transform
+from SCNLandmarksLib.models.decode import heatmap_maxima
+from SCNLandmarksLib.imaging.geometry import ImageGeometry, lps_to_ras
+from SCNLandmarksLib.imaging.grid import GridSpec, SamplingTransform, nearest_lps_axes, resample
+from SCNLandmarksLib.models.heatmaps import HeatmapTargets
 
 
 def oblique_geometry(size=(60, 50, 40)) -> ImageGeometry:

@@ -9,10 +9,10 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
-from SCNLandmarksLib.geometry import ImageGeometry
-from SCNLandmarksLib.image import Image
-from SCNLandmarksLib.image_io import image_from_sitk, image_to_sitk, read_image, write_image
-from SCNLandmarksLib.synthetic import make_bright_point_image, rotation_matrix
+from SCNLandmarksLib.imaging.geometry import ImageGeometry
+from SCNLandmarksLib.imaging.image import Image
+from SCNLandmarksLib.imaging.image_io import image_from_sitk, image_to_sitk, read_image, write_image
+from SCNLandmarksLib.data.synthetic import make_bright_point_image, rotation_matrix
 
 OBLIQUE = tuple(float(v) for v in rotation_matrix((0.2, -0.1, 0.3), 3).reshape(-1))
 

@@ -11,9 +11,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from SCNLandmarksLib.atomic import atomic_path, atomic_write_text
-from SCNLandmarksLib.geometry import lps_to_ras
-from SCNLandmarksLib.landmark_io import (
+from SCNLandmarksLib.common.atomic import atomic_path, atomic_write_text
+from SCNLandmarksLib.imaging.geometry import lps_to_ras
+from SCNLandmarksLib.data.landmark_io import (
     read_fcsv,
     read_landmark_csv,
     read_landmarks,
@@ -24,7 +24,7 @@ from SCNLandmarksLib.landmark_io import (
     write_landmarks,
     write_mrk_json,
 )
-from SCNLandmarksLib.landmarks import Landmarks
+from SCNLandmarksLib.data.landmarks import Landmarks
 
 
 def _landmarks_3d() -> Landmarks:
@@ -338,7 +338,7 @@ def test_mrk_json_describes_points_to_check_with_their_expected_error(tmp_path: 
 
 
 def test_merging_into_a_summary_of_the_earlier_columns_keeps_its_rows(tmp_path: Path) -> None:
-    from SCNLandmarksLib.landmark_io import merge_detection_summary_csv
+    from SCNLandmarksLib.data.landmark_io import merge_detection_summary_csv
 
     path = tmp_path / "landmarks.csv"
     path.write_text(
@@ -512,7 +512,7 @@ def _summary_images(path) -> list[str]:
 
 
 def _merge_many(path: str, prefix: str, count: int) -> None:
-    from SCNLandmarksLib.landmark_io import merge_detection_summary_csv
+    from SCNLandmarksLib.data.landmark_io import merge_detection_summary_csv
 
     for number in range(count):
         points = Landmarks(["A", "B"], np.array([[1.0, 2.0], [3.0, 4.0]]), confidences=np.array([0.9, 0.2]))
@@ -522,7 +522,7 @@ def _merge_many(path: str, prefix: str, count: int) -> None:
 def test_detection_summary_keeps_earlier_rows_and_survives_concurrent_runs(tmp_path):
     import multiprocessing
 
-    from SCNLandmarksLib.landmark_io import merge_detection_summary_csv
+    from SCNLandmarksLib.data.landmark_io import merge_detection_summary_csv
 
     path = tmp_path / "landmarks.csv"
     first = Landmarks(["A", "B"], np.array([[1.0, 2.0], [3.0, 4.0]]))

@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from engine_fixtures import tiny_model
-from SCNLandmarksLib.errors import ModelFileError
-from SCNLandmarksLib.model_file import load_model, read_model_description, save_model
+from SCNLandmarksLib.common.errors import ModelFileError
+from SCNLandmarksLib.models.model_file import load_model, read_model_description, save_model
 
 
 class Innocent:

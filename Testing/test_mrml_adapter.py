@@ -16,10 +16,10 @@ slicer = pytest.importorskip("slicer", reason="slicer-core is not installed")
 vtk = pytest.importorskip("vtk")
 sitk = pytest.importorskip("SimpleITK")
 
-from SCNLandmarksLib import mrml_adapter as adapter  # noqa: E402
-from SCNLandmarksLib.geometry import ImageGeometry, lps_to_ras, ras_to_lps  # noqa: E402
-from SCNLandmarksLib.landmark_io import LOW_CONFIDENCE_NOTE, read_mrk_json  # noqa: E402
-from SCNLandmarksLib.landmarks import Landmarks  # noqa: E402
+from SCNLandmarksLib.slicer_side import mrml_adapter as adapter  # noqa: E402
+from SCNLandmarksLib.imaging.geometry import ImageGeometry, lps_to_ras, ras_to_lps  # noqa: E402
+from SCNLandmarksLib.data.landmark_io import LOW_CONFIDENCE_NOTE, read_mrk_json  # noqa: E402
+from SCNLandmarksLib.data.landmarks import Landmarks  # noqa: E402
 
 SIZE = (12, 10, 8)  # i, j, k
 SPACING = (0.5, 0.8, 1.2)
@@ -241,7 +241,7 @@ def test_2d_landmarks_lie_in_the_plane_of_a_single_slice_volume(mrml_scene):
 
 
 def test_a_case_takes_the_dimension_its_points_were_made_for(mrml_scene):
-    from SCNLandmarksLib.image import Image
+    from SCNLandmarksLib.imaging.image import Image
 
     scene = mrml_scene["scene"]
     geometry = ImageGeometry(size=(20, 16, 1), spacing=(0.3, 0.4, 2.0), origin=(5.0, 6.0, -42.0),
@@ -265,7 +265,7 @@ def test_a_case_takes_the_dimension_its_points_were_made_for(mrml_scene):
 
 
 def test_volume_node_from_image_round_trip(mrml_scene):
-    from SCNLandmarksLib.synthetic import make_bright_point_image
+    from SCNLandmarksLib.data.synthetic import make_bright_point_image
 
     image = make_bright_point_image((3, 4, 2), size=(9, 7, 5), spacing=(0.7, 1.1, 2.0), origin=(1.0, 2.0, 3.0),
                                     direction=(0.1, 0.2, 0.3))

@@ -17,16 +17,16 @@ vtk = pytest.importorskip("vtk")
 
 import slicer_stubs  # noqa: E402
 
-from SCNLandmarksLib import mrml_adapter  # noqa: E402
-from SCNLandmarksLib.detection import Detector  # noqa: E402
-from SCNLandmarksLib.errors import ModelFileError, TrainingCancelled  # noqa: E402
-from SCNLandmarksLib.geometry import lps_to_ras  # noqa: E402
-from SCNLandmarksLib.grid import GridSpec  # noqa: E402
-from SCNLandmarksLib.image_io import write_image  # noqa: E402
-from SCNLandmarksLib.model import create_model  # noqa: E402
-from SCNLandmarksLib.model_file import load_model, save_model  # noqa: E402
-from SCNLandmarksLib.network import NetworkConfig  # noqa: E402
-from SCNLandmarksLib.synthetic import make_synthetic_case  # noqa: E402
+from SCNLandmarksLib.slicer_side import mrml_adapter  # noqa: E402
+from SCNLandmarksLib.inference.detection import Detector  # noqa: E402
+from SCNLandmarksLib.common.errors import ModelFileError, TrainingCancelled  # noqa: E402
+from SCNLandmarksLib.imaging.geometry import lps_to_ras  # noqa: E402
+from SCNLandmarksLib.imaging.grid import GridSpec  # noqa: E402
+from SCNLandmarksLib.imaging.image_io import write_image  # noqa: E402
+from SCNLandmarksLib.models.model import create_model  # noqa: E402
+from SCNLandmarksLib.models.model_file import load_model, save_model  # noqa: E402
+from SCNLandmarksLib.models.network import NetworkConfig  # noqa: E402
+from SCNLandmarksLib.data.synthetic import make_synthetic_case  # noqa: E402
 
 NAMES = ["L1", "L2", "L3"]
 SHIFT = np.array([12.0, -4.0, 0.0])  # translation of the parent transform, RAS mm
@@ -120,7 +120,7 @@ def test_detect_never_overwrites_an_edited_list(logic, scene, model_path):
 
 
 def test_2d_model_on_a_multi_slice_volume_is_explained(logic, scene, model_path):
-    from SCNLandmarksLib.image import Image
+    from SCNLandmarksLib.imaging.image import Image
 
     image3d = Image(np.random.default_rng(0).random((4, 20, 20)).astype(np.float32),
                     _case()[0].geometry.__class__(size=(20, 20, 4), spacing=(1.0, 1.0, 1.0), origin=(0.0, 0.0, 0.0),
@@ -147,7 +147,7 @@ def test_cases_are_stored_on_disk_with_corrections_and_survive_restart(module, l
     # A new Logic (Slicer restarted) sees the same cases; the stored case is in world LPS.
     restarted = module.SCNLandmarksLogic(casesFolder=tmp_path / "cases", userModelsFolder=tmp_path / "models")
     assert [c.name for c in restarted.trainingCases()] == ["ceph", "ceph-2"]
-    from SCNLandmarksLib.cases import read_case
+    from SCNLandmarksLib.data.cases import read_case
 
     stored_image, stored = read_case(info.folder)
     np.testing.assert_allclose(stored.positions[1], truth.positions[1] + [-SHIFT[0], -SHIFT[1]], atol=1e-6)
@@ -253,7 +253,7 @@ def test_detect_folder_writes_files_and_skips_bad_ones(logic, model_path, tmp_pa
 
 def test_requirements_are_present_here_and_never_list_slicer_packages(logic):
     logic.setupPythonRequirements(askConfirmation=False)  # torch and scipy present: nothing to do
-    from SCNLandmarksLib.slicer_requirements import missing_requirements
+    from SCNLandmarksLib.slicer_side.slicer_requirements import missing_requirements
 
     assert missing_requirements() == []
     assert logic.suggestedIterations(2) < logic.suggestedIterations(20)

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from SCNLandmarksLib.network import FixedUpsample, NetworkConfig, build_network, count_parameters
+from SCNLandmarksLib.models.network import FixedUpsample, NetworkConfig, build_network, count_parameters
 
 
 def test_paper_configurations_have_the_expected_size():

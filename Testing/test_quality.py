@@ -5,9 +5,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from SCNLandmarksLib.landmarks import Landmarks
-from SCNLandmarksLib.quality import ErrorModel, review_order
-from SCNLandmarksLib.shape_model import ShapeModel, similarity_transform
+from SCNLandmarksLib.data.landmarks import Landmarks
+from SCNLandmarksLib.models.quality import ErrorModel, review_order
+from SCNLandmarksLib.models.shape_model import ShapeModel, similarity_transform
 
 BASE_SHAPE = np.array([[0, 0], [40, 5], [70, 30], [60, 70], [20, 80], [-10, 50], [30, 40], [50, 15]], dtype=float)
 
@@ -126,8 +126,8 @@ def test_review_order_puts_the_image_expected_furthest_off_first() -> None:
 def test_detector_gives_each_point_an_expected_error_and_flags_the_doubtful_ones(tmp_path) -> None:
     """Through a real detection: an error model on the global confidence and the shape deviation."""
     from engine_fixtures import synthetic_cases, tiny_model
-    from SCNLandmarksLib.detection import Detector
-    from SCNLandmarksLib.model_file import load_model, save_model
+    from SCNLandmarksLib.inference.detection import Detector
+    from SCNLandmarksLib.models.model_file import load_model, save_model
 
     cases = synthetic_cases(8, num_landmarks=4)
     model = tiny_model([f"L{i + 1}" for i in range(4)])

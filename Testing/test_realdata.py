@@ -13,14 +13,14 @@ import pytest
 import torch
 
 from engine_fixtures import tiny_config
-from SCNLandmarksLib.detection import Detector
-from SCNLandmarksLib.evaluation import point_errors
-from SCNLandmarksLib.grid import GridSpec
-from SCNLandmarksLib.image_io import read_image
-from SCNLandmarksLib.landmark_io import read_landmarks
-from SCNLandmarksLib.model import create_model
-from SCNLandmarksLib.training import TrainingConfig, train_model
-from SCNLandmarksLib.training_case import TrainingCase
+from SCNLandmarksLib.inference.detection import Detector
+from SCNLandmarksLib.inference.evaluation import point_errors
+from SCNLandmarksLib.imaging.grid import GridSpec
+from SCNLandmarksLib.imaging.image_io import read_image
+from SCNLandmarksLib.data.landmark_io import read_landmarks
+from SCNLandmarksLib.models.model import create_model
+from SCNLandmarksLib.learning.training import TrainingConfig, train_model
+from SCNLandmarksLib.data.training_case import TrainingCase
 
 ITERATIONS = int(os.environ.get("SCN_SMOKE_ITERATIONS", "300"))
 

@@ -9,16 +9,16 @@ import pytest
 import torch
 
 from engine_fixtures import synthetic_cases, tiny_model
-from SCNLandmarksLib.detection import AS_IS, Detector, ImageReading
-from SCNLandmarksLib.errors import ModelFileError, TrainingCancelled
-from SCNLandmarksLib.evaluation import point_errors
-from SCNLandmarksLib.image import Image
-from SCNLandmarksLib.image_io import read_image
-from SCNLandmarksLib.landmarks import Landmarks
-from SCNLandmarksLib.model_file import load_model, read_model_description, save_model
-from SCNLandmarksLib.refinement import RefinerConfig, crop_target
-from SCNLandmarksLib.refinement_training import RefinerTrainingConfig, attach_refiner, train_refiner
-from SCNLandmarksLib.training import TrainingConfig, train_model
+from SCNLandmarksLib.inference.detection import AS_IS, Detector, ImageReading
+from SCNLandmarksLib.common.errors import ModelFileError, TrainingCancelled
+from SCNLandmarksLib.inference.evaluation import point_errors
+from SCNLandmarksLib.imaging.image import Image
+from SCNLandmarksLib.imaging.image_io import read_image
+from SCNLandmarksLib.data.landmarks import Landmarks
+from SCNLandmarksLib.models.model_file import load_model, read_model_description, save_model
+from SCNLandmarksLib.models.refinement import RefinerConfig, crop_target
+from SCNLandmarksLib.learning.refinement_training import RefinerTrainingConfig, attach_refiner, train_refiner
+from SCNLandmarksLib.learning.training import TrainingConfig, train_model
 
 REPOSITORY = Path(__file__).resolve().parents[1]
 REFINER = {"patch_size": 32, "spacing_mm": 0.5, "filters": (8, 16, 32), "target_sigma_mm": 1.0}
@@ -174,8 +174,8 @@ def test_cancelled_local_stage_training_writes_no_model_and_resumes(tmp_path):
 def test_a_local_stage_that_sees_nothing_it_knows_keeps_the_global_estimate():
     import dataclasses
 
-    from SCNLandmarksLib.intensity import IntensityConfig
-    from SCNLandmarksLib.refinement import RefinementNetwork, prepare_for_refiner, refine_positions
+    from SCNLandmarksLib.imaging.intensity import IntensityConfig
+    from SCNLandmarksLib.models.refinement import RefinementNetwork, prepare_for_refiner, refine_positions
 
     case = synthetic_cases(1)[0]
     config = RefinerConfig(dimension=2, num_landmarks=4, **REFINER)
@@ -196,7 +196,7 @@ def test_an_ensemble_places_each_point_at_the_mean_of_its_trusted_members(two_st
     import copy
     import dataclasses
 
-    from SCNLandmarksLib.refinement import RefinementEnsemble, prepare_for_refiner, refine_positions
+    from SCNLandmarksLib.models.refinement import RefinementEnsemble, prepare_for_refiner, refine_positions
 
     model = load_model(two_stage["result"].output)
     first = model.refiner.eval()

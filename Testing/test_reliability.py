@@ -10,10 +10,10 @@ import numpy as np
 import pytest
 
 from engine_fixtures import TINY_TRAIN_ARGS, synthetic_cases, write_annotated_folder
-from SCNLandmarksLib.cli import main
-from SCNLandmarksLib.image_io import write_image
-from SCNLandmarksLib.landmark_io import write_mrk_json
-from SCNLandmarksLib.synthetic import make_synthetic_case
+from SCNLandmarksLib.running.cli import main
+from SCNLandmarksLib.imaging.image_io import write_image
+from SCNLandmarksLib.data.landmark_io import write_mrk_json
+from SCNLandmarksLib.data.synthetic import make_synthetic_case
 
 TINY = [*TINY_TRAIN_ARGS, "--iterations", "3"]
 as_root = hasattr(os, "geteuid") and os.geteuid() == 0
@@ -89,8 +89,8 @@ def test_an_existing_overlay_fails_only_its_own_image(tmp_path, annotated, tiny_
 
 
 def test_one_spacing_value_means_isotropic_for_a_3d_volume_too(tmp_path):
-    from SCNLandmarksLib.cli import _spacing
-    from SCNLandmarksLib.image_io import read_image
+    from SCNLandmarksLib.running.cli import _spacing
+    from SCNLandmarksLib.imaging.image_io import read_image
 
     volume, _ = make_synthetic_case(dimension=3, size=12, num_landmarks=2)
     path = write_image(volume, tmp_path / "ct.nrrd")
@@ -125,7 +125,7 @@ def test_no_training_cases_is_a_message(tmp_path, capsys):
 
 
 def test_overwrite_advice_names_the_command_line_option(tmp_path):
-    from SCNLandmarksLib.atomic import check_writable
+    from SCNLandmarksLib.common.atomic import check_writable
 
     target = tmp_path / "x.csv"
     target.write_text("mine")
@@ -137,8 +137,8 @@ def test_overwrite_advice_names_the_command_line_option(tmp_path):
 def test_a_changed_landmark_name_in_a_model_file_is_found_by_load_and_info(tmp_path, tiny_model_file, capsys):
     import torch
 
-    from SCNLandmarksLib.errors import ModelFileError
-    from SCNLandmarksLib.model_file import load_model
+    from SCNLandmarksLib.common.errors import ModelFileError
+    from SCNLandmarksLib.models.model_file import load_model
 
     payload = torch.load(tiny_model_file, weights_only=True)
     assert '"L1"' in payload["description"]
@@ -155,7 +155,7 @@ def test_a_changed_landmark_name_in_a_model_file_is_found_by_load_and_info(tmp_p
 def test_a_truncated_photo_file_is_refused_not_detected(tmp_path, suffix):
     import SimpleITK as sitk
 
-    from SCNLandmarksLib.image_io import read_image
+    from SCNLandmarksLib.imaging.image_io import read_image
 
     pixels = (np.random.default_rng(0).random((200, 160)) * 255).astype(np.uint8)
     whole = tmp_path / f"whole{suffix}"
@@ -175,7 +175,7 @@ def test_resume_refuses_a_missing_or_foreign_checkpoint(tmp_path, annotated, cap
     # A checkpoint of another network is refused by name, not with a size-mismatch traceback.
     import torch
 
-    from SCNLandmarksLib.step_loop import save_checkpoint
+    from SCNLandmarksLib.learning.step_loop import save_checkpoint
 
     foreign = tmp_path / "foreign.ckpt"
     save_checkpoint(foreign, {"network": {"conv.weight": torch.zeros(3)}, "targets": {}, "optimizer": {}, "scheduler": {}})
@@ -204,10 +204,10 @@ def test_ctrl_c_keeps_a_resumable_checkpoint_without_being_asked(tmp_path, annot
 
 
 def test_a_full_disk_at_the_end_of_training_keeps_the_model_in_a_rescue_copy(tmp_path, monkeypatch):
-    import SCNLandmarksLib.model_file as model_file
+    import SCNLandmarksLib.models.model_file as model_file
     from engine_fixtures import tiny_model
-    from SCNLandmarksLib.model_file import load_model
-    from SCNLandmarksLib.step_loop import save_checkpoint, write_trained_model
+    from SCNLandmarksLib.models.model_file import load_model
+    from SCNLandmarksLib.learning.step_loop import save_checkpoint, write_trained_model
 
     real_save = model_file.save_model
     target = tmp_path / "full-disk" / "m.scn.pt"
@@ -240,7 +240,7 @@ def test_a_full_disk_at_the_end_of_training_keeps_the_model_in_a_rescue_copy(tmp
 def test_a_grey_png_with_transparency_gets_advice_not_a_pixel_type(tmp_path):
     import SimpleITK as sitk
 
-    from SCNLandmarksLib.image_io import read_image
+    from SCNLandmarksLib.imaging.image_io import read_image
 
     pixels = np.zeros((20, 30, 2), np.uint8)
     pixels[..., 0] = np.arange(30)
@@ -268,8 +268,8 @@ def test_evaluate_refuses_an_existing_report_before_the_work(tmp_path, annotated
 
 
 def test_a_second_fine_tune_to_the_same_name_is_refused_at_once(tmp_path, annotated, tiny_model_file):
-    from SCNLandmarksLib.dataset import load_cases
-    from SCNLandmarksLib.finetuning import fine_tune
+    from SCNLandmarksLib.data.dataset import load_cases
+    from SCNLandmarksLib.learning.finetuning import fine_tune
 
     output = tmp_path / "tuned.scn.pt"
     (tmp_path / "tuned.scn.pt.reserved").touch()  # a fine-tuning to that name is running
@@ -282,7 +282,7 @@ def test_a_second_fine_tune_to_the_same_name_is_refused_at_once(tmp_path, annota
 
 
 def test_pixel_coordinates_read_as_millimetres_are_refused_naming_the_case(tmp_path):
-    from SCNLandmarksLib.dataset import load_cases
+    from SCNLandmarksLib.data.dataset import load_cases
 
     folder = tmp_path / "cases"
     folder.mkdir()
@@ -303,12 +303,12 @@ def test_model_lists_read_descriptions_without_torch(tmp_path, tiny_model_file):
     """The Slicer module lists models when it opens: that must not import torch (seconds, or broken)."""
     import subprocess
 
-    from SCNLandmarksLib.model_file import read_model_description
+    from SCNLandmarksLib.models.model_file import read_model_description
 
     code = (
         "import sys\n"
-        "from SCNLandmarksLib.catalog import list_models\n"
-        "from SCNLandmarksLib.model_header import read_header\n"
+        "from SCNLandmarksLib.models.catalog import list_models\n"
+        "from SCNLandmarksLib.models.model_header import read_header\n"
         f"header = read_header({str(tiny_model_file)!r})\n"
         "assert [item['name'] for item in header['landmarks']] == ['L1', 'L2', 'L3', 'L4'], header\n"
         "entries = [e for e in list_models() if e.path.name == 'cephalometric_isbi2015.scn.pt']\n"
@@ -318,7 +318,7 @@ def test_model_lists_read_descriptions_without_torch(tmp_path, tiny_model_file):
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1] / "SCNLandmarks")}
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=False)
     assert result.returncode == 0, result.stderr
-    from SCNLandmarksLib.model_header import read_header
+    from SCNLandmarksLib.models.model_header import read_header
 
     assert read_header(tiny_model_file) == read_model_description(tiny_model_file)
     evil = tmp_path / "evil.scn.pt"
@@ -327,7 +327,7 @@ def test_model_lists_read_descriptions_without_torch(tmp_path, tiny_model_file):
 
     with zipfile.ZipFile(evil, "w") as archive:  # a pickle that would call os.system
         archive.writestr("evil/data.pkl", pickle.dumps(os.system))
-    from SCNLandmarksLib.errors import ModelFileError
+    from SCNLandmarksLib.common.errors import ModelFileError
 
     with pytest.raises(ModelFileError, match="never contains"):
         read_header(evil)
@@ -335,7 +335,7 @@ def test_model_lists_read_descriptions_without_torch(tmp_path, tiny_model_file):
 
 def test_an_image_too_large_for_the_memory_is_skipped_and_the_batch_goes_on(tmp_path, annotated, tiny_model_file,
                                                                           capsys, monkeypatch):
-    from SCNLandmarksLib import image_io
+    from SCNLandmarksLib.imaging import image_io
 
     big = tmp_path / "images"
     big.mkdir()
@@ -363,7 +363,7 @@ def test_a_file_size_limit_at_the_final_save_is_named_not_a_traceback(tmp_path, 
         "import resource, signal, sys\n"
         "signal.signal(signal.SIGXFSZ, signal.SIG_IGN)\n"
         "resource.setrlimit(resource.RLIMIT_FSIZE, (20000, 20000))\n"  # checkpoints and models are larger
-        "from SCNLandmarksLib.cli import main\n"
+        "from SCNLandmarksLib.running.cli import main\n"
         f"sys.exit(main(['train', '--images', {str(annotated)!r}, '--output', {str(tmp_path / 'm.scn.pt')!r}, "
         f"'--checkpoint-every', '1', *{TINY!r}]))\n"
     )
@@ -378,7 +378,7 @@ def test_a_file_size_limit_at_the_final_save_is_named_not_a_traceback(tmp_path, 
 
 
 def test_ctrl_c_while_the_cases_load_is_a_message(tmp_path, annotated, capsys, monkeypatch):
-    import SCNLandmarksLib.cli as cli
+    import SCNLandmarksLib.running.cli as cli
 
     def interrupted(*_args, **_kwargs):
         raise KeyboardInterrupt

@@ -167,7 +167,8 @@ def test_every_python_file_and_resource_is_listed_in_cmake():
     resources = _cmake_list(text, "MODULE_PYTHON_RESOURCES")
     python_files = sorted(
         str(p.relative_to(MODULE_DIR)).replace("\\", "/")
-        for p in [*MODULE_DIR.glob("*.py"), *(MODULE_DIR / "SCNLandmarksLib").glob("*.py")]
+        for p in [*MODULE_DIR.glob("*.py"), *(MODULE_DIR / "SCNLandmarksLib").rglob("*.py")]
+        if "__pycache__" not in p.parts
     )
     resource_files = sorted(
         str(p.relative_to(MODULE_DIR)).replace("\\", "/")
@@ -235,7 +236,7 @@ def test_module_imports_no_heavy_package_at_module_level():
     imports = _top_level_imports(_module_tree())
     assert "slicer" in imports  # the walk does see the imports
     assert not imports & {"torch", "SimpleITK", "scipy", "numpy"}
-    adapter = ast.parse((MODULE_DIR / "SCNLandmarksLib" / "mrml_adapter.py").read_text(encoding="utf-8"))
+    adapter = ast.parse((MODULE_DIR / "SCNLandmarksLib" / "slicer_side" / "mrml_adapter.py").read_text(encoding="utf-8"))
     assert not _top_level_imports(adapter) & {"torch", "SimpleITK"}
     # Slicer stays out of the engine package itself.
     init = ast.parse((MODULE_DIR / "SCNLandmarksLib" / "__init__.py").read_text(encoding="utf-8"))

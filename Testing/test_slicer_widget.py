@@ -309,8 +309,8 @@ def test_the_sample_is_offered_in_sample_data_with_its_true_pixel_size(
 
 def test_a_package_already_in_use_asks_for_a_restart(slicer_model: types.SimpleNamespace, monkeypatch) -> None:
     import slicer
-    from SCNLandmarksLib import slicer_requirements
-    from SCNLandmarksLib.slicer_requirements import packages_already_imported, requirement_name
+    from SCNLandmarksLib.slicer_side import slicer_requirements
+    from SCNLandmarksLib.slicer_side.slicer_requirements import packages_already_imported, requirement_name
 
     assert requirement_name("scipy >=1.10; python_version>'3.9'") == "scipy"
     assert requirement_name("SimpleITK[extra]==2.3") == "SimpleITK"

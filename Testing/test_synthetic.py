@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from scipy import ndimage
 
-from SCNLandmarksLib.synthetic import (
+from SCNLandmarksLib.data.synthetic import (
     make_bright_point_image,
     make_geometry,
     make_synthetic_case,

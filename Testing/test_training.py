@@ -5,14 +5,14 @@ import pytest
 import torch
 
 from engine_fixtures import synthetic_cases, tiny_model
-from SCNLandmarksLib.detection import Detector
-from SCNLandmarksLib.errors import TrainingCancelled
-from SCNLandmarksLib.evaluation import point_errors
-from SCNLandmarksLib.heatmaps import HeatmapTargets, heatmap_loss
-from SCNLandmarksLib.landmarks import Landmarks
-from SCNLandmarksLib.model_file import load_model, save_model
-from SCNLandmarksLib.training import TrainingConfig, adapt_to_landmarks, train_model
-from SCNLandmarksLib.training_case import TrainingCase
+from SCNLandmarksLib.inference.detection import Detector
+from SCNLandmarksLib.common.errors import TrainingCancelled
+from SCNLandmarksLib.inference.evaluation import point_errors
+from SCNLandmarksLib.models.heatmaps import HeatmapTargets, heatmap_loss
+from SCNLandmarksLib.data.landmarks import Landmarks
+from SCNLandmarksLib.models.model_file import load_model, save_model
+from SCNLandmarksLib.learning.training import TrainingConfig, adapt_to_landmarks, train_model
+from SCNLandmarksLib.data.training_case import TrainingCase
 
 
 def mean_error(model_or_path, cases) -> float:

@@ -12,12 +12,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from SCNLandmarksLib import cases as case_store
-from SCNLandmarksLib.grid import GridSpec
-from SCNLandmarksLib.model import create_model
-from SCNLandmarksLib.model_file import load_model, read_model_description, save_model
-from SCNLandmarksLib.network import NetworkConfig
-from SCNLandmarksLib.process import (
+from SCNLandmarksLib.data import cases as case_store
+from SCNLandmarksLib.imaging.grid import GridSpec
+from SCNLandmarksLib.models.model import create_model
+from SCNLandmarksLib.models.model_file import load_model, read_model_description, save_model
+from SCNLandmarksLib.models.network import NetworkConfig
+from SCNLandmarksLib.running.process import (
     EXIT_CANCELLED,
     EXIT_ERROR,
     BackgroundProcess,
@@ -25,7 +25,7 @@ from SCNLandmarksLib.process import (
     worker_command,
     worker_environment,
 )
-from SCNLandmarksLib.synthetic import make_synthetic_case
+from SCNLandmarksLib.data.synthetic import make_synthetic_case
 
 NAMES = ["L1", "L2", "L3"]
 
@@ -229,7 +229,7 @@ def test_landmarks_from_cases_gives_the_model_new_heads(workspace, tmp_path, cap
     """In-process run (fast): cases named L1..L3, a model named A..C."""
     import signal
 
-    from SCNLandmarksLib import worker
+    from SCNLandmarksLib.running import worker
 
     other = tmp_path / "abc.scn.pt"
     config = NetworkConfig(dimension=2, num_landmarks=3, filters=8, levels=2, spatial_downsample=4, spatial_kernel=3)

@@ -19,15 +19,15 @@ import time
 import numpy as np
 import torch
 
-from SCNLandmarksLib.detection import Detector
-from SCNLandmarksLib.device import describe_device, resolve_device
-from SCNLandmarksLib.geometry import ImageGeometry
-from SCNLandmarksLib.grid import GridSpec
-from SCNLandmarksLib.heatmaps import heatmap_loss
-from SCNLandmarksLib.image import Image
-from SCNLandmarksLib.model import create_model
-from SCNLandmarksLib.network import NetworkConfig, count_parameters
-from SCNLandmarksLib.refinement import RefinementNetwork, RefinerConfig, crop_target, refinement_loss
+from SCNLandmarksLib.inference.detection import Detector
+from SCNLandmarksLib.common.device import describe_device, resolve_device
+from SCNLandmarksLib.imaging.geometry import ImageGeometry
+from SCNLandmarksLib.imaging.grid import GridSpec
+from SCNLandmarksLib.models.heatmaps import heatmap_loss
+from SCNLandmarksLib.imaging.image import Image
+from SCNLandmarksLib.models.model import create_model
+from SCNLandmarksLib.models.network import NetworkConfig, count_parameters
+from SCNLandmarksLib.models.refinement import RefinementNetwork, RefinerConfig, crop_target, refinement_loss
 
 CASES = {
     "2d-512": (NetworkConfig.paper_2d, 19, (512, 512)),
@@ -44,7 +44,7 @@ def time_global_stage(device: torch.device, repeats: int) -> None:
     """The bundled model's global SCN: one training step (1 image on its grid), float32 vs bfloat16 autocast."""
     from pathlib import Path
 
-    from SCNLandmarksLib.model_file import load_model
+    from SCNLandmarksLib.models.model_file import load_model
 
     bundled = Path(__file__).resolve().parents[1] / "SCNLandmarks" / "Resources" / "Models" / "cephalometric_isbi2015.scn.pt"
     model = load_model(bundled)

@@ -35,9 +35,9 @@ def sample_truth():  # noqa: ANN201 - {annotation: Landmarks} or None
     folder = data_folder()
     if folder is None:
         return None
-    from SCNLandmarksLib.dataset import read_landmark_names
-    from SCNLandmarksLib.landmark_io import read_landmark_csv
-    from SCNLandmarksLib.landmarks import Landmarks
+    from SCNLandmarksLib.data.dataset import read_landmark_names
+    from SCNLandmarksLib.data.landmark_io import read_landmark_csv
+    from SCNLandmarksLib.data.landmarks import Landmarks
 
     names, _ = read_landmark_names(NAMES)
     tables = {who: read_landmark_csv(folder / "isbi2015" / "landmarks" / f"{who}.csv", dimension=2, names=names)
@@ -50,10 +50,10 @@ def sample_truth():  # noqa: ANN201 - {annotation: Landmarks} or None
 
 
 def detect_and_report(model_path: Path, image_path: Path, output: Path, *, device: str, spacing, truth=None) -> None:
-    from SCNLandmarksLib.batch import detect_files
-    from SCNLandmarksLib.evaluation import point_errors
-    from SCNLandmarksLib.image_io import read_image
-    from SCNLandmarksLib.overlay import write_overlay_png
+    from SCNLandmarksLib.inference.batch import detect_files
+    from SCNLandmarksLib.inference.evaluation import point_errors
+    from SCNLandmarksLib.imaging.image_io import read_image
+    from SCNLandmarksLib.inference.overlay import write_overlay_png
 
     started = time.perf_counter()
     report = detect_files([image_path], output, model_path, device=device, spacing=spacing, overwrite=True)
@@ -80,14 +80,14 @@ def detect_and_report(model_path: Path, image_path: Path, output: Path, *, devic
 
 def train_demo_model(output: Path, *, minutes: float, device: str) -> tuple[Path, Path, object, tuple | None]:
     """Train a small model on reachable data; returns (model, image to detect on, truth, spacing)."""
-    from SCNLandmarksLib.dataset import load_cases, read_landmark_names
-    from SCNLandmarksLib.grid import GridSpec
-    from SCNLandmarksLib.image_io import write_image
-    from SCNLandmarksLib.landmark_io import write_mrk_json
-    from SCNLandmarksLib.model import create_model
-    from SCNLandmarksLib.network import NetworkConfig
-    from SCNLandmarksLib.progress import TextProgressBar
-    from SCNLandmarksLib.training import TrainingConfig, train_model
+    from SCNLandmarksLib.data.dataset import load_cases, read_landmark_names
+    from SCNLandmarksLib.imaging.grid import GridSpec
+    from SCNLandmarksLib.imaging.image_io import write_image
+    from SCNLandmarksLib.data.landmark_io import write_mrk_json
+    from SCNLandmarksLib.models.model import create_model
+    from SCNLandmarksLib.models.network import NetworkConfig
+    from SCNLandmarksLib.common.progress import TextProgressBar
+    from SCNLandmarksLib.learning.training import TrainingConfig, train_model
 
     model_path = output / "demo-model.scn.pt"
     if model_path.exists():
@@ -107,8 +107,8 @@ def train_demo_model(output: Path, *, minutes: float, device: str) -> tuple[Path
         config = NetworkConfig.paper_2d(len(names), filters=32)
         grid = GridSpec(size=(256, 256))
     else:
-        from SCNLandmarksLib.synthetic import make_synthetic_dataset
-        from SCNLandmarksLib.training_case import TrainingCase
+        from SCNLandmarksLib.data.synthetic import make_synthetic_dataset
+        from SCNLandmarksLib.data.training_case import TrainingCase
 
         print("No bundled default model and no real data reachable (set SCN_DATA_DIR): training on synthetic images.")
         data = make_synthetic_dataset(21, seed=7, dimension=2, size=(96, 96), spacing=(1.0, 1.0), num_landmarks=5)
@@ -138,7 +138,7 @@ def main() -> int:
     args = parser.parse_args()
     args.output.mkdir(parents=True, exist_ok=True)
 
-    from SCNLandmarksLib.catalog import default_model
+    from SCNLandmarksLib.models.catalog import default_model
 
     model = default_model()
     if model is not None and SAMPLE.exists():

@@ -45,10 +45,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     import torch
 
     torch.set_num_threads(2)
-    from SCNLandmarksLib.detection import Detector
-    from SCNLandmarksLib.evaluation import point_errors
-    from SCNLandmarksLib.landmarks import Landmarks
-    from SCNLandmarksLib.refinement import prepare_for_refiner, refine_positions
+    from SCNLandmarksLib.inference.detection import Detector
+    from SCNLandmarksLib.inference.evaluation import point_errors
+    from SCNLandmarksLib.data.landmarks import Landmarks
+    from SCNLandmarksLib.models.refinement import prepare_for_refiner, refine_positions
 
     isbi = X.isbi_folder(X.find_data_folder(args.data))
     ids = X.checked_training_ids("validation", isbi) if args.split == "validation" else X.test1_ids(isbi)

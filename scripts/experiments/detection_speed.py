@@ -59,7 +59,7 @@ def parse_arguments(argv: Sequence[str] | None) -> argparse.Namespace:
 
 def untrained_model(folder: Path) -> Path:
     """An untrained model file of the shipped architecture, for timing only."""
-    from SCNLandmarksLib.model_file import save_model
+    from SCNLandmarksLib.models.model_file import save_model
 
     names, descriptions = X.landmark_names()
     model = X.new_model("scn", names, descriptions, grid_size=X.FULL_GRID, filters=X.FULL_FILTERS)
@@ -68,7 +68,7 @@ def untrained_model(folder: Path) -> Path:
 
 
 def find_model(args: argparse.Namespace, folder: Path) -> Path:
-    from SCNLandmarksLib.catalog import default_model
+    from SCNLandmarksLib.models.catalog import default_model
 
     if args.untrained:
         return untrained_model(folder)
@@ -89,8 +89,8 @@ def find_model(args: argparse.Namespace, folder: Path) -> Path:
 def time_device(model_path: Path, paths: Sequence[Path], device: str, *, warm_up: bool) -> dict[str, Any]:
     """Model load time, then per-image seconds from reading the file to points, on one device."""
     import torch
-    from SCNLandmarksLib.detection import Detector
-    from SCNLandmarksLib.image_io import read_image
+    from SCNLandmarksLib.inference.detection import Detector
+    from SCNLandmarksLib.imaging.image_io import read_image
 
     def sync() -> None:
         if device == "cuda":
@@ -139,8 +139,8 @@ def plot(measurements: dict[str, dict[str, Any]], path: Path, note: str) -> Path
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     """Measure detection speed; returns what ``results.json`` holds."""
     import torch
-    from SCNLandmarksLib.catalog import file_sha256
-    from SCNLandmarksLib.model_file import read_model_description
+    from SCNLandmarksLib.models.catalog import file_sha256
+    from SCNLandmarksLib.models.model_file import read_model_description
 
     args = parse_arguments(argv)
     folder = X.output_folder(args, NAME)

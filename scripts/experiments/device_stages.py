@@ -35,7 +35,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     import torch
 
     torch.set_num_threads(2)
-    from SCNLandmarksLib.model_file import load_model
+    from SCNLandmarksLib.models.model_file import load_model
 
     isbi = X.isbi_folder(X.find_data_folder(args.data))
     args.output.mkdir(parents=True, exist_ok=True)

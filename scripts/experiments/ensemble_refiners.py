@@ -52,8 +52,8 @@ def combine(paths: Sequence[Path]):  # noqa: ANN201 - a LandmarkModel
     import dataclasses
 
     import torch
-    from SCNLandmarksLib.model_file import load_model
-    from SCNLandmarksLib.refinement import RefinementEnsemble, build_refiner
+    from SCNLandmarksLib.models.model_file import load_model
+    from SCNLandmarksLib.models.refinement import RefinementEnsemble, build_refiner
 
     models = [load_model(p) for p in paths]
     base = models[0]
@@ -87,8 +87,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     import torch
 
     torch.set_num_threads(args.threads)
-    from SCNLandmarksLib.model_file import load_model, save_model
-    from SCNLandmarksLib.quality_fitting import fit_point_quality
+    from SCNLandmarksLib.models.model_file import load_model, save_model
+    from SCNLandmarksLib.learning.quality_fitting import fit_point_quality
 
     data = X.isbi_folder(X.find_data_folder(args.data))
     output = args.output

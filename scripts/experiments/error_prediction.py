@@ -31,14 +31,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import isbi2015 as X
 from confidence_signals import auroc
-from SCNLandmarksLib.quality_fitting import QUALITY_SIGNALS
+from SCNLandmarksLib.learning.quality_fitting import QUALITY_SIGNALS
 
 SHIPPED = X.REPOSITORY / "SCNLandmarks" / "Resources" / "Models" / "cephalometric_isbi2015.scn.pt"
 
 
 def detect_with_signals(detector: Any, cases: Sequence[Any], truths: dict[str, Any]) -> tuple[dict[str, np.ndarray], np.ndarray, np.ndarray, float]:
     """``(signals (M, N) each, errors (M, N), expected errors (M, N), seconds per image)``."""
-    from SCNLandmarksLib.evaluation import point_errors
+    from SCNLandmarksLib.inference.evaluation import point_errors
 
     signals: dict[str, list[np.ndarray]] = {}
     errors, expected = [], []
@@ -68,10 +68,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     import torch
 
     torch.set_num_threads(2)
-    from SCNLandmarksLib.detection import Detector
-    from SCNLandmarksLib.model_file import load_model, save_model
-    from SCNLandmarksLib.quality import ErrorModel
-    from SCNLandmarksLib.shape_model import ShapeModel
+    from SCNLandmarksLib.inference.detection import Detector
+    from SCNLandmarksLib.models.model_file import load_model, save_model
+    from SCNLandmarksLib.models.quality import ErrorModel
+    from SCNLandmarksLib.models.shape_model import ShapeModel
     from scipy.stats import spearmanr
 
     isbi = X.isbi_folder(X.find_data_folder(args.data))

@@ -56,9 +56,9 @@ def _parse_list(text: str, allowed: Sequence[str] | None, what: str) -> list[str
 def run_one(architecture: str, size: int, settings: X.Settings, folder: Path, data: dict[str, Any], *,
             annotation: str, fresh: bool, keep_model: bool) -> dict[str, Any]:
     """Train one (architecture, N) model from scratch (or reuse it) and evaluate it on test1."""
-    from SCNLandmarksLib.device import resolve_device
-    from SCNLandmarksLib.evaluation import write_evaluation
-    from SCNLandmarksLib.training import train_model
+    from SCNLandmarksLib.common.device import resolve_device
+    from SCNLandmarksLib.inference.evaluation import write_evaluation
+    from SCNLandmarksLib.learning.training import train_model
 
     ids = data["subsets"][size]
     key = {"architecture": architecture, "n": size, "ids": ids, "annotation": annotation,

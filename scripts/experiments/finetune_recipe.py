@@ -1,6 +1,6 @@
 """How gently should the local stage learn from a few cases that look like its training images?
 
-Chooses the same-domain fine-tuning recipe of ``SCNLandmarksLib.finetuning`` on the 15 validation
+Chooses the same-domain fine-tuning recipe of ``SCNLandmarksLib.learning.finetuning`` on the 15 validation
 images only (never on test1): three folds, each fine-tunes the bundled model's local stage on 10
 validation images (mean of both doctors) and measures the other 5, so every validation image is
 held out once. Each recipe varies the learning rate and whether the batch-norm statistics follow
@@ -41,7 +41,7 @@ FOLDS = 3
 
 def case_errors(model: Any, cases: list[Any], truths: dict[str, Any]) -> np.ndarray:
     """Mean point error (mm) per case."""
-    from SCNLandmarksLib.evaluation import point_errors
+    from SCNLandmarksLib.inference.evaluation import point_errors
 
     predictions, _ = X.detect_all(model, cases, "cpu")
     return np.array([np.nanmean(point_errors(predictions[c.name], truths[c.name])) for c in cases])
@@ -56,9 +56,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args(argv)
     import torch
-    from SCNLandmarksLib.finetuning import DEFAULT_ITERATIONS, LOCAL_BATCH_SIZE
-    from SCNLandmarksLib.model_file import load_model
-    from SCNLandmarksLib.refinement_training import RefinerTrainingConfig, train_refiner
+    from SCNLandmarksLib.learning.finetuning import DEFAULT_ITERATIONS, LOCAL_BATCH_SIZE
+    from SCNLandmarksLib.models.model_file import load_model
+    from SCNLandmarksLib.learning.refinement_training import RefinerTrainingConfig, train_refiner
 
     torch.set_num_threads(args.threads)
     isbi = X.isbi_folder(X.find_data_folder(args.data))

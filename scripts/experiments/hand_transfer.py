@@ -5,7 +5,7 @@ hand9 has 9 images with 37 landmarks. Each fold (``splits/hand9_fold{k}_test.txt
 image be tested once. Two arms, identical in everything but the starting weights:
 
 * ``fine-tuned``: the cephalometric model with new output heads for the 37 hand landmarks and
-  its body reused (``SCNLandmarksLib.training.adapt_to_landmarks``);
+  its body reused (``SCNLandmarksLib.learning.training.adapt_to_landmarks``);
 * ``scratch``: a freshly initialised network of the same configuration and input grid.
 
 Both train for the same iterations and learning rate, without validation (the last iterate is
@@ -50,7 +50,7 @@ def parse_arguments(argv: Sequence[str] | None) -> argparse.Namespace:
 
 def find_ceph_model(args: argparse.Namespace) -> Path:
     """``--ceph-model``, else train_isbi's shipped output (quick or full), else the bundled default."""
-    from SCNLandmarksLib.catalog import default_model
+    from SCNLandmarksLib.models.catalog import default_model
 
     if args.ceph_model is not None:
         if not args.ceph_model.is_file():
@@ -97,12 +97,12 @@ class CurveWatcher:
 def run_arm(arm: str, fold: int, ceph_path: Path, settings: X.Settings, folder: Path, data: dict[str, Any], *,
             curve_every: int, fresh: bool, keep_model: bool) -> dict[str, Any]:
     """Train one arm on one fold's 6 images (or reuse it) and evaluate on its 3 test images."""
-    from SCNLandmarksLib.device import resolve_device
-    from SCNLandmarksLib.evaluation import write_evaluation
-    from SCNLandmarksLib.model import create_model
-    from SCNLandmarksLib.model_file import load_model
-    from SCNLandmarksLib.network import NetworkConfig
-    from SCNLandmarksLib.training import adapt_to_landmarks, train_model
+    from SCNLandmarksLib.common.device import resolve_device
+    from SCNLandmarksLib.inference.evaluation import write_evaluation
+    from SCNLandmarksLib.models.model import create_model
+    from SCNLandmarksLib.models.model_file import load_model
+    from SCNLandmarksLib.models.network import NetworkConfig
+    from SCNLandmarksLib.learning.training import adapt_to_landmarks, train_model
 
     train_ids, test_ids = data["folds"][fold]
     key = {"arm": arm, "fold": fold, "train_ids": train_ids, "test_ids": test_ids,
@@ -200,8 +200,8 @@ def plot(runs: dict[tuple[str, int], dict[str, Any]], folds: Sequence[int], path
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     """Run table 3; returns what ``results.json`` holds."""
-    from SCNLandmarksLib.catalog import file_sha256
-    from SCNLandmarksLib.model_file import read_model_description
+    from SCNLandmarksLib.models.catalog import file_sha256
+    from SCNLandmarksLib.models.model_file import read_model_description
 
     args = parse_arguments(argv)
     settings = X.settings_from_arguments(args, full_iterations=FULL_ITERATIONS, quick_iterations=QUICK_ITERATIONS)

@@ -123,7 +123,7 @@ def hand_folder(data: Path) -> Path:
 
 
 def _read_ids(path: Path) -> list[str]:
-    from SCNLandmarksLib.dataset import read_id_list
+    from SCNLandmarksLib.data.dataset import read_id_list
 
     if not path.is_file():
         msg = f"Split list {path} is missing; the committed lists come with the repository (isbi2015.py --write)"
@@ -239,7 +239,7 @@ def hand_fold_ids(fold: int, all_ids: Sequence[str]) -> tuple[list[str], list[st
 
 def landmark_names() -> tuple[list[str], list[str]]:
     """The 19 ISBI landmark names and definitions, in CSV column order."""
-    from SCNLandmarksLib.dataset import read_landmark_names
+    from SCNLandmarksLib.data.dataset import read_landmark_names
 
     return read_landmark_names(NAMES_FILE)
 
@@ -254,8 +254,8 @@ def load_ground_truths(isbi: Path, ids: Sequence[str]) -> dict[str, dict[str, An
 
     The mean is the point-wise mean of the senior and junior positions.
     """
-    from SCNLandmarksLib.landmark_io import read_landmark_csv
-    from SCNLandmarksLib.landmarks import Landmarks
+    from SCNLandmarksLib.data.landmark_io import read_landmark_csv
+    from SCNLandmarksLib.data.landmarks import Landmarks
 
     names, descriptions = landmark_names()
     tables = {who: read_landmark_csv(isbi / "landmarks" / f"{who}.csv", dimension=2, names=names)
@@ -275,7 +275,7 @@ def load_ground_truths(isbi: Path, ids: Sequence[str]) -> dict[str, dict[str, An
 
 def load_isbi_cases(isbi: Path, ids: Sequence[str], *, annotation: str = "senior") -> list[Any]:
     """ISBI images as training cases, their landmarks from ``annotation`` ("senior" or "mean")."""
-    from SCNLandmarksLib.dataset import load_cases
+    from SCNLandmarksLib.data.dataset import load_cases
 
     if annotation not in ("senior", "mean"):
         msg = f"Unknown annotation {annotation!r}; use 'senior' or 'mean'"
@@ -290,14 +290,14 @@ def load_isbi_cases(isbi: Path, ids: Sequence[str], *, annotation: str = "senior
 
 def with_landmarks(cases: Sequence[Any], table: Mapping[str, Any]) -> list[Any]:
     """The same images (shared, not copied) with the landmarks of ``table[case.name]``."""
-    from SCNLandmarksLib.training_case import TrainingCase
+    from SCNLandmarksLib.data.training_case import TrainingCase
 
     return [TrainingCase(case.image, table[case.name], case.name) for case in cases]
 
 
 def image_paths(images: Path, ids: Sequence[str]) -> list[Path]:
     """The image file of every id, in the order of ``ids``."""
-    from SCNLandmarksLib.batch import find_images, output_stem
+    from SCNLandmarksLib.inference.batch import find_images, output_stem
 
     files = {output_stem(p): p for p in find_images(images)}
     missing = [i for i in ids if i not in files]
@@ -314,7 +314,7 @@ def hand_names() -> list[str]:
 
 def load_hand_cases(hand: Path, ids: Sequence[str]) -> list[Any]:
     """hand9 cases; the CSV's pixel indices go through each .mha header's spacing to mm."""
-    from SCNLandmarksLib.dataset import load_cases
+    from SCNLandmarksLib.data.dataset import load_cases
 
     return load_cases(hand / "images", dimension=2, landmarks=hand / "landmarks.csv", units="pixel",
                       ids=list(ids), names=hand_names())
@@ -325,8 +325,8 @@ def load_hand_cases(hand: Path, ids: Sequence[str]) -> list[Any]:
 
 def evaluate_against(predictions: Mapping[str, Any], truths: Mapping[str, Mapping[str, Any]],
                      *, radii: Sequence[float] = SDR_RADII_MM) -> dict[str, dict[str, Any]]:
-    """One evaluation report (see ``SCNLandmarksLib.evaluation.evaluate``) per ground truth."""
-    from SCNLandmarksLib.evaluation import evaluate
+    """One evaluation report (see ``SCNLandmarksLib.inference.evaluation.evaluate``) per ground truth."""
+    from SCNLandmarksLib.inference.evaluation import evaluate
 
     return {name: evaluate([(i, predictions[i], table[i]) for i in predictions], radii=radii)
             for name, table in truths.items()}
@@ -357,7 +357,7 @@ def detect_all(model: Any, cases: Sequence[Any], device: str, *, refine: bool = 
     ``refine=False`` uses the global stage only (for the ablation of two-stage models).
     """
     import torch
-    from SCNLandmarksLib.detection import Detector
+    from SCNLandmarksLib.inference.detection import Detector
 
     # Detector switches the network to evaluation mode; a model under training gets its mode back.
     was_training = bool(getattr(getattr(model, "network", None), "training", False))
@@ -452,7 +452,7 @@ def add_common_arguments(parser: argparse.ArgumentParser, *, name: str, full_ite
 def settings_from_arguments(args: argparse.Namespace, *, full_iterations: int, quick_iterations: int) -> Settings:
     """Resolve defaults: full-scale ones, or the small CPU ones with ``--quick``."""
     import torch
-    from SCNLandmarksLib.device import resolve_device
+    from SCNLandmarksLib.common.device import resolve_device
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -492,7 +492,7 @@ def quick_note(settings: Settings, *, tested: str | None = None) -> str:
 
 def training_config(settings: Settings, *, iterations: int | None = None, validate_every: int = 1000) -> Any:
     """The engine's TrainingConfig for these settings (checkpoints every 500 steps for resuming)."""
-    from SCNLandmarksLib.training import TrainingConfig
+    from SCNLandmarksLib.learning.training import TrainingConfig
 
     return TrainingConfig(iterations=iterations or settings.iterations, batch_size=settings.batch_size,
                           learning_rate=settings.learning_rate, validate_every=validate_every,
@@ -503,9 +503,9 @@ def training_config(settings: Settings, *, iterations: int | None = None, valida
 def new_model(architecture: str, names: Sequence[str], descriptions: Sequence[str] | None, *,
               grid_size: int, filters: int) -> Any:
     """A fresh paper-configuration 2D model ("scn" or "unet") on a fit-to-size grid."""
-    from SCNLandmarksLib.grid import GridSpec
-    from SCNLandmarksLib.model import create_model
-    from SCNLandmarksLib.network import NetworkConfig
+    from SCNLandmarksLib.imaging.grid import GridSpec
+    from SCNLandmarksLib.models.model import create_model
+    from SCNLandmarksLib.models.network import NetworkConfig
 
     config = NetworkConfig.paper_2d(len(names), architecture=architecture, filters=filters)
     return create_model(config, grid=GridSpec(size=(grid_size, grid_size)), landmark_names=list(names),
@@ -566,7 +566,7 @@ def peak_memory_mib(device: Any) -> float | None:
 def environment() -> dict[str, Any]:
     """Software, hardware and commit of this run, for the results file."""
     import torch
-    from SCNLandmarksLib.device import describe_device, resolve_device
+    from SCNLandmarksLib.common.device import describe_device, resolve_device
 
     try:
         commit = subprocess.run(["git", "-C", str(REPOSITORY), "rev-parse", "HEAD"], capture_output=True,
@@ -702,7 +702,7 @@ def plot_panels(path: Path, title: str, panels: Sequence[tuple[str, str, Sequenc
 
 
 def progress_bar() -> Callable[[Any], None]:
-    from SCNLandmarksLib.progress import TextProgressBar
+    from SCNLandmarksLib.common.progress import TextProgressBar
 
     return TextProgressBar()
 

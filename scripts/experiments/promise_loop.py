@@ -17,7 +17,7 @@ Scenarios, all with the shipped model and the tool's defaults (no option set):
   cephalometric model (``--new-landmarks``) and, with the same steps, train the same network
   from scratch; both are measured on the 3 other images (fold 1).
 
-Each fine-tune is the engine's own recipe (``SCNLandmarksLib.finetuning.fine_tune``: the
+Each fine-tune is the engine's own recipe (``SCNLandmarksLib.learning.finetuning.fine_tune``: the
 local stage for the same landmark set, checked by 3-fold cross-validation on the 10 cases and
 kept only when better). The table prints before, after, time and the model the tool kept.
 
@@ -51,7 +51,7 @@ DEVICE_SEED = 2015
 def simulate_device(image: Any, seed: int) -> Any:
     """``image`` as another device would record it: gamma, blur and noise (see the module docstring)."""
     from scipy import ndimage
-    from SCNLandmarksLib.image import Image
+    from SCNLandmarksLib.imaging.image import Image
 
     array = image.array.astype(np.float32)
     low, high = float(array.min()), float(array.max())
@@ -65,9 +65,9 @@ def simulate_device(image: Any, seed: int) -> Any:
 
 def mirrored_case(case: Any) -> Any:
     """The case flipped along its image x axis (a left-facing radiograph), points moved with it."""
-    from SCNLandmarksLib.image import Image
-    from SCNLandmarksLib.landmarks import Landmarks
-    from SCNLandmarksLib.training_case import TrainingCase
+    from SCNLandmarksLib.imaging.image import Image
+    from SCNLandmarksLib.data.landmarks import Landmarks
+    from SCNLandmarksLib.data.training_case import TrainingCase
 
     geometry = case.image.geometry
     index = geometry.physical_to_index(case.landmarks.positions)
@@ -77,15 +77,15 @@ def mirrored_case(case: Any) -> Any:
 
 
 def inverted_case(case: Any) -> Any:
-    from SCNLandmarksLib.image import Image
-    from SCNLandmarksLib.training_case import TrainingCase
+    from SCNLandmarksLib.imaging.image import Image
+    from SCNLandmarksLib.data.training_case import TrainingCase
 
     array = case.image.array
     return TrainingCase(Image(array.max() + array.min() - array, case.image.geometry), case.landmarks, case.name)
 
 
 def device_case(case: Any) -> Any:
-    from SCNLandmarksLib.training_case import TrainingCase
+    from SCNLandmarksLib.data.training_case import TrainingCase
 
     return TrainingCase(simulate_device(case.image, DEVICE_SEED + int(case.name)), case.landmarks, case.name)
 
@@ -99,7 +99,7 @@ def measure(model: Any, cases: Sequence[Any], truths: dict[str, Any], device: st
 
 
 def fine_tune_run(cases: Sequence[Any], model: Path, output: Path, device: str, **options: Any) -> dict[str, Any]:
-    from SCNLandmarksLib.finetuning import fine_tune
+    from SCNLandmarksLib.learning.finetuning import fine_tune
 
     if output.exists():
         output.unlink()
@@ -124,8 +124,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     import torch
 
     torch.set_num_threads(args.threads)
-    from SCNLandmarksLib.model_file import load_model
-    from SCNLandmarksLib.training_case import TrainingCase
+    from SCNLandmarksLib.models.model_file import load_model
+    from SCNLandmarksLib.data.training_case import TrainingCase
 
     scenarios = args.scenarios.split(",")
     data = X.find_data_folder(args.data)
@@ -173,11 +173,11 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def hand_rows(data: Path, args: argparse.Namespace, output: Path) -> dict[str, dict[str, Any]]:
     """Hand fold 1: fine-tuned from the cephalometric model vs from scratch, same steps."""
-    from SCNLandmarksLib.model import create_model
-    from SCNLandmarksLib.model_file import load_model
-    from SCNLandmarksLib.network import NetworkConfig
-    from SCNLandmarksLib.refinement_training import RefinerTrainingConfig, attach_refiner, train_refiner
-    from SCNLandmarksLib.training import TrainingConfig, train_model
+    from SCNLandmarksLib.models.model import create_model
+    from SCNLandmarksLib.models.model_file import load_model
+    from SCNLandmarksLib.models.network import NetworkConfig
+    from SCNLandmarksLib.learning.refinement_training import RefinerTrainingConfig, attach_refiner, train_refiner
+    from SCNLandmarksLib.learning.training import TrainingConfig, train_model
 
     hand = X.hand_folder(data)
     all_ids = sorted(p.stem for p in (hand / "images").glob("*.mha"))

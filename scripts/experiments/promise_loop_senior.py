@@ -27,7 +27,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--output", type=Path, required=True, help="the promise_loop.py output folder")
     parser.add_argument("--device", default="cpu")
     args = parser.parse_args(argv)
-    from SCNLandmarksLib.model_file import load_model
+    from SCNLandmarksLib.models.model_file import load_model
 
     isbi = X.isbi_folder(X.find_data_folder(args.data))
     test_ids = [i for i in X.test1_ids(isbi) if i not in L.CORRECTED_IDS]

@@ -44,9 +44,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     import torch
 
     torch.set_num_threads(2)
-    from SCNLandmarksLib.detection import Detector
-    from SCNLandmarksLib.model_file import load_model
-    from SCNLandmarksLib.quality import review_order
+    from SCNLandmarksLib.inference.detection import Detector
+    from SCNLandmarksLib.models.model_file import load_model
+    from SCNLandmarksLib.models.quality import review_order
 
     isbi = X.isbi_folder(X.find_data_folder(args.data))
     args.output.mkdir(parents=True, exist_ok=True)

@@ -10,7 +10,7 @@ lowest validation MRE against the mean annotation is shipped as
 Configurations (``--configs``; all by default, ``scn-paper`` only with ``--quick``):
 
 * ``scn-paper``: the plain SCN of Payer et al. (2019): 512x512 fit grid (~0.47 mm), 128 filters,
-  trained on the senior annotation as in the paper (AdamW instead of SGD, see training.py).
+  trained on the senior annotation as in the paper (AdamW instead of SGD, see SCNLandmarksLib/learning/training.py).
 * ``scn-mean``: the same network trained on the mean of both annotations.
 * ``scn-768-mean``: a 768x768 grid (~0.31 mm, finer heatmaps) trained on the mean annotation,
   with 1.5 times the iterations.
@@ -111,10 +111,10 @@ def chosen_configurations(args: argparse.Namespace) -> list[Configuration]:
 def train_configuration(config: Configuration, settings: X.Settings, folder: Path, data: dict[str, Any], *,
                         validate_every: int, fresh: bool) -> dict[str, Any]:
     """Train (or reuse) one configuration and evaluate its half-precision file on val and test1."""
-    from SCNLandmarksLib.device import resolve_device
-    from SCNLandmarksLib.evaluation import write_evaluation
-    from SCNLandmarksLib.model_file import save_model
-    from SCNLandmarksLib.training import train_model
+    from SCNLandmarksLib.common.device import resolve_device
+    from SCNLandmarksLib.inference.evaluation import write_evaluation
+    from SCNLandmarksLib.models.model_file import save_model
+    from SCNLandmarksLib.learning.training import train_model
 
     grid = config.grid_size(settings.grid_size)
     iterations = max(1, round(settings.iterations * config.iteration_scale))
@@ -174,8 +174,8 @@ def inter_observer(data: dict[str, Any]) -> dict[str, Any]:
 def ship(best: dict[str, Any], folder: Path, settings: X.Settings, data: dict[str, Any], note: str,
          floor: dict[str, Any]) -> dict[str, Any]:
     """Write the shipped model (half precision, measured numbers in its info) and its model card."""
-    from SCNLandmarksLib.catalog import file_sha256
-    from SCNLandmarksLib.model_file import load_model, save_model
+    from SCNLandmarksLib.models.catalog import file_sha256
+    from SCNLandmarksLib.models.model_file import load_model, save_model
 
     model = load_model(best["model"])
     model.info["measured"] = {"test1": best["test1"], "validation": best["validation"], "protocol_note": note,

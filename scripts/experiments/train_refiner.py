@@ -69,7 +69,7 @@ def parse_arguments(argv: Sequence[str] | None) -> argparse.Namespace:
 
 def evaluate_model(path: Path, cases: Sequence[Any], truths: dict[str, Any], device: str) -> dict[str, Any]:
     """Ablation rows: global stage only and two-stage, per ground truth, plus timing."""
-    from SCNLandmarksLib.model_file import load_model
+    from SCNLandmarksLib.models.model_file import load_model
 
     import dataclasses
 
@@ -120,8 +120,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     import torch
 
     torch.set_num_threads(args.threads)
-    from SCNLandmarksLib.model_file import load_model, save_model
-    from SCNLandmarksLib.refinement_training import RefinerTrainingConfig, attach_refiner, train_refiner
+    from SCNLandmarksLib.models.model_file import load_model, save_model
+    from SCNLandmarksLib.learning.refinement_training import RefinerTrainingConfig, attach_refiner, train_refiner
 
     data = X.isbi_folder(X.find_data_folder(args.data))
     output = args.output

@@ -29,8 +29,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--data", type=Path, default=None, help="shared data folder (default: $SCN_DATA_DIR or ../shared/data)")
     args = parser.parse_args(argv)
     import torch
-    from SCNLandmarksLib.detection import Detector
-    from SCNLandmarksLib.refinement import prepare_for_refiner, refine_positions
+    from SCNLandmarksLib.inference.detection import Detector
+    from SCNLandmarksLib.models.refinement import prepare_for_refiner, refine_positions
 
     torch.set_num_threads(2)
     isbi = X.isbi_folder(X.find_data_folder(args.data))

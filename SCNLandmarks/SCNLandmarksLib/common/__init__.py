@@ -1,0 +1,1 @@
+"""Basics every group may use: atomic writes, user-facing errors, progress, device, user folders."""

@@ -1,0 +1,118 @@
+"""Loading annotated images from disk as training or evaluation cases."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+
+from ..imaging.image import Image
+from ..imaging.image_io import find_images, output_stem, read_image
+from .landmark_io import read_landmark_csv, read_landmarks
+from .landmarks import Landmarks
+from .training_case import TrainingCase
+
+__all__ = ["load_cases", "read_id_list", "read_landmark_names"]
+
+
+def read_id_list(path: str | Path) -> list[str]:
+    """Image ids, one per line (blank lines and ``#`` comments ignored)."""
+    lines = Path(path).read_text(encoding="utf-8").splitlines()
+    return [line.strip() for line in lines if line.strip() and not line.lstrip().startswith("#")]
+
+
+def read_landmark_names(path: str | Path) -> tuple[list[str], list[str]]:
+    """Landmark names and descriptions, one per line as ``name`` or ``name: description``."""
+    names, descriptions = [], []
+    for line in read_id_list(path):
+        name, _, description = line.partition(":")
+        names.append(name.strip())
+        descriptions.append(description.strip())
+    return names, descriptions
+
+
+def load_cases(
+    images: str | Path,
+    *,
+    dimension: int,
+    landmarks: str | Path | None = None,
+    units: Literal["mm", "pixel"] = "mm",
+    ids: Sequence[str] | None = None,
+    spacing: Sequence[float] | None = None,
+    names: Sequence[str] | None = None,
+    descriptions: Sequence[str] | None = None,
+) -> list[TrainingCase]:
+    """Annotated cases from an image folder.
+
+    Args:
+        images: folder of images (any format :func:`~SCNLandmarksLib.imaging.image_io.read_image` reads).
+        dimension: 2 or 3.
+        landmarks: a challenge-style CSV (one row per image id = image file name without
+            extension), or ``None`` to read ``<image name>.mrk.json`` / ``.fcsv`` next to each image.
+        units: CSV coordinates in physical ``"mm"`` (LPS) or ``"pixel"`` indices (mapped
+            through each image's own geometry).
+        ids: only these image ids, in this order (a split file).
+        spacing: pixel size for formats without one (PNG, JPEG).
+        names, descriptions: landmark names for CSV columns (default ``L1..LN``).
+    """
+    files = {output_stem(p): p for p in find_images(images)}
+    if not files:
+        msg = f"No images found in {images}"
+        raise ValueError(msg)
+    wanted = list(ids) if ids is not None else sorted(files)
+    missing_images = [i for i in wanted if i not in files]
+    if missing_images:
+        msg = f"No image file in {images} for ids: {', '.join(missing_images[:5])}{' ...' if len(missing_images) > 5 else ''}"
+        raise FileNotFoundError(msg)
+    table = None
+    if landmarks is not None:
+        table = read_landmark_csv(landmarks, dimension=dimension, names=names)
+    cases = []
+    for image_id in wanted:
+        image = read_image(files[image_id], spacing=spacing)
+        if table is not None:
+            if image_id not in table:
+                msg = f"{landmarks} has no row for image {image_id}"
+                raise ValueError(msg)
+            points = table[image_id]
+            if units == "pixel":
+                geometry = image.as_dimension(dimension).geometry
+                points = Landmarks(points.names, geometry.index_to_physical(points.positions), points.descriptions)
+        else:
+            points = _sidecar_landmarks(files[image_id], dimension)
+        if descriptions is not None and len(descriptions) == len(points):
+            points.descriptions = list(descriptions)
+        _refuse_points_outside(image.as_dimension(dimension), points, image_id, units)
+        cases.append(TrainingCase(image=image, landmarks=points, name=image_id))
+    return cases
+
+
+# Points may sit a little outside the pixel grid (on the border, or a structure cut off).
+_OUTSIDE_MARGIN = 0.05
+
+
+def _refuse_points_outside(image: Image, points: Landmarks, image_id: str, units: str) -> None:
+    """A landmark far outside its image means wrong units or the wrong image: say which one."""
+    index = image.geometry.physical_to_index(points.positions)
+    size = np.asarray(image.geometry.size, dtype=float)
+    outside = np.isfinite(index).all(axis=1) & (
+        (index < -_OUTSIDE_MARGIN * size) | (index > (1 + _OUTSIDE_MARGIN) * size - 1)).any(axis=1)
+    if outside.any():
+        row = int(np.flatnonzero(outside)[0])
+        hint = ("are the coordinates pixel indices? then give --units pixel" if units == "mm"
+                else "are the coordinates millimetres? then leave out --units pixel")
+        msg = (f"Image {image_id}: landmark {points.names[row]} at {np.round(points.positions[row], 1).tolist()} mm lies "
+               f"outside the image ({int(outside.sum())} of {len(points)} landmarks do); {hint}")
+        raise ValueError(msg)
+
+
+def _sidecar_landmarks(image_path: Path, dimension: int) -> Landmarks:
+    stem = output_stem(image_path)
+    for suffix in (".mrk.json", ".fcsv", ".json"):
+        candidate = image_path.parent / f"{stem}{suffix}"
+        if candidate.exists():
+            return read_landmarks(candidate, dimension=dimension)
+    msg = f"No landmark file for {image_path.name}: expected {stem}.mrk.json or {stem}.fcsv beside it"
+    raise FileNotFoundError(msg)

@@ -1,0 +1,355 @@
+"""Reading and writing images with SimpleITK, keeping their physical geometry exactly.
+
+Every reader returns an :class:`~SCNLandmarksLib.imaging.image.Image`: float32 pixels in NumPy
+``(z, y, x)`` order and the grid geometry in LPS millimetres, as SimpleITK defines it.
+"""
+
+from __future__ import annotations
+
+import logging
+import numbers
+import os
+import re
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import SimpleITK as sitk
+
+from ..common.atomic import atomic_path
+from .geometry import ImageGeometry
+from .image import Image
+
+__all__ = ["IMAGE_SUFFIXES", "check_fits_in_memory", "find_images", "image_from_sitk", "image_to_sitk", "is_dicom_folder", "output_stem",
+           "read_image", "write_image"]
+
+logger = logging.getLogger(__name__)
+
+# Photographic formats: their pixel size, when present at all, is a print resolution in
+# dots per inch, not the detector pixel size, so it is never trusted.
+_PHOTO_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
+# Formats that store header and pixels in two files; renaming the header after an atomic
+# write would break the link to the pixel file.
+_TWO_FILE_SUFFIXES = (".mhd", ".nhdr", ".hdr", ".img")
+
+
+def _suffix(path: Path) -> str:
+    name = path.name.lower()
+    return ".nii.gz" if name.endswith(".nii.gz") else path.suffix.lower()
+
+
+def _sitk_reason(error: RuntimeError) -> str:
+    """The human part of a SimpleITK exception, which otherwise starts with C++ file names."""
+    text = " ".join(str(error).split())
+    _, marker, reason = text.partition("ERROR:")
+    return (reason if marker else text).strip() or "unknown reason"
+
+
+def _grey_array(sitk_image: sitk.Image, source: str) -> np.ndarray:
+    array = sitk.GetArrayFromImage(sitk_image)
+    channels = sitk_image.GetNumberOfComponentsPerPixel()
+    if channels == 1:
+        return array.astype(np.float32, copy=False)
+    # The channel axis is last in the array SimpleITK returns for vector pixels.
+    if channels == 2:
+        # Grey plus alpha: the alpha (opacity) channel carries no anatomy.
+        return array[..., 0].astype(np.float32)
+    if channels in (3, 4):
+        return array[..., :3].astype(np.float32).mean(axis=-1)
+    msg = (
+        f"{source} has {channels} values per pixel; only grey, RGB and RGBA images can be used. "
+        "Save one channel of it as a separate image."
+    )
+    raise ValueError(msg)
+
+
+def image_from_sitk(sitk_image: sitk.Image, *, source: str = "The image") -> Image:
+    """Convert a ``SimpleITK.Image`` to an :class:`Image`, keeping its geometry exactly.
+
+    RGB and RGBA pixels become grey (mean of R, G and B; alpha is ignored). A 4D image whose
+    fourth axis has a single sample (a 3D volume saved as a time series) is treated as 3D.
+
+    Args:
+        sitk_image: a 2D or 3D SimpleITK image (LPS physical frame).
+        source: how to name the image in error messages, for example its file path.
+
+    Raises:
+        ValueError: the image is not 2D or 3D, or has more than 4 channels.
+    """
+    dimension = sitk_image.GetDimension()
+    if dimension == 4 and sitk_image.GetSize()[3] == 1:
+        size = list(sitk_image.GetSize())
+        size[3] = 0  # Extract with a zero size collapses that axis.
+        sitk_image = sitk.Extract(sitk_image, size, [0, 0, 0, 0])
+        dimension = 3
+    if dimension not in (2, 3):
+        msg = (
+            f"{source} is a {dimension}D image (size {tuple(sitk_image.GetSize())}); "
+            "only 2D images and 3D volumes can be used"
+        )
+        raise ValueError(msg)
+    array = _grey_array(sitk_image, source)
+    return Image(array, ImageGeometry.from_sitk(sitk_image))
+
+
+def image_to_sitk(image: Image) -> sitk.Image:
+    """Convert an :class:`Image` to a float32 ``SimpleITK.Image`` with the same geometry."""
+    sitk_image = sitk.GetImageFromArray(np.ascontiguousarray(image.array, dtype=np.float32))
+    image.geometry.apply_to_sitk(sitk_image)
+    return sitk_image
+
+
+def _spacing_tuple(spacing: Sequence[float] | float, dimension: int, source: str) -> tuple[float, ...]:
+    if isinstance(spacing, numbers.Real):
+        values = (float(spacing),) * dimension
+    else:
+        values = tuple(float(s) for s in spacing)
+    if len(values) != dimension:
+        msg = f"{source} is {dimension}D but {len(values)} spacing values were given: {values}"
+        raise ValueError(msg)
+    if any(not np.isfinite(v) or v <= 0 for v in values):
+        msg = f"Pixel spacing must be positive millimetres, got {values} for {source}"
+        raise ValueError(msg)
+    return values
+
+
+def _read_dicom_folder(folder: Path) -> sitk.Image:
+    series_ids = sitk.ImageSeriesReader.GetGDCMSeriesIDs(str(folder))
+    if not series_ids:
+        msg = f"No DICOM series found in the folder {folder}; choose an image file or a folder of DICOM files"
+        raise ValueError(msg)
+    if len(series_ids) > 1:
+        logger.warning(
+            "The folder %s holds %d DICOM series; reading the first one (%s)",
+            folder,
+            len(series_ids),
+            series_ids[0],
+        )
+    file_names = sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(folder), series_ids[0])
+    reader = sitk.ImageSeriesReader()
+    reader.SetFileNames(file_names)
+    return reader.Execute()
+
+
+# End-of-image markers: a file cut short (an interrupted copy or download) lacks them, and the
+# decoders fill the missing rows with grey instead of failing.
+_END_MARKERS = {".jpg": b"\xff\xd9", ".jpeg": b"\xff\xd9", ".png": b"IEND"}
+
+
+def _refuse_truncated(path: Path) -> None:
+    marker = _END_MARKERS.get(path.suffix.lower()) if path.is_file() else None
+    if marker is None:
+        return
+    with open(path, "rb") as stream:
+        stream.seek(max(path.stat().st_size - 4096, 0))
+        tail = stream.read()
+    if marker not in tail:
+        msg = f"{path} is damaged: the file ends before the image does (truncated {path.suffix[1:].upper()}); copy it again"
+        raise ValueError(msg)
+
+
+def read_image(path: str | os.PathLike[str], *, spacing: Sequence[float] | float | None = None) -> Image:
+    """Read a 2D or 3D image, or the first DICOM series in a folder.
+
+    Any format SimpleITK reads works (NRRD, NIfTI, MHA, DICOM, PNG, JPEG, BMP, TIFF...).
+    Colour pixels become grey. A single-slice 3D volume stays 3D here. A DICOM image whose
+    photometric interpretation is ``MONOCHROME1`` (lowest value displayed white) comes back
+    inverted, as displayed, like ``MONOCHROME2``: SimpleITK's GDCM reader does this, and a test
+    keeps it so. Detection copes with negatives anyway (see :mod:`SCNLandmarksLib.inference.detection`).
+
+    Args:
+        path: image file, or a folder of DICOM files.
+        spacing: pixel size in mm, x, y[, z] order (a single number for all axes). PNG,
+            JPEG, BMP and TIFF files carry no trustworthy pixel size: without ``spacing``
+            they get 1.0 mm per pixel, origin 0 and identity direction, with a logged
+            warning. For other formats it replaces the spacing in the file header.
+
+    Returns:
+        The image, geometry in LPS mm.
+
+    Raises:
+        FileNotFoundError: nothing exists at ``path``.
+        ValueError: unreadable file, folder without DICOM, image that is not 2D or 3D.
+    """
+    path = Path(path).expanduser()
+    source = str(path)
+    if not path.exists():
+        msg = f"Image not found: {path}"
+        raise FileNotFoundError(msg)
+    _refuse_truncated(path)
+    try:
+        if path.is_dir():
+            sitk_image = _read_dicom_folder(path)
+        else:
+            sitk_image = sitk.ReadImage(str(path))
+    except RuntimeError as error:
+        reason = _sitk_reason(error)
+        dimension = re.search(r"unsupported image dimension of (\d+)", reason)
+        if dimension:
+            msg = f"{path} is a {dimension.group(1)}D image; only 2D images and 3D volumes can be used"
+        elif "Unknown PixelType" in reason and _suffix(path) == ".png":
+            # ITK's PNG reader has no pixel type for grey + transparency (PNG colour type 4).
+            msg = (f"{path} is a grey PNG with a transparency channel, which the image reader cannot read; "
+                   "save it without transparency (plain grey or RGB) and try again")
+        else:
+            msg = f"Could not read the image {path}: {reason}"
+        raise ValueError(msg) from error
+
+    image = image_from_sitk(sitk_image, source=source)
+    is_photo = path.is_file() and _suffix(path) in _PHOTO_SUFFIXES
+    if spacing is None and not is_photo:
+        return image
+
+    geometry = image.geometry
+    if spacing is None:
+        logger.warning(
+            "%s carries no reliable pixel size; assuming 1.0 mm per pixel. "
+            "Give the spacing explicitly if distances in mm matter.",
+            path,
+        )
+        new_spacing = (1.0,) * geometry.dimension
+    else:
+        new_spacing = _spacing_tuple(spacing, geometry.dimension, source)
+        if not is_photo and not np.allclose(new_spacing, geometry.spacing):
+            logger.info("Replacing the spacing %s in %s by %s", geometry.spacing, path, new_spacing)
+    if is_photo:
+        origin = (0.0,) * geometry.dimension
+        direction = tuple(np.eye(geometry.dimension).reshape(-1))
+    else:
+        origin, direction = geometry.origin, geometry.direction
+    new_geometry = ImageGeometry(size=geometry.size, spacing=new_spacing, origin=origin, direction=direction)
+    return Image(image.array, new_geometry)
+
+
+def _cast_for_integer_format(sitk_image: sitk.Image, array: np.ndarray, path: Path) -> sitk.Image:
+    rounded = np.round(array)
+    integral = np.allclose(array, rounded, atol=1e-3)
+    low, high = float(array.min()), float(array.max())
+    suffix = _suffix(path)
+    if integral and low >= 0 and high <= 255:
+        return sitk.Cast(sitk.Round(sitk_image), sitk.sitkUInt8)
+    if integral and low >= 0 and high <= 65535 and suffix == ".png":
+        return sitk.Cast(sitk.Round(sitk_image), sitk.sitkUInt16)
+    msg = (
+        f"Cannot write {path.name}: {suffix} files hold whole numbers from 0 to "
+        f"{65535 if suffix == '.png' else 255}, but this image has values from {low:g} to {high:g}. "
+        "Use .nrrd, .mha or .nii.gz, which keep the pixel values exactly."
+    )
+    raise ValueError(msg)
+
+
+def write_image(image: Image, path: str | os.PathLike[str], *, overwrite: bool = False) -> Path:
+    """Write an image atomically, in the format given by the file extension.
+
+    Pixels are written as float32 with the full geometry (NRRD, NIfTI, MHA, TIFF). PNG, JPEG
+    and BMP hold only whole-number grey values; the image must already be in that range.
+
+    Returns:
+        The written path.
+
+    Raises:
+        FileExistsError: ``path`` exists and ``overwrite`` is False.
+        ValueError: two-file formats (.mhd, .nhdr, .hdr), or values a format cannot hold.
+    """
+    path = Path(path).expanduser()
+    suffix = _suffix(path)
+    if suffix in _TWO_FILE_SUFFIXES:
+        msg = (
+            f"Cannot write {path.name}: {suffix} stores the pixels in a second file. "
+            "Use a single-file format such as .nrrd, .mha or .nii.gz."
+        )
+        raise ValueError(msg)
+    sitk_image = image_to_sitk(image)
+    if suffix in (".png", ".jpg", ".jpeg", ".bmp"):
+        if image.dimension != 2:
+            msg = f"Cannot write {path.name}: {suffix} files hold 2D images, this image is {image.dimension}D"
+            raise ValueError(msg)
+        sitk_image = _cast_for_integer_format(sitk_image, image.array, path)
+    with atomic_path(path, overwrite=overwrite) as temporary:
+        try:
+            sitk.WriteImage(sitk_image, str(temporary), useCompression=suffix in (".nrrd", ".mha", ".nii.gz"))
+        except RuntimeError as error:
+            reason = _sitk_reason(error)
+            msg = f"Could not write the image {path}: {reason}"
+            raise ValueError(msg) from error
+    return path
+
+
+# --------------------------------------------------------------------------- finding images
+
+IMAGE_SUFFIXES = (".nrrd", ".nhdr", ".nii", ".nii.gz", ".mha", ".mhd", ".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".dcm")
+
+
+def output_stem(path: Path) -> str:
+    """File name without its (possibly double) image extension: ``ct.nii.gz`` -> ``ct``."""
+    name = path.name
+    for suffix in sorted(IMAGE_SUFFIXES, key=len, reverse=True):
+        if name.lower().endswith(suffix):
+            return name[: -len(suffix)]
+    return path.stem
+
+
+def is_dicom_folder(path: Path) -> bool:
+    """True for a folder holding ``.dcm`` files (read as one DICOM series)."""
+    return path.is_dir() and any(p.suffix.lower() == ".dcm" for p in path.iterdir())
+
+
+def find_images(folder: str | Path) -> list[Path]:
+    """Image files in ``folder`` (not recursive) and its sub-folders that hold a DICOM series, sorted."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        msg = f"Input folder not found: {folder}"
+        raise FileNotFoundError(msg)
+    images = []
+    for entry in sorted(folder.iterdir()):
+        if entry.is_file() and entry.name.lower().endswith(IMAGE_SUFFIXES) and not entry.name.lower().endswith(".dcm"):
+            images.append(entry)
+        elif is_dicom_folder(entry):
+            images.append(entry)
+    return images
+
+
+# --------------------------------------------------------------------------- memory
+
+# Reading, converting to float and resampling hold a few copies of an image at once.
+_WORKING_COPIES = 4
+
+
+def memory_needed_bytes(path: str | os.PathLike[str]) -> int | None:
+    """About how much memory reading and preparing this image takes, from its header alone (None: unknown)."""
+    path = Path(path)
+    if not path.is_file():
+        return None
+    reader = sitk.ImageFileReader()
+    reader.SetFileName(str(path))
+    try:
+        reader.ReadImageInformation()
+    except RuntimeError:
+        return None  # read_image will say what is wrong with it
+    voxels = int(np.prod(reader.GetSize(), dtype=np.int64)) * max(1, reader.GetNumberOfComponents())
+    return voxels * 4 * _WORKING_COPIES
+
+
+def memory_available_bytes() -> int | None:
+    """Memory the system can give now (Linux ``MemAvailable``), or None where unknown."""
+    try:
+        with open("/proc/meminfo", encoding="ascii") as stream:
+            for line in stream:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        return None
+    return None
+
+
+def check_fits_in_memory(path: str | os.PathLike[str]) -> None:
+    """Refuse, before reading it, an image too large for the memory available now.
+
+    Raises:
+        MemoryError: with the sizes in GB, so that a batch reports it and goes on.
+    """
+    needed, available = memory_needed_bytes(path), memory_available_bytes()
+    if needed is not None and available is not None and needed > available:
+        msg = (f"{Path(path).name} is too large for the memory available: about {needed / 2**30:.1f} GB needed, "
+               f"{available / 2**30:.1f} GB free")
+        raise MemoryError(msg)

@@ -1,0 +1,174 @@
+"""Detecting landmarks on many images: one ``.mrk.json`` per image and a CSV summary."""
+
+from __future__ import annotations
+
+import csv
+import io
+import logging
+import os
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ..common.atomic import atomic_write_text
+from .detection import Detector
+from ..imaging.image_io import IMAGE_SUFFIXES, check_fits_in_memory, find_images, output_stem, read_image  # some re-exported
+from ..data.landmark_io import merge_detection_summary_csv, write_mrk_json
+from ..data.landmarks import Landmarks
+from ..models.model import LandmarkModel
+from ..common.progress import Progress, ProgressCallback, estimate_eta
+from ..models.quality import LOW_CONFIDENCE, review_order
+
+__all__ = ["BatchItem", "BatchReport", "detect_files", "detect_folder", "find_images", "output_stem"]
+
+log = logging.getLogger(__name__)
+
+SUMMARY_NAME = "landmarks.csv"
+REVIEW_NAME = "review_order.csv"
+
+
+@dataclass
+class BatchItem:
+    """The outcome for one image: its landmarks and file, or the reason it failed."""
+
+    image: Path
+    output: Path | None = None
+    landmarks: Landmarks | None = None
+    error: str | None = None
+    seconds: float = 0.0
+
+
+@dataclass
+class BatchReport:
+    """All outcomes of a batch run."""
+
+    items: list[BatchItem] = field(default_factory=list)
+    summary_csv: Path | None = None
+    device: str = ""
+    review_order: list[tuple[str, float, int]] = field(default_factory=list)
+    review_csv: Path | None = None
+
+    @property
+    def failed(self) -> list[BatchItem]:
+        return [item for item in self.items if item.error is not None]
+
+    @property
+    def succeeded(self) -> list[BatchItem]:
+        return [item for item in self.items if item.error is None]
+
+
+def detect_files(
+    images: Sequence[str | Path],
+    output_folder: str | Path,
+    model: LandmarkModel | str | Path,
+    *,
+    device: str | torch.device = "auto",
+    spacing: Sequence[float] | None = None,
+    low_confidence_threshold: float | None = LOW_CONFIDENCE,
+    check_above_mm: float | None = None,
+    overwrite: bool = False,
+    progress: ProgressCallback | None = None,
+    should_cancel: Callable[[], bool] | None = None,
+    on_item: Callable[[BatchItem], None] | None = None,
+) -> BatchReport:
+    """Detect landmarks on each image; a bad image is reported and skipped, the rest go on.
+
+    Args:
+        images: image files (or DICOM folders).
+        output_folder: receives ``<image name>.mrk.json`` per image and ``landmarks.csv`` (rows
+            of earlier runs into the same folder are kept; an image detected again replaces its rows);
+            with a model that gives expected errors and more than one image, also ``review_order.csv``:
+            this run's images ranked for review, the one expected furthest off first.
+        model: model file or loaded model.
+        device: ``"auto"``, ``"cpu"`` or ``"cuda"``.
+        spacing: pixel size in mm for formats without one (PNG, JPEG, ...).
+        low_confidence_threshold: for a model without an error model, points below this
+            confidence are to be checked (None: none).
+        check_above_mm: points whose expected error exceeds this (mm) are to be checked
+            (default: the model's validated threshold).
+        overwrite: replace existing output files (by default an existing file fails that image).
+        progress: called after each image.
+        should_cancel: polled between images; the images done so far are kept.
+        on_item: called with each finished item (for live display).
+    """
+    output_folder = Path(output_folder)
+    try:
+        output_folder.mkdir(parents=True, exist_ok=True)
+    except PermissionError as error:
+        msg = f"Cannot create the output folder {output_folder}: no permission to write in {error.filename or 'its parent'}"
+        raise PermissionError(msg) from error
+    if not os.access(output_folder, os.W_OK):  # found before any image is processed, not after
+        msg = f"The output folder {output_folder} is read-only (no permission to write there)"
+        raise PermissionError(msg)
+    detector = Detector(model, device=device, check_above_mm=check_above_mm,
+                        low_confidence=-1.0 if low_confidence_threshold is None else low_confidence_threshold)
+    report = BatchReport(device=detector.device_description)
+    started = time.monotonic()
+    total = len(images)
+    for number, image_path in enumerate(images):
+        if should_cancel is not None and should_cancel():
+            log.info("Batch cancelled after %d of %d images", number, total)
+            break
+        image_path = Path(image_path)
+        item = BatchItem(image=image_path)
+        began = time.monotonic()
+        try:
+            check_fits_in_memory(image_path)
+            landmarks = detector.detect(read_image(image_path, spacing=spacing))
+            target = output_folder / f"{output_stem(image_path)}.mrk.json"
+            write_mrk_json(landmarks, target, node_name=output_stem(image_path),
+                           low_confidence_threshold=low_confidence_threshold, overwrite=overwrite)
+            item.output, item.landmarks = target, landmarks
+        except MemoryError as error:
+            item.error = (str(error) or "not enough memory to process this image") + "; it was skipped"
+            log.warning("Skipped %s: %s", image_path.name, item.error)
+        except (ValueError, OSError, RuntimeError) as error:
+            item.error = str(error)
+            log.warning("Skipped %s: %s", image_path.name, error)
+        item.seconds = time.monotonic() - began
+        report.items.append(item)
+        if on_item is not None:
+            on_item(item)
+        if progress is not None:
+            elapsed = time.monotonic() - started
+            progress(Progress("detect", number + 1, total, elapsed, estimate_eta(number + 1, total, elapsed),
+                              message=image_path.name + (" failed" if item.error else "")))
+    results = [(output_stem(item.image), item.landmarks) for item in report.succeeded if item.landmarks is not None]
+    if results:
+        # Earlier runs into this folder keep their rows: the summary is merged, never replaced.
+        report.summary_csv = merge_detection_summary_csv(results, output_folder / SUMMARY_NAME)
+    report.review_order = review_order(results)
+    if len(results) > 1 and any(landmarks.expected_errors is not None for _, landmarks in results):
+        report.review_csv = write_review_order_csv(report.review_order, output_folder / REVIEW_NAME)
+    return report
+
+
+def write_review_order_csv(order: Sequence[tuple[str, float, int]], path: Path) -> Path:
+    """``image,rank,mean_expected_error_mm,points_to_check``, the first row the first to review.
+
+    Written for each run (the previous run's ranking is replaced: it ranked other images).
+    """
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, lineterminator="\n")
+    writer.writerow(["image", "rank", "mean_expected_error_mm", "points_to_check"])
+    for rank, (image, expected, checks) in enumerate(order, start=1):
+        writer.writerow([image, rank, f"{expected:.2f}" if np.isfinite(expected) else "", checks])
+    return atomic_write_text(path, buffer.getvalue(), overwrite=True)
+
+
+def detect_folder(
+    input_folder: str | Path,
+    output_folder: str | Path,
+    model: LandmarkModel | str | Path,
+    **options: object,
+) -> BatchReport:
+    """:func:`detect_files` on every image of ``input_folder`` (see :func:`find_images`)."""
+    images = find_images(input_folder)
+    if not images:
+        msg = f"No images found in {input_folder} (looked for {', '.join(IMAGE_SUFFIXES)} and DICOM folders)"
+        raise ValueError(msg)
+    return detect_files(images, output_folder, model, **options)  # type: ignore[arg-type]

@@ -1,0 +1,1 @@
+"""Training: global and local stages, the shared step loop, fine-tuning, torchrun, quality fitting."""

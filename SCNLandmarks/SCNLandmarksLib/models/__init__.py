@@ -1,0 +1,1 @@
+"""The landmark model: networks, heatmaps, local refinement, expected error, model files, catalog."""

@@ -1,0 +1,1 @@
+"""The only engine code that touches 3D Slicer: the MRML adapter and installing requirements."""
