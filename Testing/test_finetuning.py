@@ -47,9 +47,14 @@ def test_two_stage_model_fine_tunes_its_local_stage_only(two_stage_file, tmp_pat
     start, new = load_model(path), load_model(report.output)
     for key, value in start.network.state_dict().items():
         assert torch.equal(value, new.network.state_dict()[key]), key
-    assert any(not torch.equal(v, new.refiner.state_dict()[k]) for k, v in start.refiner.state_dict().items())
+    start_state, new_state = start.refiner.state_dict(), new.refiner.state_dict()
+    # Alone, the local stage learns gently: weights move, batch-norm statistics stay as trained.
+    assert any(not torch.equal(v, new_state[k]) for k, v in start_state.items() if k.endswith("weight"))
+    statistics = [k for k in start_state if k.endswith(("running_mean", "running_var"))]
+    assert statistics and all(torch.equal(start_state[k], new_state[k]) for k in statistics)
     info = read_model_description(report.output)["info"]["fine_tune"]
     assert info["stages"] == ["local"] and info["folds"] == 3
+    assert info["local_recipe"] == {"learning_rate": finetuning.GENTLE_LOCAL_LEARNING_RATE, "batch_norm_statistics": "kept"}
 
 
 def test_a_fine_tune_that_is_not_better_keeps_the_starting_model(two_stage_file, tmp_path, monkeypatch):
@@ -118,6 +123,10 @@ def test_cases_unlike_the_training_images_fine_tune_both_stages(two_stage_file, 
     foreign = fine_tune(cases, _with_error_model(path, tmp_path, validation_mean_mm=1e-3),
                         output=tmp_path / "a.scn.pt", iterations=2, keep_worse=True, device="cpu")
     assert foreign.stages == ["global", "local"] and "look unlike the model's training images" in foreign.message
+    recipe = read_model_description(foreign.output)["info"]["fine_tune"]["local_recipe"]
+    assert recipe == {"learning_rate": finetuning.LOCAL_LEARNING_RATE, "batch_norm_statistics": "follow the cases"}
+    foreign_start, foreign_new = load_model(path).refiner.state_dict(), load_model(foreign.output).refiner.state_dict()
+    assert any(not torch.equal(v, foreign_new[k]) for k, v in foreign_start.items() if k.endswith("running_mean"))
     familiar = fine_tune(cases, _with_error_model(path, tmp_path, validation_mean_mm=1e6),
                          output=tmp_path / "b.scn.pt", iterations=2, keep_worse=True, device="cpu")
     assert familiar.stages == ["local"] and "look unlike" not in familiar.message
