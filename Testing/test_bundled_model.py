@@ -1,7 +1,6 @@
 """The bundled default model: listed, intact, loadable, and right on the bundled sample."""
 
 import numpy as np
-import pytest
 
 from SCNLandmarksLib.models.catalog import bundled_models_folder, default_model, read_catalog, verify_sha256
 from SCNLandmarksLib.data.dataset import read_landmark_names

@@ -66,3 +66,24 @@ def test_large_3d_volume_is_processed_in_tiles_on_the_full_grid():
     assert np.isfinite(heatmaps).all()
     result = detector.detect(volume)
     assert result.positions.shape == (2, 3) and np.isfinite(result.positions).all()
+
+
+
+@pytest.mark.parametrize("requested", [True, False, None])
+def test_bfloat16_runs_both_stages_in_bfloat16_and_defaults_to_what_the_hardware_does(requested, monkeypatch):
+    import torch
+
+    from SCNLandmarksLib.inference import detection
+    from SCNLandmarksLib.learning.refinement_training import attach_refiner
+
+    monkeypatch.setattr(detection, "bfloat16_is_native", lambda device: True)
+    model = attach_refiner(tiny_model(["A", "B"]), patch_size=16, spacing_mm=1.0, filters=(4, 8), target_sigma_mm=1.0)
+    seen: dict[str, set] = {"global": set(), "local": set()}
+    first_conv = lambda module: next(m for m in module.modules() if isinstance(m, torch.nn.Conv2d))  # noqa: E731
+    first_conv(model.network).register_forward_hook(lambda m, i, output: seen["global"].add(output.dtype))
+    first_conv(model.refiner).register_forward_hook(lambda m, i, output: seen["local"].add(output.dtype))
+    image, _ = make_synthetic_case(dimension=2, size=48, num_landmarks=2)
+    landmarks = Detector(model, device="cpu", bfloat16=requested, readings=detection.AS_IS).detect(image)
+    expected = torch.float32 if requested is False else torch.bfloat16  # None: the (patched) hardware says yes
+    assert seen == {"global": {expected}, "local": {expected}}
+    assert np.isfinite(landmarks.positions).all()

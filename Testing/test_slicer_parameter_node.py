@@ -31,7 +31,6 @@ from __future__ import annotations
 import inspect
 import sys
 import types
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["resolve_device", "describe_device"]
+__all__ = ["bfloat16_is_native", "describe_device", "resolve_device"]
 
 DEVICE_CHOICES = ("auto", "cpu", "cuda")
 
@@ -37,3 +37,16 @@ def describe_device(device: torch.device) -> str:
         index = device.index if device.index is not None else torch.cuda.current_device()
         return f"cuda:{index} ({torch.cuda.get_device_name(index)})"
     return f"cpu ({torch.get_num_threads()} threads)"
+
+
+def bfloat16_is_native(device: torch.device) -> bool:
+    """Whether ``device`` computes in bfloat16 in hardware (elsewhere it is emulated and slower).
+
+    CPUs: AVX512-BF16 or AMX; GPUs: what CUDA reports.
+    """
+    if device.type == "cuda":
+        return bool(torch.cuda.is_bf16_supported())
+    if device.type != "cpu":
+        return False
+    checks = [getattr(torch.cpu, name, None) for name in ("_is_avx512_bf16_supported", "_is_amx_tile_supported")]
+    return any(bool(check()) for check in checks if check is not None)

@@ -28,7 +28,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..common.device import describe_device, resolve_device
+from ..common.device import bfloat16_is_native, describe_device, resolve_device
 from ..imaging.grid import SamplingTransform, padded_size
 from ..imaging.image import Image
 from ..data.landmarks import Landmarks
@@ -122,6 +122,9 @@ class Detector:
             (default: the threshold the model's error model was validated with).
         low_confidence: for models without an error model, points below this confidence are
             to be checked instead.
+        bfloat16: run the networks under bfloat16 autocast (default: where the device computes
+            bfloat16 in hardware; see ``scripts/experiments/detection_precision.py`` for what it
+            changes in time and accuracy).
 
     Example:
         >>> detector = Detector("cephalometric.scn.pt", device="auto")  # doctest: +SKIP
@@ -137,8 +140,10 @@ class Detector:
         readings: Sequence[ImageReading] | None = None,
         check_above_mm: float | None = None,
         low_confidence: float = LOW_CONFIDENCE,
+        bfloat16: bool | None = None,
     ) -> None:
         self.device = resolve_device(device)
+        self.bfloat16 = bfloat16_is_native(self.device) if bfloat16 is None else bool(bfloat16)
         self.model = load_model(model, device=self.device) if isinstance(model, (str, Path)) else model.to(self.device)
         self.model.network.eval()
         self.refine = refine and self.model.refiner is not None
@@ -155,6 +160,9 @@ class Detector:
         self.last_signals: dict[str, np.ndarray] = {}
         if self.model.refiner is not None:
             self.model.refiner.eval()
+
+    def _precision(self) -> torch.autocast:
+        return torch.autocast(device_type=self.device.type, dtype=torch.bfloat16, enabled=self.bfloat16)
 
     @property
     def device_description(self) -> str:
@@ -173,7 +181,7 @@ class Detector:
         tile = tuple(min(t, f) for t, f in zip(model.grid.size[::-1], array.shape))
         merged = np.full((model.config.num_landmarks, *array.shape), -np.inf, dtype=np.float32)
         starts = [_tile_starts(f, t) for f, t in zip(array.shape, tile)]
-        with torch.inference_mode():
+        with torch.inference_mode(), self._precision():
             for corner in itertools.product(*starts):
                 window = tuple(slice(c, c + t) for c, t in zip(corner, tile))
                 batch = torch.from_numpy(np.ascontiguousarray(array[window]))[None, None].to(self.device)
@@ -222,7 +230,8 @@ class Detector:
         if self.refine:
             refiner = model.refiner
             fine = reading.apply(prepare_for_refiner(image, refiner.config, model.intensity))
-            refined = refine_positions(refiner, fine, physical, device=self.device)
+            with self._precision():
+                refined = refine_positions(refiner, fine, physical, device=self.device)
             physical = refined.positions
             signals["local_peak"] = refined.peaks / refiner.config.target_peak
             if refiner.config.members > 1:

@@ -43,7 +43,7 @@ from ..models.refinement import (
     refinement_loss,
 )
 from .distributed import distributed_from_environment
-from .step_loop import StepLoop, foreign_checkpoint, resume_state, write_trained_model
+from .step_loop import StepLoop, refuse_to_start, restore, resume_state
 from .training import aligned_positions, split_cases, warmup_cosine
 from ..data.training_case import TrainingCase
 
@@ -254,14 +254,9 @@ def train_refiner(
     """
     settings = config or RefinerTrainingConfig()
     output = Path(output)
-    if output.exists() and not overwrite:
-        msg = f"The model file {output} already exists; choose a new name (models are never overwritten by default)"
-        raise FileExistsError(msg)
+    refuse_to_start(output, cases, overwrite=overwrite)
     if model.refiner is None:
         msg = "This model has no refinement stage to train; attach one with attach_refiner(model) first"
-        raise ValueError(msg)
-    if not cases:
-        msg = "Training needs at least one annotated case"
         raise ValueError(msg)
     device = resolve_device(settings.device)
     torch.manual_seed(settings.seed)
@@ -279,26 +274,15 @@ def train_refiner(
     optimizer = torch.optim.AdamW(_trainable_parameters(network, settings), lr=settings.learning_rate)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(
         settings.iterations, warmup_fraction=0.03, final_fraction=settings.final_learning_rate_fraction))
-    start_iteration = 0
-    history: list[dict[str, float | int | None]] = []
-    best_mre: float | None = None
-    best_state: dict[str, torch.Tensor] | None = None
     checkpoint = Path(checkpoint) if checkpoint is not None else None
     saved = resume_state(checkpoint, resume)
+    if saved is not None and (saved.get("stage") != "refiner"
+                              or saved.get("refiner_config") != json.dumps(refiner_config.to_dict())):
+        msg = f"The checkpoint {checkpoint} belongs to another training (not this model's refinement stage)"
+        raise ValueError(msg)
+    resumed = restore(saved, {"network": network, "optimizer": optimizer, "scheduler": scheduler}, checkpoint)
+    start_iteration, history, best_mre, best_state = resumed.iteration, resumed.history, resumed.best_mre, resumed.best_state
     if saved is not None:
-        if saved.get("stage") != "refiner" or saved.get("refiner_config") != json.dumps(refiner_config.to_dict()):
-            msg = f"The checkpoint {checkpoint} belongs to another training (not this model's refinement stage)"
-            raise ValueError(msg)
-        try:
-            network.load_state_dict(saved["network"])
-            optimizer.load_state_dict(saved["optimizer"])
-            scheduler.load_state_dict(saved["scheduler"])
-        except (RuntimeError, KeyError, ValueError) as error:
-            raise foreign_checkpoint(checkpoint, error) from error
-        start_iteration = int(saved["iteration"])
-        history = json.loads(str(saved["history"]))
-        best_mre = None if saved["best_mre"] is None else float(saved["best_mre"])
-        best_state = saved.get("best_state") or None
         log.info("Resuming the refinement stage from %s at iteration %d", checkpoint, start_iteration)
 
     # The global stage is frozen: its estimates on the validation cases are computed once.
@@ -375,21 +359,8 @@ def train_refiner(
         parameter.requires_grad_(True)
     network.eval()
     seconds = loop.elapsed_s
-    model.info = {
-        **copy.deepcopy(model.info),
-        "refiner_training": {
-            "cases": [c.name for c in crop_cases],
-            "validation_cases": [c.name for c in validation_cases],
-            "iterations": iteration,
-            "config": settings.to_dict(),
-            "best_validation_mre_mm": best_mre,
-            "seconds": seconds,
-            "device": describe_device(device),
-            "history": history[-200:],
-        },
-    }
-    if run.is_main:  # one writer; every process returns the same trained model
-        write_trained_model(model, output, overwrite=overwrite)
-    loop.remove_checkpoint()
-    run.wait_for_all()
+    model.info = {**copy.deepcopy(model.info), "refiner_training": loop.record(
+        iteration, cases=[c.name for c in crop_cases], validation_cases=[c.name for c in validation_cases],
+        config=settings.to_dict(), best_mre=best_mre, device=describe_device(device))}
+    loop.write(model, output, overwrite=overwrite)
     return RefinerTrainingResult(model, output, iteration, history, best_mre, seconds, describe_device(device))

@@ -9,10 +9,11 @@ everything around the step is this one piece of code.
 from __future__ import annotations
 
 import errno
+import json
 import logging
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -23,7 +24,10 @@ from .distributed import Distributed
 from ..common.errors import TrainingCancelled
 from ..common.progress import Progress, ProgressCallback, estimate_eta
 
-__all__ = ["StepLoop", "foreign_checkpoint", "load_checkpoint", "resume_state", "save_checkpoint", "write_trained_model"]
+__all__ = [
+    "ResumePoint", "StepLoop", "foreign_checkpoint", "load_checkpoint", "refuse_to_start", "restore", "resume_state",
+    "save_checkpoint", "write_trained_model",
+]
 
 log = logging.getLogger(__name__)
 
@@ -68,6 +72,50 @@ def resume_state(checkpoint: Path | None, resume: bool) -> dict[str, object] | N
         msg = f"There is no checkpoint at {checkpoint} to resume from; leave out --resume to start afresh"
         raise FileNotFoundError(msg)
     return load_checkpoint(checkpoint)
+
+
+def refuse_to_start(output: Path, cases: Sequence[object], *, overwrite: bool) -> None:
+    """Refuse before any work: ``output`` exists and may not be replaced, or there are no cases.
+
+    Raises:
+        FileExistsError: ``output`` exists and ``overwrite`` is False.
+        ValueError: ``cases`` is empty.
+    """
+    if output.exists() and not overwrite:
+        msg = f"The model file {output} already exists; choose a new name (models are never overwritten by default)"
+        raise FileExistsError(msg)
+    if not cases:
+        msg = "Training needs at least one annotated case"
+        raise ValueError(msg)
+
+
+@dataclass
+class ResumePoint:
+    """Where a run starts: afresh (the defaults) or where its checkpoint left it."""
+
+    iteration: int = 0
+    history: list[dict[str, float | int | None]] = field(default_factory=list)
+    best_mre: float | None = None
+    best_state: dict | None = None
+
+
+def restore(saved: dict[str, object] | None, parts: dict[str, object], checkpoint: Path | None) -> ResumePoint:
+    """Load a checkpoint's states into ``parts`` (name -> module, optimiser or scheduler).
+
+    Raises:
+        ValueError: the checkpoint's tensors do not fit ``parts`` (:func:`foreign_checkpoint`).
+    """
+    if saved is None:
+        return ResumePoint()
+    try:
+        for name, part in parts.items():
+            part.load_state_dict(saved[name])  # type: ignore[attr-defined]
+    except (RuntimeError, KeyError, ValueError) as error:
+        raise foreign_checkpoint(checkpoint, error) from error  # type: ignore[arg-type]
+    best_mre = saved["best_mre"]
+    return ResumePoint(int(saved["iteration"]), json.loads(str(saved["history"])),  # type: ignore[call-overload]
+                       None if best_mre is None else float(best_mre),  # type: ignore[arg-type]
+                       saved.get("best_state") or None)  # type: ignore[arg-type]
 
 
 def foreign_checkpoint(checkpoint: Path, error: BaseException) -> ValueError:
@@ -209,7 +257,24 @@ class StepLoop:
             self.progress(Progress("validate", iteration, self.total, self.elapsed_s, 0.0,
                                    loss=self.running_loss, validation_mre_mm=final_mre))
 
-    def remove_checkpoint(self) -> None:
-        """The run finished and its model is written: the checkpoint is no longer needed."""
-        if self.checkpoint is not None and self.distributed.is_main and self.checkpoint.exists():
-            self.checkpoint.unlink()
+    def record(self, iteration: int, *, cases: Sequence[str], validation_cases: Sequence[str], config: dict[str, object],
+               best_mre: float | None, device: str) -> dict[str, object]:
+        """What the model file keeps about this run (its ``info`` entry)."""
+        return {
+            "cases": list(cases),
+            "validation_cases": list(validation_cases),
+            "iterations": iteration,
+            "config": config,
+            "best_validation_mre_mm": best_mre,
+            "seconds": self.elapsed_s,
+            "device": device,
+            "history": self.history[-200:],
+        }
+
+    def write(self, model: object, output: Path, *, overwrite: bool) -> None:
+        """Write the trained model (process 0 of a ``torchrun`` run), then drop the checkpoint."""
+        if self.distributed.is_main:  # one writer; every process returns the same trained model
+            write_trained_model(model, output, overwrite=overwrite)
+            if self.checkpoint is not None and self.checkpoint.exists():
+                self.checkpoint.unlink()
+        self.distributed.wait_for_all()

@@ -26,8 +26,6 @@ from ..inference.detection import AS_IS, Detector
 from ..common.device import describe_device, resolve_device
 from ..inference.evaluation import point_errors
 from ..models.heatmaps import heatmap_loss
-from ..imaging.image import Image
-from ..data.landmarks import Landmarks
 from ..models.model import LandmarkModel
 from ..models.network import build_network
 from ..imaging.preprocess import PreparedImage, prepare_image
@@ -35,7 +33,7 @@ from ..common.progress import ProgressCallback
 from ..models.refinement import RefinementNetwork, RefinerConfig, build_refiner
 from ..data.training_case import TrainingCase
 from .distributed import distributed_from_environment
-from .step_loop import StepLoop, foreign_checkpoint, resume_state, write_trained_model
+from .step_loop import StepLoop, refuse_to_start, restore, resume_state
 
 __all__ = ["TrainingConfig", "TrainingResult", "adapt_to_landmarks", "train_model"]
 
@@ -351,12 +349,7 @@ def train_model(
     """
     config = config or TrainingConfig()
     output = Path(output)
-    if output.exists() and not overwrite:
-        msg = f"The model file {output} already exists; choose a new name (models are never overwritten by default)"
-        raise FileExistsError(msg)
-    if not cases:
-        msg = "Training needs at least one annotated case"
-        raise ValueError(msg)
+    refuse_to_start(output, cases, overwrite=overwrite)
     device = resolve_device(config.device)
     torch.manual_seed(config.seed)
     if validation_cases is None:
@@ -375,24 +368,12 @@ def train_model(
     optimizer = torch.optim.AdamW(_parameter_groups(model, config))
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(
         config.iterations, warmup_fraction=config.warmup_fraction, final_fraction=config.final_learning_rate_fraction))
-    start_iteration = 0
-    history: list[dict[str, float | int | None]] = []
-    best_mre: float | None = None
-    best_state: dict[str, object] | None = None
     checkpoint = Path(checkpoint) if checkpoint is not None else None
     saved = resume_state(checkpoint, resume)
+    resumed = restore(saved, {"network": model.network, "targets": model.targets, "optimizer": optimizer,
+                              "scheduler": scheduler}, checkpoint)
+    start_iteration, history, best_mre, best_state = resumed.iteration, resumed.history, resumed.best_mre, resumed.best_state
     if saved is not None:
-        try:
-            model.network.load_state_dict(saved["network"])
-            model.targets.load_state_dict(saved["targets"])
-            optimizer.load_state_dict(saved["optimizer"])
-            scheduler.load_state_dict(saved["scheduler"])
-        except (RuntimeError, KeyError, ValueError) as error:
-            raise foreign_checkpoint(checkpoint, error) from error
-        start_iteration = int(saved["iteration"])
-        history = json.loads(str(saved["history"]))
-        best_mre = None if saved["best_mre"] is None else float(saved["best_mre"])
-        best_state = saved.get("best_state") or None
         log.info("Resuming from %s at iteration %d", checkpoint, start_iteration)
 
     def checkpoint_state(iteration: int) -> dict[str, object]:
@@ -469,21 +450,8 @@ def train_model(
         model.targets.load_state_dict(best_state["targets"])
     seconds = loop.elapsed_s
     model.network.eval()
-    model.info = {
-        **{k: v for k, v in model.info.items() if k not in ("training",)},
-        "training": {
-            "cases": [c.name for c in prepared],
-            "validation_cases": [c.name for c in validation_cases],
-            "iterations": iteration,
-            "config": config.to_dict(),
-            "best_validation_mre_mm": best_mre,
-            "seconds": seconds,
-            "device": describe_device(device),
-            "history": history[-200:],
-        },
-    }
-    if run.is_main:  # one writer; every process returns the same trained model
-        write_trained_model(model, output, overwrite=overwrite)
-    loop.remove_checkpoint()
-    run.wait_for_all()
+    model.info = {**{k: v for k, v in model.info.items() if k != "training"}, "training": loop.record(
+        iteration, cases=[c.name for c in prepared], validation_cases=[c.name for c in validation_cases],
+        config=config.to_dict(), best_mre=best_mre, device=describe_device(device))}
+    loop.write(model, output, overwrite=overwrite)
     return TrainingResult(model, output, iteration, history, best_mre, seconds, describe_device(device))
