@@ -291,7 +291,7 @@ def read_case(case_folder: str | os.PathLike[str]) -> tuple[Image, Landmarks]:
 def read_training_cases(
     folder: str | os.PathLike[str] | None = None, names: Sequence[str] | None = None
 ) -> list[TrainingCase]:
-    """Stored cases as :class:`~SCNLandmarksLib.learning.training.TrainingCase` objects.
+    """Stored cases as :class:`~SCNLandmarksLib.data.training_case.TrainingCase` objects.
 
     Args:
         folder: the cases folder (default :func:`default_cases_folder`).

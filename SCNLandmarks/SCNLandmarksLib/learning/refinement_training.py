@@ -361,6 +361,6 @@ def train_refiner(
     seconds = loop.elapsed_s
     model.info = {**copy.deepcopy(model.info), "refiner_training": loop.record(
         iteration, cases=[c.name for c in crop_cases], validation_cases=[c.name for c in validation_cases],
-        config=settings.to_dict(), best_mre=best_mre, device=describe_device(device))}
+        config=settings.to_dict(), best_mre=best_mre, seconds=seconds, device=describe_device(device))}
     loop.write(model, output, overwrite=overwrite)
     return RefinerTrainingResult(model, output, iteration, history, best_mre, seconds, describe_device(device))

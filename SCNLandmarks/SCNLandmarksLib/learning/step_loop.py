@@ -258,15 +258,15 @@ class StepLoop:
                                    loss=self.running_loss, validation_mre_mm=final_mre))
 
     def record(self, iteration: int, *, cases: Sequence[str], validation_cases: Sequence[str], config: dict[str, object],
-               best_mre: float | None, device: str) -> dict[str, object]:
-        """What the model file keeps about this run (its ``info`` entry)."""
+               best_mre: float | None, seconds: float, device: str) -> dict[str, object]:
+        """What the model file keeps about this run (its ``info`` entry); ``seconds`` as the run reports them."""
         return {
             "cases": list(cases),
             "validation_cases": list(validation_cases),
             "iterations": iteration,
             "config": config,
             "best_validation_mre_mm": best_mre,
-            "seconds": self.elapsed_s,
+            "seconds": seconds,
             "device": device,
             "history": self.history[-200:],
         }

@@ -452,6 +452,6 @@ def train_model(
     model.network.eval()
     model.info = {**{k: v for k, v in model.info.items() if k != "training"}, "training": loop.record(
         iteration, cases=[c.name for c in prepared], validation_cases=[c.name for c in validation_cases],
-        config=config.to_dict(), best_mre=best_mre, device=describe_device(device))}
+        config=config.to_dict(), best_mre=best_mre, seconds=seconds, device=describe_device(device))}
     loop.write(model, output, overwrite=overwrite)
     return TrainingResult(model, output, iteration, history, best_mre, seconds, describe_device(device))
