@@ -8,7 +8,7 @@ Python console, scripts and tests use in the same way as the GUI::
     points = logic.detect(slicer.util.getNode("CT"), model="Cephalometric 2D", device="auto")
     # ... move the points that are wrong ...
     logic.addTrainingCase(slicer.util.getNode("CT"), points)
-    newModel = logic.fineTune(iterations=300)            # blocks; wait=False returns a job
+    newModel = logic.fineTune()                          # blocks; wait=False returns a job
     logic.detectFolder("/data/in", "/data/out", model=newModel)
 
 The engine (``SCNLandmarksLib``) has no Slicer dependency; everything that touches MRML is in
@@ -131,7 +131,7 @@ class SCNLandmarksParameterNode:
     device - Where the network runs.
     confidenceThreshold - For models without expected errors: points with a lower confidence are flagged.
     checkAboveMm - Points expected further off than this (mm) are flagged; 0: the model's validated threshold.
-    fineTuneIterations - Training iterations of a fine-tuning run.
+    fineTuneIterations - Training iterations of a fine-tuning run; 0: the recipe's, within the default time limit.
     useTimeBudget - Train for a fixed time instead of a number of iterations.
     timeBudgetMinutes - That time, in minutes.
     batchInputFolder - Folder of images for batch detection.
@@ -143,7 +143,7 @@ class SCNLandmarksParameterNode:
     device: ComputeDevice = ComputeDevice.AUTO
     confidenceThreshold: Annotated[float, WithinRange(0.0, 1.0)] = DEFAULT_LOW_CONFIDENCE_THRESHOLD
     checkAboveMm: Annotated[float, WithinRange(0.0, 10.0)] = 0.0
-    fineTuneIterations: Annotated[int, WithinRange(1, 100000)] = 300
+    fineTuneIterations: Annotated[int, WithinRange(0, 100000)] = 0
     useTimeBudget: bool = False
     timeBudgetMinutes: Annotated[float, WithinRange(0.5, 1440.0)] = 10.0
     batchInputFolder: Path
@@ -451,8 +451,8 @@ class SCNLandmarksWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             return
         _label, iterations, minutes = presets[index]
         self._parameterNode.useTimeBudget = minutes is not None
-        if iterations is not None:
-            self._parameterNode.fineTuneIterations = iterations
+        if minutes is None:
+            self._parameterNode.fineTuneIterations = iterations or 0
         if minutes is not None:
             self._parameterNode.timeBudgetMinutes = minutes
 
@@ -464,7 +464,8 @@ class SCNLandmarksWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self.ui.fineTuneStatusLabel.text = _("Starting...")
             self._fineTuneJob = self.logic.fineTune(
                 fromModel=self.selectedModelPath(),
-                iterations=None if parameters.useTimeBudget else parameters.fineTuneIterations,
+                iterations=None if parameters.useTimeBudget or not parameters.fineTuneIterations
+                else parameters.fineTuneIterations,
                 timeBudgetSeconds=parameters.timeBudgetMinutes * 60.0 if parameters.useTimeBudget else None,
                 device=parameters.device.value,
                 progressCallback=self.onFineTuneProgress,
@@ -1069,11 +1070,13 @@ class SCNLandmarksLogic(ScriptedLoadableModuleLogic):
         return suggested_iterations(numberOfCases)
 
     def fineTunePresets(self, numberOfCases: int) -> list:
-        """(label, iterations or None, minutes or None) choices for the fine-tune section."""
+        """(label, iterations or None, minutes or None) choices for the fine-tune section (neither: the recipe's)."""
+        from SCNLandmarksLib.learning.finetuning import DEFAULT_TIME_LIMIT_S
+
         suggested = self.suggestedIterations(numberOfCases)
         return [
-            (_("Recommended for {count} cases ({iterations} iterations)").format(
-                count=numberOfCases, iterations=suggested), suggested, None),
+            (_("Recommended for {count} cases ({iterations} iterations, fewer to end within {minutes:g} minutes)").format(
+                count=numberOfCases, iterations=suggested, minutes=DEFAULT_TIME_LIMIT_S / 60), None, None),
             (_("Quick check (50 iterations)"), 50, None),
             (_("Thorough (1000 iterations)"), 1000, None),
             (_("Time budget: 5 minutes"), None, 5.0),
@@ -1119,7 +1122,8 @@ class SCNLandmarksLogic(ScriptedLoadableModuleLogic):
 
         :param cases: case names (see :meth:`trainingCases`) or None for all usable cases.
         :param fromModel: model to start from (path, name, or None for the default model).
-        :param iterations: steps of each training run (default: :meth:`suggestedIterations`).
+        :param iterations: steps of each training run (default: :meth:`suggestedIterations`, fewer
+            where they would not end within the engine's ``DEFAULT_TIME_LIMIT_S`` on this computer).
         :param timeBudgetSeconds: train for this long instead of a number of iterations.
         :param device: "auto", "cpu" or "cuda".
         :param progressCallback: called with a ``SCNLandmarksLib.common.progress.Progress`` at each step
@@ -1151,8 +1155,6 @@ class SCNLandmarksLogic(ScriptedLoadableModuleLogic):
             raise ValueError(_("There are no training cases yet. Detect, correct and 'Add case' first."))
         if iterations is not None and timeBudgetSeconds is not None:
             raise ValueError(_("Give either a number of iterations or a time budget, not both."))
-        if iterations is None and timeBudgetSeconds is None:
-            iterations = self.suggestedIterations(len(names))
         sourcePath = self.resolveModel(fromModel)
         if outputPath is None:
             self.userModelsFolder.mkdir(parents=True, exist_ok=True)
@@ -1161,8 +1163,10 @@ class SCNLandmarksLogic(ScriptedLoadableModuleLogic):
 
         arguments = ["finetune", "--cases", str(self.casesFolder), "--from-model", str(sourcePath),
                      "--output", str(outputPath), "--device", str(getattr(device, "value", device))]
-        arguments += ["--iterations", str(int(iterations))] if iterations is not None else [
-            "--time-budget", str(float(timeBudgetSeconds))]
+        if iterations is not None:
+            arguments += ["--iterations", str(int(iterations))]
+        if timeBudgetSeconds is not None:
+            arguments += ["--time-budget", str(float(timeBudgetSeconds))]
         for name in names:
             arguments += ["--case", name]
         if keepWorse:

@@ -135,3 +135,24 @@ def test_cases_unlike_the_training_images_fine_tune_both_stages(two_stage_file, 
     assert chosen.stages == ["global"]
     with pytest.raises(ValueError, match="Stages must be"):
         fine_tune(cases, path, output=tmp_path / "d.scn.pt", iterations=2, device="cpu", stages=["everything"])
+
+
+def test_steps_that_fit_share_the_time_between_stages():
+    # Two stages: 1 s + 0.1 s per step and 2 s + 0.4 s per step; 13 s hold 20 steps of each.
+    assert finetuning._steps_that_fit(13.0, [(1.0, 0.1), (2.0, 0.4)]) == 20
+    assert finetuning._steps_that_fit(103.0, [(1.0, 0.1), (2.0, 0.4)]) == 200
+    assert finetuning._steps_that_fit(1.0, [(1.0, 0.1), (2.0, 0.4)]) == finetuning.MIN_FITTED_STEPS
+
+
+def test_a_slow_computer_gets_fewer_steps_within_the_time_limit_and_is_told(two_stage_file, tmp_path, monkeypatch):
+    path, cases = two_stage_file
+    monkeypatch.setattr(finetuning, "DEFAULT_TIME_LIMIT_S", 0.5)  # no computer is this fast: fit the fewest steps
+    reports = []
+    report = fine_tune(cases, path, output=tmp_path / "new.scn.pt", keep_worse=True, device="cpu", progress=reports.append)
+    assert report.steps_per_run == finetuning.MIN_FITTED_STEPS < suggested_iterations(len(cases))
+    assert f"took {finetuning.MIN_FITTED_STEPS} steps instead of {suggested_iterations(len(cases))}" in report.message
+    assert "measuring" in reports[0].message and reports[-1].done == reports[-1].total == 4 * finetuning.MIN_FITTED_STEPS
+    assert read_model_description(report.output)["info"]["fine_tune"]["steps_per_run"] == report.steps_per_run
+    # Asked-for iterations are run as asked, with no time limit and no probe.
+    exact = fine_tune(cases, path, output=tmp_path / "exact.scn.pt", iterations=3, keep_worse=True, device="cpu")
+    assert exact.steps_per_run == 3 and "instead of" not in exact.message

@@ -197,7 +197,7 @@ def test_widgets_show_the_defaults_and_the_declared_ranges(bound: types.SimpleNa
     w, module = bound.widgets, bound.module
     assert w["confidenceThreshold"].value == pytest.approx(module.DEFAULT_LOW_CONFIDENCE_THRESHOLD)
     assert (w["checkAboveMm"].minimum, w["checkAboveMm"].maximum) == (0.0, 10.0)
-    assert (w["fineTuneIterations"].minimum, w["fineTuneIterations"].maximum, w["fineTuneIterations"].value) == (1, 100000, 300)
+    assert (w["fineTuneIterations"].minimum, w["fineTuneIterations"].maximum, w["fineTuneIterations"].value) == (0, 100000, 0)
     assert w["timeBudgetMinutes"].minimum == pytest.approx(0.5)
     assert w["useTimeBudget"].checked is False
     labels = [w["device"].itemText(i) for i in range(w["device"].count)]

@@ -131,14 +131,14 @@ def test_defaults_as_declared_and_written_to_the_node(real: types.SimpleNamespac
     assert parameters.confidenceThreshold == pytest.approx(0.3)
     assert parameters.confidenceThreshold == real.module.DEFAULT_LOW_CONFIDENCE_THRESHOLD
     assert parameters.checkAboveMm == 0.0
-    assert parameters.fineTuneIterations == 300 and type(parameters.fineTuneIterations) is int
+    assert parameters.fineTuneIterations == 0 and type(parameters.fineTuneIterations) is int
     assert parameters.useTimeBudget is False
     assert parameters.timeBudgetMinutes == 10.0
     assert parameters.batchInputFolder == Path() and parameters.batchOutputFolder == Path()
     # Wrapping writes every default into the MRML node, with Slicer's own serialisation.
     assert set(node.GetParameterNames()) == FIELDS
     assert node.GetParameter("device") == "AUTO"
-    assert node.GetParameter("fineTuneIterations") == "300"
+    assert node.GetParameter("fineTuneIterations") == "0"
     assert node.GetParameter("useTimeBudget") == "False"
     assert float(node.GetParameter("confidenceThreshold")) == pytest.approx(0.3)
     assert node.GetNodeReferenceID("inputVolume") is None
@@ -181,7 +181,7 @@ def test_a_second_node_keeps_its_own_values(real: types.SimpleNamespace, scene: 
     first = real.ParameterNode(node)
     second = real.ParameterNode(scene.AddNode(slicer.vtkMRMLScriptedModuleNode()))
     first.fineTuneIterations = 5
-    assert second.fineTuneIterations == 300
+    assert second.fineTuneIterations == 0
 
 
 def test_changes_fire_modified_events_on_the_wrapper(real: types.SimpleNamespace, node: Any) -> None:
@@ -243,8 +243,8 @@ def test_node_references_refuse_other_classes(real: types.SimpleNamespace, scene
         ("confidenceThreshold", -0.01, 0.0, 1.0),
         ("checkAboveMm", 10.5, 0.0, 10.0),
         ("checkAboveMm", -1.0, 0.0, 10.0),
-        ("fineTuneIterations", 0, 1, 100000),
-        ("fineTuneIterations", 100001, 1, 100000),
+        ("fineTuneIterations", -1, 0, 100000),
+        ("fineTuneIterations", 100001, 0, 100000),
         ("timeBudgetMinutes", 0.25, 0.5, 1440.0),
         ("timeBudgetMinutes", 1441.0, 0.5, 1440.0),
     ],
@@ -275,7 +275,7 @@ def test_type_checks_refuse_wrong_types(real: types.SimpleNamespace, node: Any) 
         parameters.device = "cpu"  # enum parameter: only ComputeDevice members
     with pytest.raises(ValueError, match="must not be None"):
         parameters.confidenceThreshold = None
-    assert parameters.fineTuneIterations == 300
+    assert parameters.fineTuneIterations == 0
     assert parameters.device is real.module.ComputeDevice.AUTO
 
 

@@ -94,6 +94,17 @@ class Distributed:
         dist.all_reduce(value, op=dist.ReduceOp.MAX)
         return bool(value.item() > 0)
 
+    def smallest(self, value: int) -> int:
+        """The smallest of every process's ``value`` (a count all must use, such as a number of steps)."""
+        if not self.active:
+            return value
+        import torch.distributed as dist
+
+        backend = dist.get_backend()
+        tensor = torch.tensor([float(value)], device="cuda" if backend == "nccl" else "cpu")
+        dist.all_reduce(tensor, op=dist.ReduceOp.MIN)
+        return int(tensor.item())
+
 
 def distributed_from_environment(device: torch.device) -> Distributed:
     """Join the run ``torchrun`` started, or a single-process :class:`Distributed` without it."""

@@ -16,6 +16,12 @@ k-fold cross-validation trains the recipe on all folds but one and measures the 
 the new model on the fold left out, with the same global estimates; the new model is written
 only when its cross-validated error is lower (or when asked to keep it anyway). The report
 states both errors, side by side. Landmarks are matched by name; a missing point is missing.
+
+Time: every training run of the procedure (one per fold, one on all cases) has the same number of
+steps and a completed learning-rate schedule. A few probe steps measure this machine's speed first,
+and the steps are fitted so that the whole procedure ends within its time: by default the recipe's
+steps, fewer where they would not fit in ``DEFAULT_TIME_LIMIT_S``; with a time budget, as many as
+fit in it; with a number of iterations, exactly those (shortened only to fit a budget given too).
 """
 
 from __future__ import annotations
@@ -60,6 +66,13 @@ GENTLE_LOCAL_LEARNING_RATE = 5e-5
 # 3 minutes on 2 cores.
 LOCAL_BATCH_SIZE = 16
 GLOBAL_LEARNING_RATE = 5e-5
+# The whole procedure (probe, folds, final run, detections) ends within this by default: 10 cases in
+# under 5 minutes on a 2-core CPU, whatever its speed (the recipe's 200 steps took 330 s on a 2-core
+# AMD EPYC; scripts/experiments/promise_loop.py).
+DEFAULT_TIME_LIMIT_S = 270.0
+# Fewer steps than this teach nothing worth checking; a budget that cannot hold them is exceeded.
+MIN_FITTED_STEPS = 20
+PROBE_STEPS = 5
 # New output heads start near zero and must move much further than a body that only adapts.
 NEW_LANDMARKS_LEARNING_RATE = 2e-4
 # Cases whose mean expected error is this many times the validation images' look unlike the training
@@ -95,6 +108,7 @@ class FineTuneReport:
         message: one sentence for the user.
         per_fold: ``[{"start_mm", "new_mm", "held_out": [names]}]``.
         landmarks: the landmark names of the fine-tuned model, in channel order.
+        steps_per_run: optimiser steps of each stage in each training run.
     """
 
     verdict: str
@@ -108,6 +122,7 @@ class FineTuneReport:
     message: str
     per_fold: list[dict[str, object]] = field(default_factory=list)
     landmarks: list[str] = field(default_factory=list)
+    steps_per_run: int = 0
 
     @property
     def kept_new_model(self) -> bool:
@@ -118,7 +133,7 @@ class FineTuneReport:
             "verdict": self.verdict, "output": None if self.output is None else str(self.output),
             "start_error_mm": self.start_error_mm, "new_error_mm": self.new_error_mm, "folds": self.folds,
             "stages": self.stages, "cases": self.cases, "seconds": self.seconds, "message": self.message,
-            "per_fold": self.per_fold, "landmarks": self.landmarks,
+            "per_fold": self.per_fold, "landmarks": self.landmarks, "steps_per_run": self.steps_per_run,
         }
 
 
@@ -211,14 +226,38 @@ def _paired_uncertainty(per_fold: Sequence[dict[str, object]]) -> float | None:
     return float(differences.std(ddof=1) / np.sqrt(differences.size))
 
 
+def _probe_speed(train: Callable[[int, ProgressCallback], object]) -> tuple[float, float]:
+    """``(seconds to set a run up, seconds per step)`` of ``train(count, progress)`` on this machine.
+
+    The first step is left out of the rate: it carries one-off costs (allocation, kernel choice).
+    """
+    stamps: list[float] = []
+
+    def record(event: Progress) -> None:
+        if event.stage != "validate":
+            stamps.append(time.monotonic())
+
+    began = time.monotonic()
+    train(PROBE_STEPS, record)
+    total = time.monotonic() - began
+    step = (stamps[-1] - stamps[0]) / (len(stamps) - 1) if len(stamps) > 1 else total / PROBE_STEPS
+    return max(0.0, total - step * PROBE_STEPS), step
+
+
+def _steps_that_fit(seconds: float, speeds: Sequence[tuple[float, float]]) -> int:
+    """Steps per stage so that one run of every stage, ``speeds = [(setup s, s per step)]``, takes ``seconds``."""
+    setup = sum(s for s, _ in speeds)
+    per_step = sum(p for _, p in speeds)
+    return max(MIN_FITTED_STEPS, int((seconds - setup) / per_step)) if per_step > 0 else MIN_FITTED_STEPS
+
+
 class _Stepper:
     """Turns the trainings' own progress into one bar over the whole procedure."""
 
-    def __init__(self, total: int, progress: ProgressCallback | None, budget_s: float | None) -> None:
+    def __init__(self, total: int, progress: ProgressCallback | None) -> None:
         self.total = total
         self.finished = 0
         self.progress = progress
-        self.budget_s = budget_s
         self.started = time.monotonic()
 
     def callback(self, label: str) -> ProgressCallback:
@@ -226,10 +265,7 @@ class _Stepper:
             if self.progress is None or event.stage == "validate":
                 return
             elapsed = time.monotonic() - self.started
-            if self.budget_s is None:
-                done = self.finished + event.done
-            else:  # a time budget: the share of it used, in thousandths
-                done = min(self.total, int(self.total * elapsed / self.budget_s))
+            done = self.finished + event.done
             eta = elapsed / done * (self.total - done) if done else None
             self.progress(Progress("fine-tune", done, self.total, elapsed, eta, loss=event.loss, message=label))
 
@@ -257,8 +293,10 @@ def fine_tune(
         cases: the user's cases (points they corrected are drawn more often).
         model: the starting model or its file; it is never changed.
         output: the new model file (never overwritten).
-        iterations: optimiser steps of each training run (default: :func:`suggested_iterations`).
-        time_budget_s: or a wall-time budget for the whole procedure, in seconds.
+        iterations: optimiser steps of each training run (default: :func:`suggested_iterations`,
+            fewer where they would not fit in ``DEFAULT_TIME_LIMIT_S`` on this machine).
+        time_budget_s: wall-time budget of the whole procedure, in seconds: without
+            ``iterations``, each run takes as many steps as fit; with it, at most that many.
         new_landmarks: the cases define a different landmark set (new output heads).
         keep_worse: write the new model even when it is not better.
         stages: what to train, ``"global"`` and/or ``"local"`` in that order (default: the
@@ -338,6 +376,8 @@ def _fine_tune(  # noqa: PLR0913 - the arguments of fine_tune, checked
     started: float,
 ) -> FineTuneReport:
     from ..models.model_file import save_model
+    from ..common.device import resolve_device
+    from .distributed import distributed_from_environment
     from .refinement_training import RefinerTrainingConfig, train_refiner
     from .training import TrainingConfig, train_model
 
@@ -369,50 +409,69 @@ def _fine_tune(  # noqa: PLR0913 - the arguments of fine_tune, checked
     folds = [] if changed_set else _folds(len(cases), seed)
     runs = len(folds) + 1
     steps = iterations or suggested_iterations(len(cases))
-    budget_per_run = None if time_budget_s is None else 0.85 * time_budget_s / runs / len(stages)
-    if time_budget_s is not None and iterations is None:
-        steps = 100_000  # the budget ends each run
-    stepper = _Stepper(steps * runs * len(stages) if time_budget_s is None else 1000, progress, time_budget_s)
-
+    limit_s = time_budget_s if time_budget_s is not None else (None if iterations is not None else DEFAULT_TIME_LIMIT_S)
     keep_statistics = "global" not in stages
     local_rate = GENTLE_LOCAL_LEARNING_RATE if keep_statistics else LOCAL_LEARNING_RATE
     local_recipe = {"learning_rate": local_rate, "batch_norm_statistics": "kept" if keep_statistics else "follow the cases"}
+    ceilings: dict[str, float | None] = dict.fromkeys(stages)
 
-    def train(train_cases: Sequence[TrainingCase], label: str, destination: Path) -> LandmarkModel:
-        trained = copy.deepcopy(base)
-        for stage in stages:
-            target = destination.with_name(f"{stage}-{destination.name}")
-            report = stepper.callback(f"{label}: {stage} stage")
-            if stage == "global":
-                config = TrainingConfig(
-                    iterations=steps, learning_rate=NEW_LANDMARKS_LEARNING_RATE if changed_set else GLOBAL_LEARNING_RATE,
-                    device=device, seed=seed, validate_every=0,
-                    validation_fraction=0.0, time_budget_s=budget_per_run, checkpoint_every=0, progress_every=1,
-                )
-                trained = train_model(train_cases, trained, output=target, config=config, validation_cases=[],
-                                      progress=report, should_cancel=should_cancel).model
-            else:
-                config = RefinerTrainingConfig(
-                    iterations=steps, learning_rate=local_rate, freeze_batch_norm=keep_statistics,
-                    batch_size=max(1, LOCAL_BATCH_SIZE // trained.refiner.config.members),  # type: ignore[union-attr]
-                    device=device, seed=seed, validate_every=0, checkpoint_every=0,
-                    time_budget_s=budget_per_run, progress_every=1,
-                )
-                trained = train_refiner(train_cases, trained, output=target, config=config, validation_cases=[],
-                                        progress=report, should_cancel=should_cancel).model
-            stepper.finished += steps
-        return trained
+    def train_stage(stage: str, model: LandmarkModel, train_cases: Sequence[TrainingCase], target: Path, count: int,
+                    report: ProgressCallback | None) -> LandmarkModel:
+        if stage == "global":
+            config = TrainingConfig(
+                iterations=count, learning_rate=NEW_LANDMARKS_LEARNING_RATE if changed_set else GLOBAL_LEARNING_RATE,
+                device=device, seed=seed, validate_every=0, validation_fraction=0.0, time_budget_s=ceilings[stage],
+                checkpoint_every=0, progress_every=1,
+            )
+            return train_model(train_cases, model, output=target, config=config, validation_cases=[],
+                               progress=report, should_cancel=should_cancel).model
+        config = RefinerTrainingConfig(
+            iterations=count, learning_rate=local_rate, freeze_batch_norm=keep_statistics,
+            batch_size=max(1, LOCAL_BATCH_SIZE // model.refiner.config.members),  # type: ignore[union-attr]
+            device=device, seed=seed, validate_every=0, checkpoint_every=0, time_budget_s=ceilings[stage],
+            progress_every=1,
+        )
+        return train_refiner(train_cases, model, output=target, config=config, validation_cases=[],
+                             progress=report, should_cancel=should_cancel).model
 
-    per_fold: list[dict[str, object]] = []
-    if folds and start_found is None:
-        start_found = _detect_all(start, cases, device)
     with tempfile.TemporaryDirectory(prefix="scn-finetune-") as scratch:
+        detection_s = 0.0
+        if folds and start_found is None:
+            began = time.monotonic()
+            start_found = _detect_all(start, cases, device)
+            detection_s = time.monotonic() - began
+        if limit_s is not None:
+            if progress is not None:
+                progress(Progress("fine-tune", 0, None, time.monotonic() - started, None,
+                                  message="measuring this computer's training speed"))
+            speeds = {stage: _probe_speed(lambda count, report, stage=stage: train_stage(  # noqa: B023 - called at once
+                stage, copy.deepcopy(base), cases, Path(scratch) / f"probe-{stage}.scn.pt", count, report))
+                for stage in stages}
+            # What is left once the probe ran and the folds' held-out cases are detected again.
+            room_s = limit_s - (time.monotonic() - started) - (detection_s if folds else 0.0)
+            fitted = _steps_that_fit(room_s / runs, list(speeds.values()))
+            steps = fitted if iterations is None and time_budget_s is not None else min(steps, fitted)
+            # Under torchrun each process probed its own speed; all must run the same steps.
+            steps = distributed_from_environment(resolve_device(device)).smallest(steps)
+            for stage, (setup_s, step_s) in speeds.items():
+                ceilings[stage] = 1.5 * (setup_s + steps * step_s)  # a slower spell must not run on unbounded
+        stepper = _Stepper(steps * runs * len(stages), progress)
+
+        def train(train_cases: Sequence[TrainingCase], label: str, destination: Path) -> LandmarkModel:
+            trained = copy.deepcopy(base)
+            for stage in stages:
+                trained = train_stage(stage, trained, train_cases, destination.with_name(f"{stage}-{destination.name}"),
+                                      steps, stepper.callback(f"{label}: {stage} stage"))
+                stepper.finished += steps
+            return trained
+
+        per_fold: list[dict[str, object]] = []
         for number, held_out in enumerate(folds):
             held_out_set = set(held_out.tolist())
             training = [c for i, c in enumerate(cases) if i not in held_out_set]
             testing = [cases[i] for i in held_out]
             fold_model = train(training, f"fold {number + 1} of {len(folds)}", Path(scratch) / f"fold{number}.scn.pt")
-            start_cases = _case_errors([start_found[i] for i in held_out], testing)
+            start_cases = _case_errors([start_found[i] for i in held_out], testing)  # type: ignore[index]
             new_cases = _case_errors(_detect_all(fold_model, testing, device), testing)
             per_fold.append({
                 "held_out": [c.name for c in testing],
@@ -434,12 +493,17 @@ def _fine_tune(  # noqa: PLR0913 - the arguments of fine_tune, checked
             parent = Path(model).name if isinstance(model, (str, Path)) else final.info.get("parent_model", "")
             final.info = {**final.info, "parent_model": parent,
                           "fine_tune": {"verdict": verdict, "start_error_mm": start_error, "new_error_mm": new_error,
-                                        "folds": len(folds), "stages": stages, "cases": [c.name for c in cases],
+                                        "folds": len(folds), "stages": stages, "steps_per_run": steps,
+                                        "cases": [c.name for c in cases],
                                         **({"local_recipe": local_recipe} if "local" in stages else {})}}
             # Under torchrun every process trained the same model; process 0 writes it.
             written = save_model(final, output) if int(os.environ.get("RANK", "0")) == 0 else output
     seconds = time.monotonic() - started
     message = note + _message(verdict, start_error, new_error, len(folds), written, changed_set)
+    recipe_steps = iterations or suggested_iterations(len(cases))
+    if steps < recipe_steps:
+        message += (f" Each training run took {steps} steps instead of {recipe_steps}, to end within "
+                    f"{limit_s / 60:.1f} minutes on this computer.")
     if uncertainty is not None and start_error is not None and abs(new_error - start_error) < 2 * uncertainty:
         # Measured: with 10 cases, which 3-4 cases a fold holds out decides much of the verdict
         # (scripts/experiments/review_first.py); say so rather than sound sure.
@@ -447,7 +511,7 @@ def _fine_tune(  # noqa: PLR0913 - the arguments of fine_tune, checked
                     "more corrected cases make this check reliable.")
     log.info(message)
     return FineTuneReport(verdict, written, start_error, new_error, len(folds), stages, [c.name for c in cases],
-                          seconds, message, per_fold, list(base.landmark_names))
+                          seconds, message, per_fold, list(base.landmark_names), steps)
 
 
 def _message(verdict: str, start: float | None, new: float | None, folds: int, written: Path | None, changed: bool) -> str:

@@ -125,8 +125,11 @@ def build_parser() -> argparse.ArgumentParser:
     finetune.add_argument("--from-model", required=True, help="model file (or installed model name) to start from")
     _data_args(finetune)
     finetune.add_argument("--output", required=True, type=Path, help="model file to write (.scn.pt); never overwritten")
-    finetune.add_argument("--iterations", type=int, default=None, help="optimiser steps per training run (default: 200)")
-    finetune.add_argument("--time-budget", type=float, metavar="SECONDS", help="or a wall-time budget for the whole run")
+    finetune.add_argument("--iterations", type=int, default=None,
+                          help="optimiser steps per training run (default: the recipe's, 200 for up to 10 cases, "
+                               "fewer where they would not end within 4.5 minutes on this computer)")
+    finetune.add_argument("--time-budget", type=float, metavar="SECONDS",
+                          help="wall-time budget for the whole run: as many steps as fit (with --iterations: at most those)")
     finetune.add_argument("--new-landmarks", action="store_true",
                           help="the cases define a different landmark set: train new output heads")
     finetune.add_argument("--keep-worse", action="store_true", help="write the new model even when it is not better")
