@@ -452,8 +452,8 @@ class SCNLandmarksWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         _label, iterations, minutes = presets[index]
         self._parameterNode.useTimeBudget = minutes is not None
         if minutes is None:
-            self._parameterNode.fineTuneIterations = iterations or 0
-        if minutes is not None:
+            self._parameterNode.fineTuneIterations = iterations or 0  # 0 shows as "Recommended"
+        else:
             self._parameterNode.timeBudgetMinutes = minutes
 
     def onFineTuneButton(self) -> None:
