@@ -123,8 +123,9 @@ def test_cases_unlike_the_training_images_fine_tune_both_stages(two_stage_file, 
     foreign = fine_tune(cases, _with_error_model(path, tmp_path, validation_mean_mm=1e-3),
                         output=tmp_path / "a.scn.pt", iterations=2, keep_worse=True, device="cpu")
     assert foreign.stages == ["global", "local"] and "look unlike the model's training images" in foreign.message
-    recipe = read_model_description(foreign.output)["info"]["fine_tune"]["local_recipe"]
-    assert recipe == {"learning_rate": finetuning.LOCAL_LEARNING_RATE, "batch_norm_statistics": "follow the cases"}
+    recipe = read_model_description(foreign.output)["info"]["fine_tune"]
+    assert recipe["local_recipe"] == {"learning_rate": finetuning.LOCAL_LEARNING_RATE, "batch_norm_statistics": "follow the cases"}
+    assert recipe["global_learning_rate"] == finetuning.UNLIKE_GLOBAL_LEARNING_RATE
     foreign_start, foreign_new = load_model(path).refiner.state_dict(), load_model(foreign.output).refiner.state_dict()
     assert any(not torch.equal(v, foreign_new[k]) for k, v in foreign_start.items() if k.endswith("running_mean"))
     familiar = fine_tune(cases, _with_error_model(path, tmp_path, validation_mean_mm=1e6),
@@ -133,6 +134,7 @@ def test_cases_unlike_the_training_images_fine_tune_both_stages(two_stage_file, 
     chosen = fine_tune(cases, path, output=tmp_path / "c.scn.pt", iterations=2, keep_worse=True, device="cpu",
                        stages=["global"])
     assert chosen.stages == ["global"]
+    assert read_model_description(chosen.output)["info"]["fine_tune"]["global_learning_rate"] == finetuning.GLOBAL_LEARNING_RATE
     with pytest.raises(ValueError, match="Stages must be"):
         fine_tune(cases, path, output=tmp_path / "d.scn.pt", iterations=2, device="cpu", stages=["everything"])
 
