@@ -96,13 +96,13 @@ def main(argv: list[str] | None = None) -> int:
     rows: dict[str, dict[str, Any]] = {}
     for name in names:
         first_rate, second = recipes[name]
+        # Same domain: (local learning rate, statistics frozen); other device: (global rate, local rate).
+        local_rate, frozen = (second, False) if args.other_device else (first_rate, bool(second))
         held_out_errors = np.full(len(cases), np.nan)
         seen_errors = []
         started = time.monotonic()
         for number, held_out in enumerate(folds):
             training = [cases[i] for i in order if i not in set(held_out.tolist())]
-            # Same domain: (local learning rate, statistics frozen); other device: (global rate, local rate).
-            local_rate, frozen = (second, False) if args.other_device else (first_rate, bool(second))
             config = RefinerTrainingConfig(
                 iterations=steps, learning_rate=local_rate, batch_size=max(1, LOCAL_BATCH_SIZE // members),
                 freeze_batch_norm=frozen, device="cpu", seed=number, validate_every=0, checkpoint_every=0)
@@ -119,7 +119,8 @@ def main(argv: list[str] | None = None) -> int:
             seen_errors.append(case_errors(tuned, training, truths).mean())
         differences = held_out_errors - start_errors
         rows[name] = {
-            "learning_rates": recipes[name], "steps": steps,
+            "global_learning_rate": first_rate if args.other_device else None, "local_learning_rate": local_rate,
+            "batch_norm_frozen": frozen, "steps": steps,
             "held_out_mre_mm": float(held_out_errors.mean()), "start_mre_mm": float(start_errors.mean()),
             "difference_mm": float(differences.mean()),
             "difference_se_mm": float(differences.std(ddof=1) / np.sqrt(len(differences))),

@@ -56,9 +56,8 @@ def main(argv: list[str] | None = None) -> int:
             points = np.stack([f.positions for f in found])
             votes = trusted.sum(axis=0)
             counts += np.bincount(votes, minlength=len(members) + 1)
-            any_rule = np.where((votes > 0)[:, None],
-                                (points * trusted[..., None]).sum(axis=0) / np.maximum(votes, 1)[:, None], estimates)
             trusted_mean = (points * trusted[..., None]).sum(axis=0) / np.maximum(votes, 1)[:, None]
+            any_rule = np.where((votes > 0)[:, None], trusted_mean, estimates)
             majority_rule = np.where((2 * votes > len(members))[:, None], trusted_mean, estimates)
             all_rule = np.where((votes == len(members))[:, None], points.mean(axis=0), estimates)
             truth = truths[case.name].positions
