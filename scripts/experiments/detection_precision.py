@@ -41,9 +41,7 @@ def main(argv: list[str] | None = None) -> int:
     from SCNLandmarksLib.models.model_file import load_model
 
     torch.set_num_threads(args.threads)
-    isbi = X.isbi_folder(X.find_data_folder(args.data))
-    ids = X.checked_training_ids("validation", isbi)
-    cases = X.load_isbi_cases(isbi, ids, annotation="mean")
+    ids, cases = X.load_validation_cases(args.data)
     model = load_model(args.model)
     rows: dict[str, dict[str, Any]] = {}
     found: dict[tuple[bool, str], list[np.ndarray]] = {}

@@ -79,9 +79,7 @@ def main(argv: list[str] | None = None) -> int:
     from SCNLandmarksLib.learning.training import TrainingConfig, train_model
 
     torch.set_num_threads(args.threads)
-    isbi = X.isbi_folder(X.find_data_folder(args.data))
-    ids = X.checked_training_ids("validation", isbi)
-    cases = X.load_isbi_cases(isbi, ids, annotation="mean")
+    ids, cases = X.load_validation_cases(args.data)
     if args.other_device:
         cases = [P.device_case(case) for case in cases]
     recipes = DEVICE_RECIPES if args.other_device else RECIPES

@@ -288,6 +288,13 @@ def load_isbi_cases(isbi: Path, ids: Sequence[str], *, annotation: str = "senior
     return cases
 
 
+def load_validation_cases(data: str | os.PathLike[str] | None) -> tuple[list[str], list[Any]]:
+    """The committed validation split's ids and cases (mean of both doctors), from ``--data`` or its default."""
+    isbi = isbi_folder(find_data_folder(data))
+    ids = checked_training_ids("validation", isbi)
+    return ids, load_isbi_cases(isbi, ids, annotation="mean")
+
+
 def with_landmarks(cases: Sequence[Any], table: Mapping[str, Any]) -> list[Any]:
     """The same images (shared, not copied) with the landmarks of ``table[case.name]``."""
     from SCNLandmarksLib.data.training_case import TrainingCase

@@ -85,25 +85,20 @@ class Distributed:
 
     def agree(self, flag: bool) -> bool:
         """True on every process when it is True on any (stop, cancel)."""
-        if not self.active:
-            return flag
-        import torch.distributed as dist
-
-        backend = dist.get_backend()
-        value = torch.tensor([1.0 if flag else 0.0], device="cuda" if backend == "nccl" else "cpu")
-        dist.all_reduce(value, op=dist.ReduceOp.MAX)
-        return bool(value.item() > 0)
+        return flag if not self.active else self._reduce(1.0 if flag else 0.0, "MAX") > 0
 
     def smallest(self, value: int) -> int:
         """The smallest of every process's ``value`` (a count all must use, such as a number of steps)."""
-        if not self.active:
-            return value
+        return value if not self.active else int(self._reduce(float(value), "MIN"))
+
+    @staticmethod
+    def _reduce(value: float, operation: str) -> float:
+        """``value`` combined over all processes by ``torch.distributed.ReduceOp.<operation>``."""
         import torch.distributed as dist
 
-        backend = dist.get_backend()
-        tensor = torch.tensor([float(value)], device="cuda" if backend == "nccl" else "cpu")
-        dist.all_reduce(tensor, op=dist.ReduceOp.MIN)
-        return int(tensor.item())
+        tensor = torch.tensor([value], device="cuda" if dist.get_backend() == "nccl" else "cpu")
+        dist.all_reduce(tensor, op=getattr(dist.ReduceOp, operation))
+        return float(tensor.item())
 
 
 def distributed_from_environment(device: torch.device) -> Distributed:

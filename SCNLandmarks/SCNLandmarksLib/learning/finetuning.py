@@ -408,21 +408,23 @@ def _fine_tune(  # noqa: PLR0913 - the arguments of fine_tune, checked
         stages = [stage for stage in ("global", "local") if stage in chosen_stages]
     note = ""
     global_rate = NEW_LANDMARKS_LEARNING_RATE if changed_set else GLOBAL_LEARNING_RATE
+    folds = [] if changed_set else _folds(len(cases), seed)
+    recipe_chooses = chosen_stages is None and stages == ["local"]
     # The starting model's detections serve the device check and every fold's "before" (once each).
     start_found: list[Landmarks] | None = None
     detection_s = 0.0  # detecting every case once; the folds' held-out cases add up to the same again
-    if chosen_stages is None and stages == ["local"]:
+    if folds or recipe_chooses:
         began = time.monotonic()
         start_found = _detect_all(start, cases, device)
         detection_s = time.monotonic() - began
-        unlike = _unlike_training_images(start, start_found)
+    if recipe_chooses:
+        unlike = _unlike_training_images(start, start_found)  # type: ignore[arg-type]
         if unlike is not None:
             stages = ["global", "local"]
             global_rate = UNLIKE_GLOBAL_LEARNING_RATE
             note = (f"Your images look unlike the model's training images (expected error {unlike[0]:.1f} mm against "
                     f"{unlike[1]:.1f} mm on its validation images), so both stages learn. ")
             log.info(note)
-    folds = [] if changed_set else _folds(len(cases), seed)
     runs = len(folds) + 1
     steps = iterations or suggested_iterations(len(cases))
     limit_s = time_budget_s if time_budget_s is not None else (None if iterations is not None else DEFAULT_TIME_LIMIT_S)
@@ -451,10 +453,6 @@ def _fine_tune(  # noqa: PLR0913 - the arguments of fine_tune, checked
                              progress=report, should_cancel=should_cancel).model
 
     with tempfile.TemporaryDirectory(prefix="scn-finetune-") as scratch:
-        if folds and start_found is None:
-            began = time.monotonic()
-            start_found = _detect_all(start, cases, device)
-            detection_s = time.monotonic() - began
         if limit_s is not None:
             if progress is not None:
                 progress(Progress("fine-tune", 0, None, time.monotonic() - started, None,

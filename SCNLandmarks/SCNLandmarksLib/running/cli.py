@@ -11,6 +11,7 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
+from ..learning.finetuning import DEFAULT_TIME_LIMIT_S
 from ..models.quality import LOW_CONFIDENCE
 
 __all__ = ["main"]
@@ -127,7 +128,8 @@ def build_parser() -> argparse.ArgumentParser:
     finetune.add_argument("--output", required=True, type=Path, help="model file to write (.scn.pt); never overwritten")
     finetune.add_argument("--iterations", type=int, default=None,
                           help="optimiser steps per training run (default: the recipe's, 200 for up to 10 cases, "
-                               "fewer where they would not end within 4.5 minutes on this computer)")
+                               f"fewer where they would not end within {DEFAULT_TIME_LIMIT_S / 60:g} minutes on this "
+                               "computer)")
     finetune.add_argument("--time-budget", type=float, metavar="SECONDS",
                           help="wall-time budget for the whole run: as many steps as fit (with --iterations: at most those)")
     finetune.add_argument("--new-landmarks", action="store_true",
