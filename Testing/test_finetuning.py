@@ -146,6 +146,25 @@ def test_steps_that_fit_share_the_time_between_stages():
     assert finetuning._steps_that_fit(1.0, [(1.0, 0.1), (2.0, 0.4)]) == finetuning.MIN_FITTED_STEPS
 
 
+def test_a_timed_run_rescales_the_probed_step_times():
+    # Probed: 1 s + 0.1 s per step and 2 s + 0.4 s per step, 13 s for 20 steps; the run took 23 s.
+    timed = finetuning._timed_speeds({"global": (1.0, 0.1), "local": (2.0, 0.4)}, 23.0, 20)
+    assert timed["global"] == pytest.approx((1.0, 0.2)) and timed["local"] == pytest.approx((2.0, 0.8))
+    assert finetuning._timed_speeds({"local": (5.0, 0.1)}, 4.0, 20) == {"local": (5.0, 0.0)}
+
+
+def test_runs_after_the_first_are_fitted_again_when_the_probe_misjudged_the_speed(two_stage_file, tmp_path, monkeypatch):
+    path, cases = two_stage_file
+    monkeypatch.setattr(finetuning, "DEFAULT_ITERATIONS", 25)  # the recipe's steps, kept small for the test
+    # A probe that judges every step to take 10 s fits the fewest steps; the first run shows the truth.
+    monkeypatch.setattr(finetuning, "_probe_speed", lambda train: (0.0, 10.0))
+    reports = []
+    report = fine_tune(cases, path, output=tmp_path / "new.scn.pt", keep_worse=True, device="cpu", progress=reports.append)
+    assert [fold["steps"] for fold in report.per_fold] == [finetuning.MIN_FITTED_STEPS, 25, 25]
+    assert report.steps_per_run == 25 and "instead of" not in report.message
+    assert reports[-1].done == reports[-1].total == finetuning.MIN_FITTED_STEPS + 3 * 25
+
+
 def test_a_slow_computer_gets_fewer_steps_within_the_time_limit_and_is_told(two_stage_file, tmp_path, monkeypatch):
     path, cases = two_stage_file
     monkeypatch.setattr(finetuning, "DEFAULT_TIME_LIMIT_S", 0.5)  # no computer is this fast: fit the fewest steps

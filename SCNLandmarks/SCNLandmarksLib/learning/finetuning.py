@@ -17,11 +17,13 @@ the new model on the fold left out, with the same global estimates; the new mode
 only when its cross-validated error is lower (or when asked to keep it anyway). The report
 states both errors, side by side. Landmarks are matched by name; a missing point is missing.
 
-Time: every training run of the procedure (one per fold, one on all cases) has the same number of
-steps and a completed learning-rate schedule. A few probe steps measure this machine's speed first,
-and the steps are fitted so that the whole procedure ends within its time: by default the recipe's
-steps, fewer where they would not fit in ``DEFAULT_TIME_LIMIT_S``; with a time budget, as many as
-fit in it; with a number of iterations, exactly those (shortened only to fit a budget given too).
+Time: every training run of the procedure (one per fold, one on all cases) has a completed
+learning-rate schedule. A few probe steps measure this machine's speed first, and the steps are
+fitted so that the whole procedure ends within its time: by default the recipe's steps, fewer where
+they would not fit in ``DEFAULT_TIME_LIMIT_S``; with a time budget, as many as fit in it; with a
+number of iterations, exactly those (shortened only to fit a budget given too). A probe of a few
+steps misjudges a machine whose speed wanders, so once the first run is timed, the runs still to
+come are fitted again to the time left (the report gives each fold's steps).
 """
 
 from __future__ import annotations
@@ -82,6 +84,11 @@ PROBE_STEPS = 8
 # EPYC: 0.24 -> 0.30 s per global step, 0.30 -> 0.41 s per local step from the first to the last
 # run), so the steps are fitted to this share of the time left.
 SPEED_MARGIN = 0.8
+# On the same machine the probe also judged steps a quarter slower than the runs then went (0.37
+# and 0.39 s against 0.27 and 0.33 s; a 10-case fine-tune used 181 s of its 270): the whole first
+# run is the better measure. The runs after it still went up to a sixth slower than it (fitted to
+# 90 % of the time left, a fine-tune took 282 s of its 270), so they are fitted again to this share.
+TIMED_RUN_MARGIN = 0.85
 # New output heads start near zero and must move much further than a body that only adapts.
 NEW_LANDMARKS_LEARNING_RATE = 2e-4
 # Cases whose mean expected error is this many times the validation images' look unlike the training
@@ -262,6 +269,14 @@ def _steps_that_fit(seconds: float, speeds: Sequence[tuple[float, float]]) -> in
     return max(MIN_FITTED_STEPS, int((seconds - setup) / per_step)) if per_step > 0 else MIN_FITTED_STEPS
 
 
+def _timed_speeds(speeds: dict[str, tuple[float, float]], run_s: float, steps: int) -> dict[str, tuple[float, float]]:
+    """The probe's ``{stage: (setup s, s per step)}`` with the steps rescaled so that a run of ``steps`` takes ``run_s``."""
+    setup_s = sum(setup for setup, _ in speeds.values())
+    probed_s = sum(step for _, step in speeds.values()) * steps
+    scale = max(run_s - setup_s, 0.0) / probed_s if probed_s > 0 else 1.0
+    return {stage: (setup, step * scale) for stage, (setup, step) in speeds.items()}
+
+
 class _Stepper:
     """Turns the trainings' own progress into one bar over the whole procedure."""
 
@@ -428,10 +443,23 @@ def _fine_tune(  # noqa: PLR0913 - the arguments of fine_tune, checked
     runs = len(folds) + 1
     steps = iterations or suggested_iterations(len(cases))
     limit_s = time_budget_s if time_budget_s is not None else (None if iterations is not None else DEFAULT_TIME_LIMIT_S)
+    # The most steps a run may take: a budget alone takes as many as fit.
+    most_steps = None if iterations is None and time_budget_s is not None else steps
+    distributed = distributed_from_environment(resolve_device(device))
     keep_statistics = "global" not in stages
     local_rate = GENTLE_LOCAL_LEARNING_RATE if keep_statistics else LOCAL_LEARNING_RATE
     local_recipe = {"learning_rate": local_rate, "batch_norm_statistics": "kept" if keep_statistics else "follow the cases"}
     ceilings: dict[str, float | None] = dict.fromkeys(stages)
+    speeds: dict[str, tuple[float, float]] = {}
+
+    def fit(seconds_per_run: float, speeds: dict[str, tuple[float, float]]) -> int:
+        """Steps per run that fit ``seconds_per_run``; also bounds each stage's time to them."""
+        fitted = _steps_that_fit(seconds_per_run, list(speeds.values()))
+        # Under torchrun each process measured its own speed; all must run the same steps.
+        fitted = distributed.smallest(fitted if most_steps is None else min(most_steps, fitted))
+        for stage, (setup_s, step_s) in speeds.items():
+            ceilings[stage] = 1.5 * (setup_s + fitted * step_s)  # a slower spell must not run on unbounded
+        return fitted
 
     def train_stage(stage: str, model: LandmarkModel, train_cases: Sequence[TrainingCase], target: Path, count: int,
                     report: ProgressCallback | None) -> LandmarkModel:
@@ -462,20 +490,18 @@ def _fine_tune(  # noqa: PLR0913 - the arguments of fine_tune, checked
                 for stage in stages}
             # What is left once the probe ran and the folds' held-out cases are detected again.
             room_s = limit_s - (time.monotonic() - started) - (detection_s if folds else 0.0)
-            fitted = _steps_that_fit(SPEED_MARGIN * room_s / runs, list(speeds.values()))
-            steps = fitted if iterations is None and time_budget_s is not None else min(steps, fitted)
-            # Under torchrun each process probed its own speed; all must run the same steps.
-            steps = distributed_from_environment(resolve_device(device)).smallest(steps)
-            for stage, (setup_s, step_s) in speeds.items():
-                ceilings[stage] = 1.5 * (setup_s + steps * step_s)  # a slower spell must not run on unbounded
+            steps = fit(SPEED_MARGIN * room_s / runs, speeds)
         stepper = _Stepper(steps * runs * len(stages), progress)
+        run_seconds: list[float] = []
 
         def train(train_cases: Sequence[TrainingCase], label: str, destination: Path) -> LandmarkModel:
+            began = time.monotonic()
             trained = copy.deepcopy(base)
             for stage in stages:
                 trained = train_stage(stage, trained, train_cases, destination.with_name(f"{stage}-{destination.name}"),
                                       steps, stepper.callback(f"{label}: {stage} stage"))
                 stepper.finished += steps
+            run_seconds.append(time.monotonic() - began)
             return trained
 
         per_fold: list[dict[str, object]] = []
@@ -483,14 +509,22 @@ def _fine_tune(  # noqa: PLR0913 - the arguments of fine_tune, checked
             held_out_set = set(held_out.tolist())
             training = [c for i, c in enumerate(cases) if i not in held_out_set]
             testing = [cases[i] for i in held_out]
+            fold_steps = steps
             fold_model = train(training, f"fold {number + 1} of {len(folds)}", Path(scratch) / f"fold{number}.scn.pt")
             start_cases = _case_errors([start_found[i] for i in held_out], testing)  # type: ignore[index]
             new_cases = _case_errors(_detect_all(fold_model, testing, device), testing)
             per_fold.append({
-                "held_out": [c.name for c in testing],
+                "held_out": [c.name for c in testing], "steps": fold_steps,
                 "start_mm": float(np.nanmean(start_cases)), "new_mm": float(np.nanmean(new_cases)),
                 "start_cases_mm": start_cases, "new_cases_mm": new_cases,
             })
+            if number == 0 and limit_s is not None:
+                # The first run, timed whole, corrects the probe's speeds for the runs still to come.
+                speeds = _timed_speeds(speeds, run_seconds[0], fold_steps)
+                left = runs - 1
+                room_s = limit_s - (time.monotonic() - started) - detection_s * (len(folds) - 1) / len(folds)
+                steps = fit(TIMED_RUN_MARGIN * room_s / left, speeds)
+                stepper.total = stepper.finished + steps * left * len(stages)
         uncertainty = None
         if per_fold:
             start_error = float(np.nanmean([f["start_mm"] for f in per_fold]))  # type: ignore[misc]
