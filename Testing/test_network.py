@@ -52,6 +52,19 @@ def test_fixed_cubic_upsampling_reproduces_constants_inside_and_centres_samples(
     assert mean == pytest.approx(centre, abs=1e-4)
 
 
+@pytest.mark.parametrize(("factor", "kernel", "dimension"), [(16, "cubic", 2), (3, "linear", 2), (4, "cubic", 3)])
+def test_fixed_upsampling_equals_its_transposed_convolution(factor, kernel, dimension):
+    upsample = FixedUpsample(factor, kernel=kernel, dimension=dimension)
+    x = torch.randn(2, 3, *([5, 4, 6][:dimension]), dtype=torch.float64)
+    expected = x
+    for axis in range(2, 2 + dimension):  # the transposed convolution, one axis at a time
+        moved = expected.movedim(axis, -1)
+        flat = torch.nn.functional.conv_transpose1d(moved.reshape(-1, 1, moved.shape[-1]), upsample.weights.double(),
+                                                    stride=factor)[..., upsample.crop : upsample.crop + moved.shape[-1] * factor]
+        expected = flat.reshape(*moved.shape[:-1], -1).movedim(-1, axis)
+    torch.testing.assert_close(upsample(x), expected)
+
+
 def test_wrong_input_shapes_are_explained():
     network = build_network(NetworkConfig(dimension=2, num_landmarks=2, filters=4, levels=2, spatial_downsample=4, spatial_kernel=3))
     with pytest.raises(ValueError, match="one-channel 2D"):

@@ -190,13 +190,17 @@ class FixedUpsample(nn.Module):
             x = self._upsample_axis(x, axis)
         return x
 
+    def axis_matrix(self, length: int, *, dtype: torch.dtype = torch.float32, device: torch.device | None = None) -> torch.Tensor:
+        """``(length, length * factor)``: row ``i`` is what input sample ``i`` adds along one axis."""
+        impulses = torch.eye(length, dtype=dtype, device=device).unsqueeze(1)
+        spread = F.conv_transpose1d(impulses, self.weights.to(dtype=dtype, device=impulses.device), stride=self.factor)
+        return spread[:, 0, self.crop : self.crop + length * self.factor]
+
     def _upsample_axis(self, x: torch.Tensor, axis: int) -> torch.Tensor:
+        # A product with the axis' small upsampling matrix: the transposed convolution it equals,
+        # run over every row with one input channel, took a tenth of an SCN training step on the CPU.
         moved = x.movedim(axis, -1)
-        shape = moved.shape
-        flat = moved.reshape(-1, 1, shape[-1])
-        out = F.conv_transpose1d(flat, self.weights.to(flat.dtype), stride=self.factor)
-        out = out[..., self.crop : self.crop + shape[-1] * self.factor]
-        return out.reshape(*shape[:-1], shape[-1] * self.factor).movedim(-1, axis)
+        return (moved @ self.axis_matrix(moved.shape[-1], dtype=moved.dtype, device=moved.device)).movedim(-1, axis)
 
 
 class LocalAppearance(nn.Module):
