@@ -53,6 +53,27 @@ def detect_with_signals(detector: Any, cases: Sequence[Any], truths: dict[str, A
     return {k: np.stack(v) for k, v in signals.items()}, np.stack(errors), np.stack(expected), seconds
 
 
+def leave_one_image_out(signals: dict[str, np.ndarray], errors: np.ndarray, use: Sequence[str]) -> dict[str, float]:
+    """Each validation image's expected errors from an error model fitted on the other images.
+
+    What chooses the signals: test1 only reports. Points > 4 mm off are too rare on the validation
+    images (2 of 285 for the bundled model) to rank signal sets by, so the AUROC for points > 2 mm
+    off and the error of the predicted log-error decide.
+    """
+    from SCNLandmarksLib.models.quality import ERROR_FLOOR_MM, ErrorModel
+
+    expected = np.full(errors.shape, np.nan)
+    for image in range(errors.shape[0]):
+        rest = np.arange(errors.shape[0]) != image
+        fitted = ErrorModel.fit({k: v[rest] for k, v in signals.items()}, errors[rest], use=use)
+        expected[image] = fitted.expected_errors({k: v[image:image + 1] for k, v in signals.items()})[0]
+    found = np.isfinite(errors) & np.isfinite(expected)
+    e, p = errors[found], expected[found]
+    log_gap = np.log(p + ERROR_FLOOR_MM) - np.log(e + ERROR_FLOOR_MM)
+    return {"auroc_2mm": auroc(p, e > 2), "auroc_4mm": auroc(p, e > 4), "points_over_2mm": int((e > 2).sum()),
+            "log_error_rmse": float(np.sqrt(np.mean(log_gap**2)))}
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data", type=Path, default=None)
@@ -93,6 +114,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     threshold = model.error_model.check_above_mm
     print(f"Error model fitted on {errors.size} validation points; default check threshold {threshold:.2f} mm")
+    held_out = leave_one_image_out(signals, errors, list(model.error_model.signals))
+    print("Validation, each image held out of the fit: " + ", ".join(f"{k} {v:.3f}" for k, v in held_out.items()))
     model_path = save_model(model, output / args.model.name, overwrite=True, half_precision=True)
 
     test_ids = X.test1_ids(isbi, args.test_images)
@@ -127,10 +150,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     top = np.argsort(-image_expected)[: max(1, len(test_ids) // 10)]
     rows["top_tenth_images_mre_mm"] = float(image_actual[top].mean())
     rows["all_images_mre_mm"] = float(image_actual.mean())
-    X.write_json(output / "results.json", {"error_model": model.error_model.to_dict(), "test1": rows,
+    X.write_json(output / "results.json", {"error_model": model.error_model.to_dict(), "validation_held_out": held_out,
+                                           "test1": rows,
                                            "environment": X.environment()})
 
     body = X.markdown_table(["figure", "test1 (150 images, mean GT)", "target"], [
+        ["validation, each image held out of the fit: AUROC > 2 mm / log-error RMSE (chooses the signals)",
+         f"{held_out['auroc_2mm']:.3f} / {held_out['log_error_rmse']:.3f}", ""],
         ["AUROC, expected error vs points > 4 mm off", f"{rows['auroc_4mm']:.3f}", ">= 0.85"],
         ["AUROC, expected error vs points > 2 mm off", f"{rows['auroc_2mm']:.3f}", ""],
         [f"points flagged at the default threshold ({threshold:.2f} mm)", X.pct(rows["flagged_fraction"]), "<= 15 %"],

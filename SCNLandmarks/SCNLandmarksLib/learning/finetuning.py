@@ -122,9 +122,10 @@ class FineTuneReport:
         cases: the case names used.
         seconds: wall time of the whole procedure.
         message: one sentence for the user.
-        per_fold: ``[{"start_mm", "new_mm", "held_out": [names]}]``.
+        per_fold: ``[{"start_mm", "new_mm", "held_out": [names], "steps"}]``.
         landmarks: the landmark names of the fine-tuned model, in channel order.
-        steps_per_run: optimiser steps of each stage in each training run.
+        steps_per_run: optimiser steps of each stage in the run on all cases (the folds' are in
+            ``per_fold``: under a time limit the first fold's may differ).
     """
 
     verdict: str

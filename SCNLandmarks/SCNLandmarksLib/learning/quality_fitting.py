@@ -24,10 +24,10 @@ __all__ = ["DEFAULT_FLAG_FRACTION", "QUALITY_SIGNALS", "fit_point_quality"]
 log = logging.getLogger(__name__)
 
 # The signals the error model uses when the detector has them (the local peak and the global
-# confidence carry most). The local networks' disagreement ("member_spread_mm", an ensemble's)
-# did not pay: alone an AUROC of 0.68 for points > 4 mm off on ISBI test1; added, the model's went
-# from 0.853 to 0.850 and its threshold flagged 15.5 % of the points, over the 15 % budget
-# (scripts/experiments/error_prediction.py --signals ...).
+# confidence carry most). Chosen on the validation images, each held out of the fit in turn
+# (scripts/experiments/extra_signals.py, three-network model): these three give an AUROC of 0.785
+# for points > 2 mm off; adding the local networks' disagreement ("member_spread_mm") 0.773, the
+# local stage's shift from the global estimate 0.775, the global heatmap's runner-up peak 0.780.
 QUALITY_SIGNALS = ("local_peak", "global_confidence", "shape_deviation")
 DEFAULT_FLAG_FRACTION = 0.15
 
