@@ -147,10 +147,13 @@ def test_steps_that_fit_share_the_time_between_stages():
 
 
 def test_a_timed_run_rescales_the_probed_step_times():
-    # Probed: 1 s + 0.1 s per step and 2 s + 0.4 s per step, 13 s for 20 steps; the run took 23 s.
-    timed = finetuning._timed_speeds({"global": (1.0, 0.1), "local": (2.0, 0.4)}, 23.0, 20)
-    assert timed["global"] == pytest.approx((1.0, 0.2)) and timed["local"] == pytest.approx((2.0, 0.8))
-    assert finetuning._timed_speeds({"local": (5.0, 0.1)}, 4.0, 20) == {"local": (5.0, 0.0)}
+    # Probed: 1 s + 0.1 s per step and 2 s + 0.4 s per step, 13 s for 20 steps; the run took 26 s.
+    timed = finetuning._timed_speeds({"global": (1.0, 0.1), "local": (2.0, 0.4)}, 26.0, 20)
+    assert timed["global"] == pytest.approx((2.0, 0.2)) and timed["local"] == pytest.approx((4.0, 0.8))
+    # A run shorter than the probe's set-up estimate still leaves every step a cost.
+    faster = finetuning._timed_speeds({"local": (5.0, 0.1)}, 3.5, 20)
+    assert faster["local"] == pytest.approx((2.5, 0.05))
+    assert finetuning._steps_that_fit(10.0, list(faster.values())) == 150  # (10 - 2.5) / 0.05
 
 
 def test_runs_after_the_first_are_fitted_again_when_the_probe_misjudged_the_speed(two_stage_file, tmp_path, monkeypatch):

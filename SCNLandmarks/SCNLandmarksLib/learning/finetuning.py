@@ -271,11 +271,14 @@ def _steps_that_fit(seconds: float, speeds: Sequence[tuple[float, float]]) -> in
 
 
 def _timed_speeds(speeds: dict[str, tuple[float, float]], run_s: float, steps: int) -> dict[str, tuple[float, float]]:
-    """The probe's ``{stage: (setup s, s per step)}`` with the steps rescaled so that a run of ``steps`` takes ``run_s``."""
-    setup_s = sum(setup for setup, _ in speeds.values())
-    probed_s = sum(step for _, step in speeds.values()) * steps
-    scale = max(run_s - setup_s, 0.0) / probed_s if probed_s > 0 else 1.0
-    return {stage: (setup, step * scale) for stage, (setup, step) in speeds.items()}
+    """The probe's ``{stage: (setup s, s per step)}`` scaled so that a run of ``steps`` takes ``run_s``.
+
+    Set-up and steps scale together: the probe's split between them is an estimate too, and a run
+    shorter than the estimated set-up must not read as steps that cost nothing.
+    """
+    probed_s = sum(setup + step * steps for setup, step in speeds.values())
+    scale = run_s / probed_s if probed_s > 0 else 1.0
+    return {stage: (setup * scale, step * scale) for stage, (setup, step) in speeds.items()}
 
 
 class _Stepper:
@@ -453,12 +456,12 @@ def _fine_tune(  # noqa: PLR0913 - the arguments of fine_tune, checked
     ceilings: dict[str, float | None] = dict.fromkeys(stages)
     speeds: dict[str, tuple[float, float]] = {}
 
-    def fit(seconds_per_run: float, speeds: dict[str, tuple[float, float]]) -> int:
-        """Steps per run that fit ``seconds_per_run``; also bounds each stage's time to them."""
-        fitted = _steps_that_fit(seconds_per_run, list(speeds.values()))
+    def fit(seconds_per_run: float, measured: dict[str, tuple[float, float]]) -> int:
+        """Steps per run that fit ``seconds_per_run`` at the ``measured`` speeds; also bounds each stage's time."""
+        fitted = _steps_that_fit(seconds_per_run, list(measured.values()))
         # Under torchrun each process measured its own speed; all must run the same steps.
         fitted = distributed.smallest(fitted if most_steps is None else min(most_steps, fitted))
-        for stage, (setup_s, step_s) in speeds.items():
+        for stage, (setup_s, step_s) in measured.items():
             ceilings[stage] = 1.5 * (setup_s + fitted * step_s)  # a slower spell must not run on unbounded
         return fitted
 
