@@ -21,7 +21,7 @@ from __future__ import annotations
 import argparse
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -36,8 +36,14 @@ from SCNLandmarksLib.learning.quality_fitting import QUALITY_SIGNALS
 SHIPPED = X.REPOSITORY / "SCNLandmarks" / "Resources" / "Models" / "cephalometric_isbi2015.scn.pt"
 
 
-def detect_with_signals(detector: Any, cases: Sequence[Any], truths: dict[str, Any]) -> tuple[dict[str, np.ndarray], np.ndarray, np.ndarray, float]:
-    """``(signals (M, N) each, errors (M, N), expected errors (M, N), seconds per image)``."""
+def detect_with_signals(
+    detector: Any, cases: Sequence[Any], truths: dict[str, Any], *,
+    extra: Callable[[Any, Any], dict[str, np.ndarray]] | None = None,
+) -> tuple[dict[str, np.ndarray], np.ndarray, np.ndarray, float]:
+    """``(signals (M, N) each, errors (M, N), expected errors (M, N), seconds per image)``.
+
+    ``extra(case, found)`` adds signals of its own beside the detector's (timed with them).
+    """
     from SCNLandmarksLib.inference.evaluation import point_errors
 
     signals: dict[str, list[np.ndarray]] = {}
@@ -45,7 +51,7 @@ def detect_with_signals(detector: Any, cases: Sequence[Any], truths: dict[str, A
     started = time.perf_counter()
     for case in cases:
         found = detector.detect(case.image)
-        for name, values in detector.last_signals.items():
+        for name, values in {**detector.last_signals, **(extra(case, found) if extra else {})}.items():
             signals.setdefault(name, []).append(values)
         errors.append(point_errors(found, truths[case.name]))
         expected.append(found.expected_errors if found.expected_errors is not None else np.full(len(found), np.nan))
@@ -74,6 +80,19 @@ def leave_one_image_out(signals: dict[str, np.ndarray], errors: np.ndarray, use:
             "log_error_rmse": float(np.sqrt(np.mean(log_gap**2)))}
 
 
+def model_without_error_model(path: Path, isbi: Path) -> Any:
+    """The model at ``path`` with a shape model of the 135 training images' landmarks (mean of both doctors), no error model."""
+    from SCNLandmarksLib.models.model_file import load_model
+    from SCNLandmarksLib.models.shape_model import ShapeModel
+
+    model = load_model(path)
+    train_ids = X.checked_training_ids("train_N135", isbi)
+    train_truth = X.load_ground_truths(isbi, train_ids)["mean"]
+    model.shape_model = ShapeModel.fit(np.stack([train_truth[i].positions for i in train_ids]))
+    model.error_model = None
+    return model
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data", type=Path, default=None)
@@ -92,17 +111,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     from SCNLandmarksLib.inference.detection import Detector
     from SCNLandmarksLib.models.model_file import load_model, save_model
     from SCNLandmarksLib.models.quality import ErrorModel
-    from SCNLandmarksLib.models.shape_model import ShapeModel
     from scipy.stats import spearmanr
 
     isbi = X.isbi_folder(X.find_data_folder(args.data))
     output = args.output
     output.mkdir(parents=True, exist_ok=True)
-    model = load_model(args.model)
-    train_ids = X.checked_training_ids("train_N135", isbi)
-    train_truth = X.load_ground_truths(isbi, train_ids)["mean"]
-    model.shape_model = ShapeModel.fit(np.stack([train_truth[i].positions for i in train_ids]))
-    model.error_model = None
+    model = model_without_error_model(args.model, isbi)
 
     validation_ids = X.checked_training_ids("validation", isbi)
     validation = X.load_isbi_cases(isbi, validation_ids)

@@ -20,7 +20,7 @@ from __future__ import annotations
 import argparse
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -30,7 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import isbi2015 as X
 from confidence_signals import auroc
-from error_prediction import SHIPPED, leave_one_image_out
+from error_prediction import SHIPPED, detect_with_signals, leave_one_image_out, model_without_error_model
 
 BASE = ["local_peak", "global_confidence", "shape_deviation"]
 # How the extra signals enter the error model, as models.quality.SIGNALS states it for its own.
@@ -49,25 +49,17 @@ def runner_up(heatmaps: np.ndarray, positions: np.ndarray, exclude_voxels: float
     return np.asarray(values)
 
 
-def collect(detector: Any, cases: Sequence[Any], truths: dict[str, Any], exclude_voxels: float) -> tuple[dict[str, np.ndarray], np.ndarray]:
-    """``(signals name -> (M, N), errors (M, N) in mm)`` with the extra signals beside the detector's."""
-    from SCNLandmarksLib.inference.evaluation import point_errors
+def extra_signals(detector: Any, exclude_voxels: float) -> Callable[[Any, Any], dict[str, np.ndarray]]:
+    """``(case, found) -> {name: (N,)}``: the two candidate signals, from the global stage run again on the image."""
     from SCNLandmarksLib.models.decode import heatmap_maxima
 
-    signals: dict[str, list[np.ndarray]] = {}
-    errors = []
-    for case in cases:
+    def signals(case: Any, found: Any) -> dict[str, np.ndarray]:
         heatmaps, grid = detector.heatmaps(case.image)
         coarse, _ = heatmap_maxima(heatmaps)
-        found = detector.detect(case.image)
-        extra = {
-            "runner_up": runner_up(heatmaps, coarse, exclude_voxels),
-            "refinement_shift_mm": np.linalg.norm(found.positions - grid.grid_to_physical(coarse), axis=1),
-        }
-        for name, values in {**detector.last_signals, **extra}.items():
-            signals.setdefault(name, []).append(values)
-        errors.append(point_errors(found, truths[case.name]))
-    return {name: np.stack(values) for name, values in signals.items()}, np.stack(errors)
+        return {"runner_up": runner_up(heatmaps, coarse, exclude_voxels),
+                "refinement_shift_mm": np.linalg.norm(found.positions - grid.grid_to_physical(coarse), axis=1)}
+
+    return signals
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -85,34 +77,28 @@ def main(argv: Sequence[str] | None = None) -> int:
     from SCNLandmarksLib.inference.detection import Detector
     from SCNLandmarksLib.learning.quality_fitting import DEFAULT_FLAG_FRACTION
     from SCNLandmarksLib.models import quality
-    from SCNLandmarksLib.models.model_file import load_model
-    from SCNLandmarksLib.models.shape_model import ShapeModel
 
     quality.SIGNALS.update(EXTRA)  # this experiment's candidates, known to ErrorModel for this run only
     isbi = X.isbi_folder(X.find_data_folder(args.data))
     args.output.mkdir(parents=True, exist_ok=True)
-    model = load_model(args.model)
-    train_ids = X.checked_training_ids("train_N135", isbi)
-    train_truth = X.load_ground_truths(isbi, train_ids)["mean"]
-    model.shape_model = ShapeModel.fit(np.stack([train_truth[i].positions for i in train_ids]))
-    model.error_model = None
-    detector = Detector(model, device="cpu")
+    detector = Detector(model_without_error_model(args.model, isbi), device="cpu")
+    extra = extra_signals(detector, args.exclude_voxels)
     started = time.perf_counter()
     validation_ids = X.checked_training_ids("validation", isbi)
     test_ids = X.test1_ids(isbi, args.test_images)
-    valid_signals, valid_errors = collect(detector, X.load_isbi_cases(isbi, validation_ids),
-                                          X.load_ground_truths(isbi, validation_ids)["mean"], args.exclude_voxels)
-    test_signals, test_errors = collect(detector, X.load_isbi_cases(isbi, test_ids),
-                                        X.load_ground_truths(isbi, test_ids)["mean"], args.exclude_voxels)
+    valid_signals, valid_errors, _, _ = detect_with_signals(
+        detector, X.load_isbi_cases(isbi, validation_ids), X.load_ground_truths(isbi, validation_ids)["mean"], extra=extra)
+    test_signals, test_errors, _, _ = detect_with_signals(
+        detector, X.load_isbi_cases(isbi, test_ids), X.load_ground_truths(isbi, test_ids)["mean"], extra=extra)
     print(f"Detected {len(validation_ids)} validation and {len(test_ids)} test1 images in "
           f"{time.perf_counter() - started:.0f} s")
 
     alone = {}
+    v, t = np.isfinite(valid_errors), np.isfinite(test_errors)
     for name in [*EXTRA, "member_spread_mm", *BASE]:
         if name not in valid_signals:
             continue
         sign = -1.0 if name in LOW_IS_BAD else 1.0
-        v, t = np.isfinite(valid_errors), np.isfinite(test_errors)
         alone[name] = {"validation_auroc_2mm": auroc(sign * valid_signals[name][v], valid_errors[v] > 2),
                        "test1_auroc_4mm": auroc(sign * test_signals[name][t], test_errors[t] > 4)}
     candidates = {"the engine's three": BASE, "+ refinement shift": [*BASE, "refinement_shift_mm"],

@@ -496,16 +496,13 @@ def _fine_tune(  # noqa: PLR0913 - the arguments of fine_tune, checked
             room_s = limit_s - (time.monotonic() - started) - (detection_s if folds else 0.0)
             steps = fit(SPEED_MARGIN * room_s / runs, speeds)
         stepper = _Stepper(steps * runs * len(stages), progress)
-        run_seconds: list[float] = []
 
         def train(train_cases: Sequence[TrainingCase], label: str, destination: Path) -> LandmarkModel:
-            began = time.monotonic()
             trained = copy.deepcopy(base)
             for stage in stages:
                 trained = train_stage(stage, trained, train_cases, destination.with_name(f"{stage}-{destination.name}"),
                                       steps, stepper.callback(f"{label}: {stage} stage"))
                 stepper.finished += steps
-            run_seconds.append(time.monotonic() - began)
             return trained
 
         per_fold: list[dict[str, object]] = []
@@ -513,8 +510,9 @@ def _fine_tune(  # noqa: PLR0913 - the arguments of fine_tune, checked
             held_out_set = set(held_out.tolist())
             training = [c for i, c in enumerate(cases) if i not in held_out_set]
             testing = [cases[i] for i in held_out]
-            fold_steps = steps
+            fold_steps, began = steps, time.monotonic()
             fold_model = train(training, f"fold {number + 1} of {len(folds)}", Path(scratch) / f"fold{number}.scn.pt")
+            run_s = time.monotonic() - began
             start_cases = _case_errors([start_found[i] for i in held_out], testing)  # type: ignore[index]
             new_cases = _case_errors(_detect_all(fold_model, testing, device), testing)
             per_fold.append({
@@ -524,7 +522,7 @@ def _fine_tune(  # noqa: PLR0913 - the arguments of fine_tune, checked
             })
             if number == 0 and limit_s is not None:
                 # The first run, timed whole, corrects the probe's speeds for the runs still to come.
-                speeds = _timed_speeds(speeds, run_seconds[0], fold_steps)
+                speeds = _timed_speeds(speeds, run_s, fold_steps)
                 left = runs - 1
                 room_s = limit_s - (time.monotonic() - started) - detection_s * (len(folds) - 1) / len(folds)
                 steps = fit(TIMED_RUN_MARGIN * room_s / left, speeds)
