@@ -238,3 +238,18 @@ def test_an_ensemble_places_each_point_at_the_mean_of_its_trusted_members(two_st
     settings = RefinerTrainingConfig(iterations=2, batch_size=4, device="cpu", validate_every=0, learning_rate=1e-2)
     tuned = load_model(train_refiner(two_stage["train"][:2], saved, output=tmp_path / "tuned.scn.pt", config=settings).output)
     assert all(not torch.equal(b, m.head.weight) for b, m in zip(before, tuned.refiner.members))  # each member learns
+
+
+@pytest.mark.parametrize("native", [True, False])
+def test_local_stage_trains_in_bfloat16_only_where_the_hardware_computes_it(tmp_path, monkeypatch, native):
+    import SCNLandmarksLib.learning.refinement_training as refinement_training
+
+    monkeypatch.setattr(refinement_training, "bfloat16_is_native", lambda device: native)
+    cases = synthetic_cases(2)
+    model = attach_refiner(tiny_model(cases[0].landmarks.names), **REFINER)
+    seen: set[torch.dtype] = set()
+    first_convolution = next(m for m in model.refiner.modules() if isinstance(m, (torch.nn.Conv2d, torch.nn.Conv3d)))
+    first_convolution.register_forward_hook(lambda module, inputs, output: seen.add(output.dtype))
+    config = RefinerTrainingConfig(iterations=2, batch_size=4, device="cpu", validate_every=0, validation_fraction=0.0)
+    train_refiner(cases, model, output=tmp_path / "m.scn.pt", config=config)
+    assert seen == ({torch.bfloat16} if native else {torch.float32})

@@ -120,3 +120,18 @@ def test_time_budget_ends_training_successfully(tmp_path):
     result = train_model(cases, tiny_model(cases[0].landmarks.names), output=tmp_path / "m.scn.pt",
                          config=quick(100_000, time_budget_s=1.0, validation_fraction=0.0))
     assert 0 < result.iterations < 100_000 and (tmp_path / "m.scn.pt").exists()
+
+
+@pytest.mark.parametrize("native", [True, False])
+def test_training_computes_in_bfloat16_only_where_the_hardware_does(tmp_path, monkeypatch, native):
+    import SCNLandmarksLib.learning.training as training
+
+    monkeypatch.setattr(training, "bfloat16_is_native", lambda device: native)
+    cases = synthetic_cases(2)
+    model = tiny_model(cases[0].landmarks.names)
+    seen: set[torch.dtype] = set()
+    first_convolution = next(m for m in model.network.modules() if isinstance(m, (torch.nn.Conv2d, torch.nn.Conv3d)))
+    first_convolution.register_forward_hook(lambda module, inputs, output: seen.add(output.dtype))
+    train_model(cases, model, output=tmp_path / "m.scn.pt",
+                config=quick(2, validate_every=0, validation_fraction=0.0))
+    assert seen == ({torch.bfloat16} if native else {torch.float32})

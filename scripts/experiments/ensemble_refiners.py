@@ -13,6 +13,10 @@ half-precision file is evaluated on test1 like ``train_refiner.py`` (test1 choos
         --members scripts/experiments/results/cpu/refiner/cephalometric_isbi2015_two_stage.scn.pt \\
                   scripts/experiments/results/cpu/refiner_seed1/cephalometric_isbi2015_two_stage.scn.pt \\
         --output scripts/experiments/results/cpu/refiner_ensemble
+
+``--global-model`` takes the global stage from another file (a global stage trained again): the
+local networks learned on crops around the true points, offset at random, so they do not depend
+on which global stage was beside them when they were trained.
 """
 
 from __future__ import annotations
@@ -37,6 +41,8 @@ def parse_arguments(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--data", type=Path, default=None, help="shared data folder (default: $SCN_DATA_DIR or ../shared/data)")
     parser.add_argument("--members", type=Path, nargs="+", required=True,
                         help="two-stage model files with the same global stage; the first gives it")
+    parser.add_argument("--global-model", type=Path, default=None,
+                        help="take the global stage from this file instead of the first member's")
     parser.add_argument("--output", type=Path, required=True)
     parser.add_argument("--test-images", type=int, default=None, help="evaluate on this many test1 images (default all)")
     parser.add_argument("--threads", type=int, default=2)
@@ -47,8 +53,8 @@ def parse_arguments(argv: Sequence[str] | None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def combine(paths: Sequence[Path]):  # noqa: ANN201 - a LandmarkModel
-    """The first model with the local stages of all of them as one ensemble."""
+def combine(paths: Sequence[Path], global_model: Path | None = None):  # noqa: ANN201 - a LandmarkModel
+    """The first model (or ``global_model``) with the local stages of all of them as one ensemble."""
     import dataclasses
 
     import torch
@@ -64,7 +70,7 @@ def combine(paths: Sequence[Path]):  # noqa: ANN201 - a LandmarkModel
             raise SystemExit(f"{path}: its local stage is set up differently from {paths[0]}'s")
         same_global = all(torch.equal(a, b) for a, b in zip(base.network.state_dict().values(),
                                                             model.network.state_dict().values()))
-        if not same_global:
+        if not same_global and global_model is None:
             raise SystemExit(f"{path} has another global stage than {paths[0]}; its local stage was trained on other crops")
     # A file whose local stage is already an ensemble (the shipped model) gives all its members.
     networks, described = [], []
@@ -77,6 +83,11 @@ def combine(paths: Sequence[Path]):  # noqa: ANN201 - a LandmarkModel
     for member, network in zip(ensemble.members, networks):
         member.load_state_dict(network.state_dict())
     ensemble.eval()
+    if global_model is not None:
+        chosen = load_model(global_model)
+        if chosen.landmark_names != base.landmark_names:
+            raise SystemExit(f"{global_model} detects other landmarks than {paths[0]}")
+        base = dataclasses.replace(chosen, shape_model=base.shape_model)
     base.refiner = ensemble
     base.info = {**base.info, "local_stage_members": described}
     return base
@@ -97,7 +108,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     timings: dict[str, float] = {}
     if not args.evaluate_only:
         started = time.perf_counter()
-        model = combine(args.members)
+        model = combine(args.members, args.global_model)
         validation = X.load_isbi_cases(data, X.checked_training_ids("validation", data), annotation="mean")
         predictions, _ = X.detect_all(model, validation, args.device)
         numbers = X.summary(X.evaluate_against(predictions, {"mean": {c.name: c.landmarks for c in validation}})["mean"])

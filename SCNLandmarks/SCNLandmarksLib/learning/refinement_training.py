@@ -8,8 +8,9 @@ channel is trained towards a normalised Gaussian at the true position (cross-ent
 Validation runs the whole two-stage detection on held-out cases, reusing the frozen global
 stage's estimates, so its error is what a user would see.
 
-bfloat16 autocast is used on the CPU as on CUDA: on CPUs with AVX512-BF16 it trains this
-network 2-3 times faster than float32 (``scripts/benchmark.py --cases local-2d``).
+bfloat16 autocast is used wherever the hardware computes it, CPUs included: on CPUs with
+AVX512-BF16 it trains this network 2-3 times faster than float32 (``scripts/benchmark.py --cases
+local-2d``).
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ import torch
 
 from ..imaging.augmentation import random_linear
 from ..inference.detection import AS_IS, Detector
-from ..common.device import describe_device, resolve_device
+from ..common.device import bfloat16_is_native, describe_device, resolve_device
 from ..inference.evaluation import point_errors
 from ..data.landmarks import Landmarks
 from ..models.model import LandmarkModel
@@ -78,7 +79,8 @@ class RefinerTrainingConfig:
         validate_every: steps between validations (0: only at the end).
         seed: seeds the split and the crops.
         device: ``"auto"``, ``"cpu"`` or ``"cuda"``.
-        mixed_precision: bfloat16 autocast (CPU and CUDA).
+        mixed_precision: bfloat16 autocast where the device computes bfloat16 natively (CPUs with
+            AVX512-BF16 or AMX, bf16 GPUs); float32 elsewhere, where bfloat16 is emulated and slower.
         checkpoint_every: steps between checkpoints.
         time_budget_s: stop (successfully) after this many seconds.
         progress_every: steps between progress reports.
@@ -332,13 +334,14 @@ def train_refiner(
     loop = StepLoop("train refinement", settings.iterations, start_iteration, settings.time_budget_s,
                     settings.validate_every, settings.progress_every, settings.checkpoint_every, checkpoint,
                     progress, should_cancel, history, distributed=run)
+    use_autocast = settings.mixed_precision and bfloat16_is_native(device)
     iteration = start_iteration
     while iteration < settings.iterations:
         loop.stop_if_cancelled(iteration, lambda: checkpoint_state(iteration))
         crops, channels, truths = _draw_batch(crop_cases, refiner_config, settings, rng)
         crops_t = torch.from_numpy(crops).to(device)
         targets = crop_target(torch.from_numpy(truths).to(device), refiner_config)
-        with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=settings.mixed_precision):
+        with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=use_autocast):
             member_logits = network.member_logits(crops_t)
         loss = refinement_loss(member_logits, torch.from_numpy(channels).to(device), targets)
         if not torch.isfinite(loss):

@@ -23,7 +23,7 @@ import torch
 
 from ..imaging.augmentation import AugmentationConfig, random_intensity, random_transform
 from ..inference.detection import AS_IS, Detector
-from ..common.device import describe_device, resolve_device
+from ..common.device import bfloat16_is_native, describe_device, resolve_device
 from ..inference.evaluation import point_errors
 from ..models.heatmaps import heatmap_loss
 from ..models.model import LandmarkModel
@@ -58,7 +58,8 @@ class TrainingConfig:
         validate_every: iterations between validations (0: only at the end).
         seed: seeds the split, the augmentation and the initialisation.
         device: ``"auto"``, ``"cpu"`` or ``"cuda"``.
-        mixed_precision: bfloat16 autocast on CUDA.
+        mixed_precision: bfloat16 autocast where the device computes bfloat16 natively (CPUs with
+            AVX512-BF16 or AMX, bf16 GPUs); float32 elsewhere, where bfloat16 is emulated and slower.
         num_workers: background processes preparing augmented samples.
         checkpoint_every: iterations between checkpoints (0: none except on cancel).
         time_budget_s: stop (successfully) after this many seconds of training.
@@ -409,7 +410,7 @@ def train_model(
         stream, batch_size=config.batch_size, num_workers=config.num_workers,
         persistent_workers=config.num_workers > 0, pin_memory=device.type == "cuda",
     )
-    use_autocast = config.mixed_precision and device.type == "cuda"
+    use_autocast = config.mixed_precision and bfloat16_is_native(device)
     loop = StepLoop("train", config.iterations, start_iteration, config.time_budget_s, config.validate_every,
                     config.progress_every, config.checkpoint_every, checkpoint, progress, should_cancel, history,
                     distributed=run)
