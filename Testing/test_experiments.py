@@ -25,6 +25,7 @@ EXPERIMENTS = REPOSITORY / "scripts" / "experiments"
 sys.path.insert(0, str(EXPERIMENTS))
 
 import detection_speed
+import ensemble_refiners
 import few_cases
 import hand_transfer
 import isbi2015
@@ -262,3 +263,42 @@ def test_detection_speed_times_load_to_points(fake_data: Path, ceph_results: tup
     assert "gpu" not in measured["measurements"]
     assert _is_png(tmp_path / "detection_speed.png")
     assert "QUICK" in (tmp_path / "table.md").read_text()
+
+
+def test_ensemble_takes_chosen_members_and_another_global_stage(tmp_path: Path) -> None:
+    import copy
+
+    import torch
+    from engine_fixtures import tiny_model
+    from SCNLandmarksLib.learning.refinement_training import attach_refiner
+    from SCNLandmarksLib.models.model_file import save_model
+
+    names = ["a", "b", "c"]
+    refiner = {"patch_size": 32, "spacing_mm": 0.5, "filters": (8, 16), "target_sigma_mm": 1.0}
+    torch.manual_seed(0)
+    first = attach_refiner(tiny_model(names), **refiner)
+    first.info = {"refiner_training": {"seed": 0}}
+    second = attach_refiner(copy.deepcopy(first), **refiner)  # the same global stage, a new local network
+    second.info = {"refiner_training": {"seed": 1}, "local_stage_members": [{"inherited": True}] * 2}
+    save_model(first, tmp_path / "first.scn.pt")
+    save_model(second, tmp_path / "second.scn.pt")
+    pair = ensemble_refiners.combine([tmp_path / "first.scn.pt", tmp_path / "second.scn.pt"])
+    # A single network's file describes itself, whatever its parent's ensemble left in its info.
+    assert pair.info["local_stage_members"] == [{"file": "first.scn.pt", "refiner_training": {"seed": 0}},
+                                                {"file": "second.scn.pt", "refiner_training": {"seed": 1}}]
+    save_model(pair, tmp_path / "pair.scn.pt")
+    other_global = tiny_model(names)
+    save_model(other_global, tmp_path / "global.scn.pt")
+    save_model(attach_refiner(copy.deepcopy(other_global), **refiner), tmp_path / "elsewhere.scn.pt")
+    with pytest.raises(SystemExit, match="another global stage"):
+        ensemble_refiners.combine([tmp_path / "first.scn.pt", tmp_path / "elsewhere.scn.pt"])
+    picked = ensemble_refiners.combine([Path(f"{tmp_path / 'pair.scn.pt'}@2")], global_model=tmp_path / "global.scn.pt")
+    assert picked.refiner.config.members == 1
+    assert picked.info["local_stage_members"] == [pair.info["local_stage_members"][1]]
+    same = [torch.equal(a, b) for a, b in zip(picked.refiner.state_dict().values(),
+                                              second.refiner.state_dict().values())]
+    assert all(same)
+    assert all(torch.equal(a, b) for a, b in zip(picked.network.state_dict().values(),
+                                                 other_global.network.state_dict().values()))
+    with pytest.raises(SystemExit, match="no number 3"):
+        ensemble_refiners.combine([Path(f"{tmp_path / 'pair.scn.pt'}@3")])

@@ -40,7 +40,8 @@ def parse_arguments(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data", type=Path, default=None, help="shared data folder (default: $SCN_DATA_DIR or ../shared/data)")
     parser.add_argument("--members", type=Path, nargs="+", required=True,
-                        help="two-stage model files with the same global stage; the first gives it")
+                        help="two-stage model files with the same global stage; the first gives it. "
+                             "FILE@N takes only the N-th network (from 1) of FILE's local stage")
     parser.add_argument("--global-model", type=Path, default=None,
                         help="take the global stage from this file instead of the first member's")
     parser.add_argument("--output", type=Path, required=True)
@@ -53,14 +54,25 @@ def parse_arguments(argv: Sequence[str] | None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def combine(paths: Sequence[Path], global_model: Path | None = None):  # noqa: ANN201 - a LandmarkModel
-    """The first model (or ``global_model``) with the local stages of all of them as one ensemble."""
+def member_choice(spec: Path) -> tuple[Path, int | None]:
+    """``(file, member)`` from ``FILE`` or ``FILE@N`` (the N-th network, from 1, of a file's ensemble)."""
+    name, at, number = str(spec).rpartition("@")
+    return (Path(name), int(number)) if at and number.isdigit() else (spec, None)
+
+
+def combine(specs: Sequence[Path], global_model: Path | None = None):  # noqa: ANN201 - a LandmarkModel
+    """The first model (or ``global_model``) with the local stages of all of them as one ensemble.
+
+    A member given as ``FILE@N`` contributes only the N-th network of that file's local stage.
+    """
     import dataclasses
 
     import torch
     from SCNLandmarksLib.models.model_file import load_model
     from SCNLandmarksLib.models.refinement import RefinementEnsemble, build_refiner
 
+    choices = [member_choice(spec) for spec in specs]
+    paths = [path for path, _ in choices]
     models = [load_model(p) for p in paths]
     base = models[0]
     for path, model in zip(paths, models):
@@ -74,13 +86,24 @@ def combine(paths: Sequence[Path], global_model: Path | None = None):  # noqa: A
             raise SystemExit(f"{path} has another global stage than {paths[0]}; its local stage was trained on other crops")
     # A file whose local stage is already an ensemble (the shipped model) gives all its members.
     networks, described = [], []
-    for path, model in zip(paths, models):
-        inner = list(model.refiner.members) if isinstance(model.refiner, RefinementEnsemble) else [model.refiner]
+    for (path, chosen_member), model in zip(choices, models):
+        if isinstance(model.refiner, RefinementEnsemble):
+            inner = list(model.refiner.members)
+            earlier = model.info.get("local_stage_members")
+            # Files written before this check could list more members than they hold.
+            known = earlier if isinstance(earlier, list) and len(earlier) == len(inner) else [
+                {"file": path.name, "member": i + 1} for i in range(len(inner))]
+        else:
+            inner = [model.refiner]
+            known = [{"file": path.name, "refiner_training": model.info.get("refiner_training")}]
+        if chosen_member is not None:
+            if not 1 <= chosen_member <= len(inner):
+                raise SystemExit(f"{path} has {len(inner)} local network(s); there is no number {chosen_member}")
+            inner, known = [inner[chosen_member - 1]], [known[chosen_member - 1]]
         networks += inner
-        earlier = model.info.get("local_stage_members")
-        described += earlier if earlier else [{"file": path.name, "refiner_training": model.info.get("refiner_training")}]
+        described += known
     ensemble = build_refiner(dataclasses.replace(base.refiner.config, members=len(networks)))
-    for member, network in zip(ensemble.members, networks):
+    for member, network in zip(ensemble.members if isinstance(ensemble, RefinementEnsemble) else [ensemble], networks):
         member.load_state_dict(network.state_dict())
     ensemble.eval()
     if global_model is not None:
