@@ -43,11 +43,13 @@ RECIPES: dict[str, tuple[float, bool]] = {
     "lr 1.5e-4 / statistics frozen": (1.5e-4, True),
     "lr 5e-5 / statistics frozen": (5e-5, True),
 }
-# name -> (global stage's peak learning rate, local stage's), for cases from another device
-DEVICE_RECIPES: dict[str, tuple[float, float]] = {
+# name -> (global stage's peak learning rate, or None to leave it as it is; local stage's), for cases
+# from another device
+DEVICE_RECIPES: dict[str, tuple[float | None, float]] = {
     "global 5e-5 / local 5e-4": (5e-5, 5e-4),
     "global 2e-4 / local 5e-4": (2e-4, 5e-4),
     "global 5e-4 / local 5e-4": (5e-4, 5e-4),
+    "local only 5e-4": (None, 5e-4),
 }
 DEVICE_STEPS = 90
 FOLDS = 3
@@ -106,7 +108,7 @@ def main(argv: list[str] | None = None) -> int:
                 freeze_batch_norm=frozen, device="cpu", seed=number, validate_every=0, checkpoint_every=0)
             with tempfile.TemporaryDirectory() as scratch:
                 tuned = copy.deepcopy(start)
-                if args.other_device:
+                if args.other_device and first_rate is not None:
                     tuned = train_model(training, tuned, output=Path(scratch) / "global.scn.pt", validation_cases=[],
                                         config=TrainingConfig(iterations=steps, learning_rate=first_rate, device="cpu",
                                                               seed=number, validate_every=0, validation_fraction=0.0,
