@@ -295,9 +295,8 @@ def test_ensemble_takes_chosen_members_and_another_global_stage(tmp_path: Path) 
     picked = ensemble_refiners.combine([Path(f"{tmp_path / 'pair.scn.pt'}@2")], global_model=tmp_path / "global.scn.pt")
     assert picked.refiner.config.members == 1
     assert picked.info["local_stage_members"] == [pair.info["local_stage_members"][1]]
-    same = [torch.equal(a, b) for a, b in zip(picked.refiner.state_dict().values(),
-                                              second.refiner.state_dict().values())]
-    assert all(same)
+    assert all(torch.equal(a, b) for a, b in zip(picked.refiner.state_dict().values(),
+                                                 second.refiner.state_dict().values()))
     assert all(torch.equal(a, b) for a, b in zip(picked.network.state_dict().values(),
                                                  other_global.network.state_dict().values()))
     with pytest.raises(SystemExit, match="no number 3"):
