@@ -15,8 +15,8 @@ half-precision file is evaluated on test1 like ``train_refiner.py`` (test1 choos
         --output scripts/experiments/results/cpu/refiner_ensemble
 
 ``--global-model`` takes the global stage from another file (a global stage trained again): the
-local networks learned on crops around the true points, offset at random, so they do not depend
-on which global stage was beside them when they were trained.
+local networks learned on crops around the true points, offset at random, so only the choice of
+their best validation step saw the global stage beside them.
 """
 
 from __future__ import annotations
@@ -83,7 +83,8 @@ def combine(specs: Sequence[Path], global_model: Path | None = None):  # noqa: A
         same_global = all(torch.equal(a, b) for a, b in zip(base.network.state_dict().values(),
                                                             model.network.state_dict().values()))
         if not same_global and global_model is None:
-            raise SystemExit(f"{path} has another global stage than {paths[0]}; its local stage was trained on other crops")
+            raise SystemExit(f"{path} has another global stage than {paths[0]}; "
+                             "choose the ensemble's global stage with --global-model")
     # A file whose local stage is already an ensemble (the shipped model) gives all its members.
     networks, described = [], []
     for (path, chosen_member), model in zip(choices, models):
