@@ -54,6 +54,7 @@ def test_two_stage_model_fine_tunes_its_local_stage_only(two_stage_file, tmp_pat
     assert statistics and all(torch.equal(start_state[k], new_state[k]) for k in statistics)
     info = read_model_description(report.output)["info"]["fine_tune"]
     assert info["stages"] == ["local"] and info["folds"] == 3
+    assert "local_trust" not in info  # the global stage did not learn: the local stage is read as trained
     assert info["local_recipe"] == {"learning_rate": finetuning.GENTLE_LOCAL_LEARNING_RATE, "batch_norm_statistics": "kept"}
 
 
@@ -180,3 +181,40 @@ def test_a_slow_computer_gets_fewer_steps_within_the_time_limit_and_is_told(two_
     # Asked-for iterations are run as asked, with no time limit and no probe.
     exact = fine_tune(cases, path, output=tmp_path / "exact.scn.pt", iterations=3, keep_worse=True, device="cpu")
     assert exact.steps_per_run == 3 and "instead of" not in exact.message
+
+
+def test_when_both_stages_learn_the_folds_choose_how_far_to_trust_the_local_stage(two_stage_file, tmp_path, monkeypatch):
+    import math
+
+    path, cases = two_stage_file
+    start = load_model(path)
+    trained = start.refiner.config.min_peak_fraction
+    read_with: list[float] = []
+
+    def detect(model, cases, device):
+        if model is start:
+            return ["start"] * len(cases)
+        read_with.append(model.refiner.config.min_peak_fraction)
+        return [model.refiner.config.min_peak_fraction] * len(cases)
+
+    def run(errors_by_fraction, name):
+        monkeypatch.setattr(finetuning, "_case_errors", lambda found, held_out: [
+            2.0 if found[0] == "start" else errors_by_fraction.get(found[0], 1.5)] * len(held_out))
+        read_with.clear()
+        return fine_tune(cases, start, output=tmp_path / name, iterations=2, device="cpu", stages=["global", "local"])
+
+    monkeypatch.setattr(finetuning, "_detect_all", detect)
+    # On these cases the global stage's points beat an unsure local stage's.
+    report = run({math.inf: 1.2}, "global.scn.pt")
+    assert sorted(set(read_with)) == sorted([trained, 0.5, math.inf])  # every fold read every choice
+    assert report.verdict == "better" and report.new_error_mm == pytest.approx(1.2)
+    assert load_model(report.output).refiner.config.min_peak_fraction == math.inf
+    assert read_model_description(report.output)["info"]["fine_tune"]["local_trust"] == "inf"
+    assert "keeps the global stage's points" in report.message
+    assert all(set(f["local_trust_cases_mm"]) == {"as trained", "0.5", "inf"} for f in report.per_fold)
+    # Where the local stage as trained is best, the new model reads it as trained.
+    kept = run({trained: 1.0}, "trained.scn.pt")
+    assert kept.new_error_mm == pytest.approx(1.0)
+    assert load_model(kept.output).refiner.config.min_peak_fraction == trained
+    assert read_model_description(kept.output)["info"]["fine_tune"]["local_trust"] == "as trained"
+    assert "global stage" not in kept.message

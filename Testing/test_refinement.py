@@ -193,6 +193,25 @@ def test_a_local_stage_that_sees_nothing_it_knows_keeps_the_global_estimate():
     assert np.all(np.linalg.norm(moved - estimates, axis=1) > 1.0)  # trusted blindly, it jumps to a corner
 
 
+def test_a_local_stage_never_trusted_leaves_the_global_points_and_still_reports_its_peaks(two_stage, tmp_path):
+    import dataclasses
+    import math
+
+    from SCNLandmarksLib.models.model_file import save_model
+
+    model = load_model(two_stage["result"].output)
+    model.refiner.config = dataclasses.replace(model.refiner.config, min_peak_fraction=math.inf)
+    reloaded = load_model(save_model(model, tmp_path / "global-points.scn.pt"))  # what a fine-tune may write
+    assert reloaded.refiner.config.min_peak_fraction == math.inf
+    image = two_stage["test"][0].image
+    detector = Detector(reloaded, device="cpu")
+    found = detector.detect(image).positions
+    np.testing.assert_allclose(found, Detector(reloaded, device="cpu", refine=False).detect(image).positions, atol=1e-9)
+    assert np.isfinite(detector.last_signals["local_peak"]).all()  # the expected error still has its signal
+    trusting = Detector(load_model(two_stage["result"].output), device="cpu").detect(image).positions
+    assert np.abs(trusting - found).max() > 1e-3  # as trained, the local stage moves the points
+
+
 def test_an_ensemble_places_each_point_at_the_mean_of_its_trusted_members(two_stage, tmp_path):
     import copy
     import dataclasses

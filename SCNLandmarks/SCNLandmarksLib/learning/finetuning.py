@@ -11,6 +11,10 @@ The recipe is chosen from what the cases are:
 * **A new landmark set** (an explicit choice): new output heads; the global stage learns, then
   the local stage if the model has one.
 
+When both stages learn the same landmarks, the cross-validation also chooses how far the new model
+trusts its local stage (``LOCAL_TRUST_CHOICES``): on images that have lost the fine detail it reads
+(blur, noise), placing a point where the local stage is unsure does worse than the global stage.
+
 Whether it helped is judged on the user's own cases, never on one case: with three or more,
 k-fold cross-validation trains the recipe on all folds but one and measures the starting and
 the new model on the fold left out, with the same global estimates; the new model is written
@@ -31,11 +35,12 @@ from __future__ import annotations
 import contextlib
 import copy
 import logging
+import math
 import os
 import tempfile
 import time
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from typing import TYPE_CHECKING
@@ -95,6 +100,12 @@ NEW_LANDMARKS_LEARNING_RATE = 2e-4
 # images: the global stage learns too (simulated other device: 60 % of the gap closed against 49 %
 # with the local stage alone; scripts/experiments/device_stages.py).
 UNLIKE_TRAINING_RATIO = 1.5
+# How far a model whose two stages both learned may trust its local stage: the refiner's
+# ``min_peak_fraction`` as trained, raised, or never (the global stage's points, the local stage
+# still read for the expected error). Measured on the simulated other device
+# (scripts/experiments/promise_loop.py), 10 cases, both stages 400 steps, 60 other device images:
+# 0.2 (as trained) 1.61 mm, 0.4 1.54 mm, 0.6 and above 1.52 mm; the cross-validation chooses.
+LOCAL_TRUST_CHOICES = (None, 0.5, math.inf)
 
 
 def suggested_iterations(num_cases: int) -> int:
@@ -202,6 +213,43 @@ def _detect_all(model: LandmarkModel, cases: Sequence[TrainingCase], device: str
 
     detector = Detector(model, device=device)
     return [detector.detect(case.image) for case in cases]
+
+
+def _trust_errors(model: LandmarkModel, cases: Sequence[TrainingCase], device: str) -> dict[str, list[float]]:
+    """Case errors (mm) of ``model`` with its local stage trusted as each of ``LOCAL_TRUST_CHOICES`` says.
+
+    Keys are the choices as text (``"as trained"``, ``"0.5"``, ``"inf"``). ``model`` is a fold's
+    throwaway model: its local stage's setting is changed in place.
+    """
+    refiner = model.refiner
+    trained = refiner.config  # type: ignore[union-attr]
+    errors = {}
+    for choice in LOCAL_TRUST_CHOICES:
+        refiner.config = trained if choice is None else replace(trained, min_peak_fraction=choice)  # type: ignore[union-attr]
+        errors[_trust_label(choice)] = _case_errors(_detect_all(model, cases, device), cases)
+    refiner.config = trained  # type: ignore[union-attr]
+    return errors
+
+
+def _choose_trust(per_fold: list[dict[str, object]]) -> float | None:
+    """The ``LOCAL_TRUST_CHOICES`` entry with the lowest cross-validated error (None: as trained).
+
+    The chosen reading becomes each fold's "new" error, so the verdict judges the model as it will
+    detect. Ties keep the earlier, more trusting choice.
+    """
+    def error(choice: float | None) -> float:
+        label = _trust_label(choice)
+        return float(np.nanmean([np.nanmean(f["local_trust_cases_mm"][label]) for f in per_fold]))  # type: ignore[index]
+
+    best = min(LOCAL_TRUST_CHOICES, key=error)
+    for fold in per_fold:
+        cases = fold["local_trust_cases_mm"][_trust_label(best)]  # type: ignore[index]
+        fold["new_cases_mm"], fold["new_mm"] = cases, float(np.nanmean(cases))
+    return best
+
+
+def _trust_label(choice: float | None) -> str:
+    return "as trained" if choice is None else str(choice)
 
 
 def _unlike_training_images(model: LandmarkModel, detections: Sequence[Landmarks]) -> tuple[float, float] | None:
@@ -445,6 +493,9 @@ def _fine_tune(  # noqa: PLR0913 - the arguments of fine_tune, checked
                     f"{unlike[1]:.1f} mm on its validation images), so both stages learn. ")
             log.info(note)
     runs = len(folds) + 1
+    # Both stages learning the same landmarks: the folds also judge how far to trust the local stage.
+    choose_trust = bool(folds) and not changed_set and stages == ["global", "local"]
+    held_out_readings = len(LOCAL_TRUST_CHOICES) if choose_trust else 1
     steps = iterations or suggested_iterations(len(cases))
     limit_s = time_budget_s if time_budget_s is not None else (None if iterations is not None else DEFAULT_TIME_LIMIT_S)
     # The most steps a run may take: a budget alone takes as many as fit.
@@ -493,7 +544,7 @@ def _fine_tune(  # noqa: PLR0913 - the arguments of fine_tune, checked
                 stage, copy.deepcopy(base), cases, Path(scratch) / f"probe-{stage}.scn.pt", count, report))
                 for stage in stages}
             # What is left once the probe ran and the folds' held-out cases are detected again.
-            room_s = limit_s - (time.monotonic() - started) - (detection_s if folds else 0.0)
+            room_s = limit_s - (time.monotonic() - started) - (held_out_readings * detection_s if folds else 0.0)
             steps = fit(SPEED_MARGIN * room_s / runs, speeds)
         stepper = _Stepper(steps * runs * len(stages), progress)
 
@@ -514,20 +565,24 @@ def _fine_tune(  # noqa: PLR0913 - the arguments of fine_tune, checked
             fold_model = train(training, f"fold {number + 1} of {len(folds)}", Path(scratch) / f"fold{number}.scn.pt")
             run_s = time.monotonic() - began
             start_cases = _case_errors([start_found[i] for i in held_out], testing)  # type: ignore[index]
-            new_cases = _case_errors(_detect_all(fold_model, testing, device), testing)
+            trust = _trust_errors(fold_model, testing, device) if choose_trust else {}
+            new_cases = trust.get(_trust_label(None)) or _case_errors(_detect_all(fold_model, testing, device), testing)
             per_fold.append({
                 "held_out": [c.name for c in testing], "steps": fold_steps,
                 "start_mm": float(np.nanmean(start_cases)), "new_mm": float(np.nanmean(new_cases)),
                 "start_cases_mm": start_cases, "new_cases_mm": new_cases,
+                **({"local_trust_cases_mm": trust} if trust else {}),
             })
             if number == 0 and limit_s is not None:
                 # The first run, timed whole, corrects the probe's speeds for the runs still to come.
                 speeds = _timed_speeds(speeds, run_s, fold_steps)
                 left = runs - 1
-                room_s = limit_s - (time.monotonic() - started) - detection_s * (len(folds) - 1) / len(folds)
+                room_s = (limit_s - (time.monotonic() - started)
+                          - held_out_readings * detection_s * (len(folds) - 1) / len(folds))
                 steps = fit(TIMED_RUN_MARGIN * room_s / left, speeds)
                 stepper.total = stepper.finished + steps * left * len(stages)
         uncertainty = None
+        trust_choice = _choose_trust(per_fold) if choose_trust else None
         if per_fold:
             start_error = float(np.nanmean([f["start_mm"] for f in per_fold]))  # type: ignore[misc]
             new_error = float(np.nanmean([f["new_mm"] for f in per_fold]))  # type: ignore[misc]
@@ -539,17 +594,24 @@ def _fine_tune(  # noqa: PLR0913 - the arguments of fine_tune, checked
         written: Path | None = None
         if verdict != "not better" or keep_worse:
             final = train(list(cases), "all cases", Path(scratch) / "final.scn.pt")
+            if trust_choice is not None:
+                final.refiner.config = replace(final.refiner.config, min_peak_fraction=trust_choice)  # type: ignore[union-attr]
             parent = Path(model).name if isinstance(model, (str, Path)) else final.info.get("parent_model", "")
             final.info = {**final.info, "parent_model": parent,
                           "fine_tune": {"verdict": verdict, "start_error_mm": start_error, "new_error_mm": new_error,
                                         "folds": len(folds), "stages": stages, "steps_per_run": steps,
                                         "cases": [c.name for c in cases],
                                         **({"global_learning_rate": global_rate} if "global" in stages else {}),
-                                        **({"local_recipe": local_recipe} if "local" in stages else {})}}
+                                        **({"local_recipe": local_recipe} if "local" in stages else {}),
+                                        **({"local_trust": _trust_label(trust_choice)} if choose_trust else {})}}
             # Under torchrun every process trained the same model; process 0 writes it.
             written = save_model(final, output) if int(os.environ.get("RANK", "0")) == 0 else output
     seconds = time.monotonic() - started
     message = note + _message(verdict, start_error, new_error, len(folds), written, changed_set)
+    if trust_choice is not None and written is not None:
+        message += (" On your cases the global stage placed points better than an unsure local stage, so the new "
+                    + ("model keeps the global stage's points." if math.isinf(trust_choice) else
+                       f"model uses the local stage only where it is sure (peak at least {trust_choice:g} of its trained peak)."))
     recipe_steps = iterations or suggested_iterations(len(cases))
     if steps < recipe_steps:
         message += (f" Each training run took {steps} steps instead of {recipe_steps}, to end within "
