@@ -2,10 +2,10 @@
 
 Scenarios, all with the shipped model and the tool's defaults (no option set):
 
-* **same domain**: 10 corrected ISBI test1 cases (151-160) fine-tune the model; before and after
-  on the other test1 images, against the same annotation as the corrections (``--annotation``:
-  the mean of both doctors by default, which the model learned; ``senior``: as one doctor would
-  correct them, see ``promise_loop_senior.py``).
+* **same domain**: 10 corrected ISBI test1 cases (151-160; ``--corrected`` picks others) fine-tune
+  the model; before and after on the other test1 images, against the same annotation as the
+  corrections (``--annotation``: the mean of both doctors by default, which the model learned;
+  ``senior``: as one doctor would correct them, see ``promise_loop_senior.py``).
 * **left-facing** and **inverted**: the test images mirrored left-right, and as negatives.
 * **other device** (simulated): every image through a low-dose, low-resolution device the model
   never saw: gamma 0.3, Gaussian blur sigma 1.5 mm, additive noise 10 % of the grey range
@@ -118,9 +118,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--scenarios", default="same,left,inverted,device,hand")
     parser.add_argument("--annotation", choices=("mean", "senior"), default="mean",
                         help="what the corrected cases follow, and what the errors are measured against")
+    parser.add_argument("--corrected", default="151-160",
+                        help="the test1 ids the user corrects, FIRST-LAST (default 151-160); the others are measured")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--device", default="cpu")
     args = parser.parse_args(argv)
+    first, last = (int(part) for part in args.corrected.split("-"))
+    corrected_ids = [f"{i:03d}" for i in range(first, last + 1)]
     import torch
 
     torch.set_num_threads(args.threads)
@@ -132,10 +136,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     isbi = X.isbi_folder(data)
     output = args.output
     output.mkdir(parents=True, exist_ok=True)
-    test_ids = X.spread([i for i in X.test1_ids(isbi) if i not in CORRECTED_IDS], args.test_images)
+    test_ids = X.spread([i for i in X.test1_ids(isbi) if i not in corrected_ids], args.test_images)
     truths = X.load_ground_truths(isbi, test_ids)[args.annotation]
     tests = X.load_isbi_cases(isbi, test_ids)
-    corrected = X.load_isbi_cases(isbi, CORRECTED_IDS, annotation=args.annotation)
+    corrected = X.load_isbi_cases(isbi, corrected_ids, annotation=args.annotation)
     start = load_model(args.model)
     rows: dict[str, dict[str, Any]] = {}
     usual = measure(start, tests, truths, args.device)
@@ -162,10 +166,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     if "hand" in scenarios:
         rows.update(hand_rows(data, args, output))
     table = loop_table(rows)
-    note = (f"ISBI 2015 test1 without the 10 corrected cases: {len(test_ids)} images; corrections and ground truth: "
+    note = (f"ISBI 2015 test1 without the {len(corrected_ids)} corrected cases ({args.corrected}): {len(test_ids)} images; "
+            "corrections and ground truth: "
             f"{'mean of both doctors' if args.annotation == 'mean' else 'senior doctor'}; 2 CPU threads")
     X.write_table(output, "The promise loop: before and after 10 corrected cases", note, table)
-    X.write_json(output / "results.json", {"rows": rows, "test_ids": test_ids, "corrected_ids": CORRECTED_IDS,
+    X.write_json(output / "results.json", {"rows": rows, "test_ids": test_ids, "corrected_ids": corrected_ids,
                                            "environment": X.environment()})
     print(table)
     return 0

@@ -102,9 +102,10 @@ NEW_LANDMARKS_LEARNING_RATE = 2e-4
 UNLIKE_TRAINING_RATIO = 1.5
 # How far a model whose two stages both learned may trust its local stage: the refiner's
 # ``min_peak_fraction`` as trained, raised, or never (the global stage's points, the local stage
-# still read for the expected error). Measured on the simulated other device
-# (scripts/experiments/promise_loop.py), 10 cases, both stages 400 steps, 60 other device images:
-# 0.2 (as trained) 1.61 mm, 0.4 1.54 mm, 0.6 and above 1.52 mm; the cross-validation chooses.
+# still read for the expected error). On the simulated other device, both stages trained 400 steps
+# on 10 of its cases, 140 other device images: as trained (0.2) 1.583 mm, 0.5 1.510 mm, never
+# 1.501 mm (scripts/experiments/device_limits.py); on usual images as trained is best. The
+# cross-validation on the user's cases chooses.
 LOCAL_TRUST_CHOICES = (None, 0.5, math.inf)
 
 
