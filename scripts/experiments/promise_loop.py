@@ -123,7 +123,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--device", default="cpu")
     args = parser.parse_args(argv)
-    first, last = (int(part) for part in args.corrected.split("-"))
+    try:
+        first, last = (int(part) for part in args.corrected.split("-"))
+    except ValueError:
+        parser.error(f"--corrected takes FIRST-LAST test1 ids, for example 201-210; got {args.corrected!r}")
     corrected_ids = [f"{i:03d}" for i in range(first, last + 1)]
     import torch
 
