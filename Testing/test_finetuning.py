@@ -197,11 +197,11 @@ def test_when_both_stages_learn_the_folds_choose_how_far_to_trust_the_local_stag
         read_with.append(model.refiner.config.min_peak_fraction)
         return [model.refiner.config.min_peak_fraction] * len(cases)
 
-    def run(errors_by_fraction, name):
+    def run(errors_by_fraction, name, stages=("global", "local")):
         monkeypatch.setattr(finetuning, "_case_errors", lambda found, held_out: [
             2.0 if found[0] == "start" else errors_by_fraction.get(found[0], 1.5)] * len(held_out))
         read_with.clear()
-        return fine_tune(cases, start, output=tmp_path / name, iterations=2, device="cpu", stages=["global", "local"])
+        return fine_tune(cases, start, output=tmp_path / name, iterations=2, device="cpu", stages=list(stages))
 
     monkeypatch.setattr(finetuning, "_detect_all", detect)
     # On these cases the global stage's points beat an unsure local stage's.
@@ -218,3 +218,7 @@ def test_when_both_stages_learn_the_folds_choose_how_far_to_trust_the_local_stag
     assert load_model(kept.output).refiner.config.min_peak_fraction == trained
     assert read_model_description(kept.output)["info"]["fine_tune"]["local_trust"] == "as trained"
     assert "global stage" not in kept.message
+    # The global stage learning alone beside a local stage it did not retrain: the folds choose too.
+    alone = run({0.5: 1.1}, "global-alone.scn.pt", stages=["global"])
+    assert alone.stages == ["global"] and load_model(alone.output).refiner.config.min_peak_fraction == 0.5
+    assert "only where it is sure" in alone.message

@@ -11,8 +11,8 @@ The recipe is chosen from what the cases are:
 * **A new landmark set** (an explicit choice): new output heads; the global stage learns, then
   the local stage if the model has one.
 
-When both stages learn the same landmarks, the cross-validation also chooses how far the new model
-trusts its local stage (``LOCAL_TRUST_CHOICES``): on images that have lost the fine detail it reads
+When the global stage of a two-stage model learns the same landmarks, the cross-validation also
+chooses how far the new model trusts its local stage (``LOCAL_TRUST_CHOICES``): on images that have lost the fine detail it reads
 (blur, noise), placing a point where the local stage is unsure does worse than the global stage.
 
 Whether it helped is judged on the user's own cases, never on one case: with three or more,
@@ -494,8 +494,9 @@ def _fine_tune(  # noqa: PLR0913 - the arguments of fine_tune, checked
                     f"{unlike[1]:.1f} mm on its validation images), so both stages learn. ")
             log.info(note)
     runs = len(folds) + 1
-    # Both stages learning the same landmarks: the folds also judge how far to trust the local stage.
-    choose_trust = bool(folds) and not changed_set and stages == ["global", "local"]
+    # The global stage learning the same landmarks beside a local stage: the folds also judge how far
+    # to trust the local stage (whether it learned too or not).
+    choose_trust = bool(folds) and not changed_set and "global" in stages and base.refiner is not None
     held_out_readings = len(LOCAL_TRUST_CHOICES) if choose_trust else 1
     steps = iterations or suggested_iterations(len(cases))
     limit_s = time_budget_s if time_budget_s is not None else (None if iterations is not None else DEFAULT_TIME_LIMIT_S)
