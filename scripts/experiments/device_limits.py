@@ -24,13 +24,13 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import isbi2015 as X
 import promise_loop as P
 
+NO_DEVICE = {"gamma": 1.0, "blur_mm": 0.0, "noise": 0.0}
+# Each entry: the parts of the device applied (P.simulate_device's options), the others left out.
 PARTS = {
     "usual images": {},
     "gamma 0.3": {"gamma": P.DEVICE_GAMMA},
@@ -39,23 +39,6 @@ PARTS = {
     "blur and noise": {"blur_mm": P.DEVICE_BLUR_MM, "noise": P.DEVICE_NOISE},
     "the whole device": {"gamma": P.DEVICE_GAMMA, "blur_mm": P.DEVICE_BLUR_MM, "noise": P.DEVICE_NOISE},
 }
-
-
-def device_part(case: Any, *, gamma: float = 1.0, blur_mm: float = 0.0, noise: float = 0.0) -> Any:
-    """The case through part of the simulated device, in ``promise_loop.simulate_device``'s order and seed."""
-    from scipy import ndimage
-    from SCNLandmarksLib.data.training_case import TrainingCase
-    from SCNLandmarksLib.imaging.image import Image
-
-    array = case.image.array.astype(np.float32)
-    low, high = float(array.min()), float(array.max())
-    unit = ((array - low) / max(high - low, 1e-6)) ** gamma
-    if blur_mm:
-        unit = ndimage.gaussian_filter(unit, sigma=[blur_mm / s for s in case.image.geometry.spacing[::-1]])
-    if noise:
-        rng = np.random.default_rng(P.DEVICE_SEED + int(case.name))
-        unit = unit + rng.normal(0.0, noise, size=unit.shape).astype(np.float32)
-    return TrainingCase(Image(np.clip(unit, 0.0, 1.0) * 255.0, case.image.geometry), case.landmarks, case.name)
 
 
 def errors(model: Any, cases: Sequence[Any], truths: dict[str, Any], *, half_trust: bool = False) -> dict[str, dict[str, float]]:
@@ -115,7 +98,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     few = X.spread(others, args.images)
     few_truths = X.load_ground_truths(isbi, few)["mean"]
     few_cases = X.load_isbi_cases(isbi, few)
-    parts = {label: errors(shipped, [device_part(c, **options) for c in few_cases], few_truths)
+    parts = {label: errors(shipped, [P.device_case(c, **{**NO_DEVICE, **options}) for c in few_cases], few_truths)
              for label, options in PARTS.items()}
     measured = X.spread(others, args.test_images)
     truths = X.load_ground_truths(isbi, measured)["mean"]

@@ -48,18 +48,23 @@ DEVICE_NOISE = 0.10
 DEVICE_SEED = 2015
 
 
-def simulate_device(image: Any, seed: int) -> Any:
-    """``image`` as another device would record it: gamma, blur and noise (see the module docstring)."""
+def simulate_device(image: Any, seed: int, *, gamma: float = DEVICE_GAMMA, blur_mm: float = DEVICE_BLUR_MM,
+                    noise: float = DEVICE_NOISE) -> Any:
+    """``image`` as another device would record it: gamma, blur and noise (see the module docstring).
+
+    The parts can be set apart (``device_limits.py``): gamma 1, blur 0 and noise 0 leave each out.
+    """
     from scipy import ndimage
     from SCNLandmarksLib.imaging.image import Image
 
     array = image.array.astype(np.float32)
     low, high = float(array.min()), float(array.max())
     unit = (array - low) / max(high - low, 1e-6)
-    unit = unit ** DEVICE_GAMMA
-    sigma = [DEVICE_BLUR_MM / s for s in image.geometry.spacing[::-1]]
-    unit = ndimage.gaussian_filter(unit, sigma=sigma)
-    unit = unit + np.random.default_rng(seed).normal(0.0, DEVICE_NOISE, size=unit.shape).astype(np.float32)
+    unit = unit ** gamma
+    if blur_mm:
+        unit = ndimage.gaussian_filter(unit, sigma=[blur_mm / s for s in image.geometry.spacing[::-1]])
+    if noise:
+        unit = unit + np.random.default_rng(seed).normal(0.0, noise, size=unit.shape).astype(np.float32)
     return Image(np.clip(unit, 0.0, 1.0) * 255.0, image.geometry)
 
 
@@ -84,10 +89,11 @@ def inverted_case(case: Any) -> Any:
     return TrainingCase(Image(array.max() + array.min() - array, case.image.geometry), case.landmarks, case.name)
 
 
-def device_case(case: Any) -> Any:
+def device_case(case: Any, **parts: float) -> Any:
+    """The case through the simulated device (``parts``: :func:`simulate_device`'s gamma, blur_mm, noise)."""
     from SCNLandmarksLib.data.training_case import TrainingCase
 
-    return TrainingCase(simulate_device(case.image, DEVICE_SEED + int(case.name)), case.landmarks, case.name)
+    return TrainingCase(simulate_device(case.image, DEVICE_SEED + int(case.name), **parts), case.landmarks, case.name)
 
 
 def measure(model: Any, cases: Sequence[Any], truths: dict[str, Any], device: str) -> dict[str, Any]:
