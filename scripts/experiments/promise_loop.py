@@ -7,11 +7,18 @@ Scenarios, all with the shipped model and the tool's defaults (no option set):
   corrections (``--annotation``: the mean of both doctors by default, which the model learned;
   ``senior``: as one doctor would correct them, see ``promise_loop_senior.py``).
 * **left-facing** and **inverted**: the test images mirrored left-right, and as negatives.
-* **other device** (simulated): every image through a low-dose, low-resolution device the model
-  never saw: gamma 0.3, Gaussian blur sigma 1.5 mm, additive noise 10 % of the grey range
-  (``simulate_device``). A milder one (gamma 0.5, blur 0.8 mm, noise 4 %) cost the global stage
-  only 0.04 mm on 6 images, so it would not test adaptation.
-  10 corrected cases of that device fine-tune the model; the gap is the error on the device's
+* **other device** (simulated): every image through a device the model never saw
+  (``simulate_device``; ``--devices`` picks them, see ``DEVICES``):
+
+  - ``blurred`` (the default): a low-dose, low-resolution device: gamma 0.3, Gaussian blur
+    sigma 1.5 mm, additive noise 10 % of the grey range. The blur removes detail that no
+    fine-tuning brings back (``device_limits.py``).
+  - ``noisy``: the same low dose at the usual resolution: gamma 0.3 and noise 10 %, no blur.
+
+  A milder device (gamma 0.5, blur 0.8 mm, noise 4 %) cost the global stage only 0.04 mm on 6
+  images, and a smaller field of view (the images cropped by up to 55 mm) 0.01-0.04 mm on 20:
+  neither would test adaptation.
+  10 corrected cases of the device fine-tune the model; the gap is the error on the device's
   images minus the error on the usual ones, and the table states how much of it closed.
 * **hand radiographs**, a new landmark set (37 points): 6 hand9 images fine-tune the
   cephalometric model (``--new-landmarks``) and, with the same steps, train the same network
@@ -46,6 +53,11 @@ DEVICE_GAMMA = 0.3
 DEVICE_BLUR_MM = 1.5
 DEVICE_NOISE = 0.10
 DEVICE_SEED = 2015
+# Named simulated devices: simulate_device's options.
+DEVICES = {
+    "blurred": {"gamma": DEVICE_GAMMA, "blur_mm": DEVICE_BLUR_MM, "noise": DEVICE_NOISE},
+    "noisy": {"gamma": DEVICE_GAMMA, "blur_mm": 0.0, "noise": DEVICE_NOISE},
+}
 
 
 def simulate_device(image: Any, seed: int, *, gamma: float = DEVICE_GAMMA, blur_mm: float = DEVICE_BLUR_MM,
@@ -126,6 +138,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                         help="what the corrected cases follow, and what the errors are measured against")
     parser.add_argument("--corrected", default="151-160",
                         help="the test1 ids the user corrects, FIRST-LAST (default 151-160); the others are measured")
+    parser.add_argument("--devices", default="blurred",
+                        help=f"comma-separated simulated devices for the device scenario, of {', '.join(DEVICES)} (default blurred)")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--device", default="cpu")
     args = parser.parse_args(argv)
@@ -134,6 +148,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ValueError:
         parser.error(f"--corrected takes FIRST-LAST test1 ids, for example 201-210; got {args.corrected!r}")
     corrected_ids = [f"{i:03d}" for i in range(first, last + 1)]
+    devices = args.devices.split(",")
+    unknown = [name for name in devices if name not in DEVICES]
+    if unknown:
+        parser.error(f"unknown --devices {unknown}; known: {', '.join(DEVICES)}")
     import torch
 
     torch.set_num_threads(args.threads)
@@ -164,14 +182,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         rows["left-facing"] = {"before": measure(start, mirrored, {c.name: c.landmarks for c in mirrored}, args.device)}
     if "inverted" in scenarios:
         rows["inverted"] = {"before": measure(start, [inverted_case(c) for c in tests], truths, args.device)}
-    if "device" in scenarios:
-        device_tests = [device_case(c) for c in tests]
+    for name in devices if "device" in scenarios else []:
+        parts = DEVICES[name]
+        device_tests = [device_case(c, **parts) for c in tests]
         before = measure(start, device_tests, truths, args.device)
-        report = fine_tune_run([device_case(c) for c in corrected], args.model, output / "other-device.scn.pt", args.device)
+        path = output / ("other-device.scn.pt" if name == "blurred" else f"other-device-{name}.scn.pt")
+        report = fine_tune_run([device_case(c, **parts) for c in corrected], args.model, path, args.device)
         after = measure(load_model(report["output"]), device_tests, truths, args.device) if report["output"] else before
         gap = before["mre_mm"] - usual["mre_mm"]
         closed = (before["mre_mm"] - after["mre_mm"]) / gap if gap > 0 else float("nan")
-        rows["other device (simulated)"] = {"before": before, "after": after, "fine_tune": report, "gap_closed": closed}
+        label = "other device (simulated)" if name == "blurred" else f"other device (simulated, {name})"
+        rows[label] = {"before": before, "after": after, "fine_tune": report, "gap_closed": closed, "device": parts}
     if "hand" in scenarios:
         rows.update(hand_rows(data, args, output))
     table = loop_table(rows)
