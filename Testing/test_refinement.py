@@ -59,6 +59,23 @@ def test_crop_target_is_a_distribution_peaking_at_the_subpixel_position():
     assert tuple(int(i) for i in np.unravel_index(int(target3.argmax()), target3.shape)) == (12, 8, 3)  # z, y, x
 
 
+def test_distribution_width_is_the_rms_distance_from_the_maximum_in_mm():
+    from SCNLandmarksLib.models.refinement import distribution_widths_mm
+
+    # 2D, (K, y, x) arrays, maxima and spacing in x, y order, anisotropic pixels.
+    flat = np.zeros((3, 9, 11))
+    flat[0, 4, 5] = 1.0  # all mass at the maximum
+    flat[1, 4, 5] = flat[1, 4, 9] = 0.5  # half of it 4 pixels along x (0.3 mm each)
+    flat[2, 4, 5] = flat[2, 8, 5] = 0.5  # half of it 4 pixels along y (0.5 mm each)
+    maxima = np.array([[5.0, 4.0]] * 3)
+    np.testing.assert_allclose(distribution_widths_mm(flat, maxima, np.array([0.3, 0.5])),
+                               [0.0, np.sqrt(0.5) * 1.2, np.sqrt(0.5) * 2.0])
+    # 3D, (K, z, y, x) arrays: a mass 3 voxels away along x, the maximum in x, y, z order.
+    volume = np.zeros((1, 5, 6, 7))
+    volume[0, 2, 3, 6] = 1.0
+    np.testing.assert_allclose(distribution_widths_mm(volume, np.array([[3.0, 3.0, 2.0]]), np.array([1.0, 2.0, 3.0])), [3.0])
+
+
 def test_refiner_settings_are_checked():
     with pytest.raises(ValueError, match="multiple of 4"):
         RefinerConfig(dimension=2, num_landmarks=3, patch_size=30, filters=(8, 16, 32))
@@ -185,9 +202,10 @@ def test_a_local_stage_that_sees_nothing_it_knows_keeps_the_global_estimate():
     torch.nn.init.zeros_(network.head.bias)
     prepared = prepare_for_refiner(case.image, config, IntensityConfig())
     estimates = case.landmarks.positions + 1.0
-    kept, peaks, _ = refine_positions(network, prepared, estimates, device=torch.device("cpu"))
+    kept, peaks, _, widths = refine_positions(network, prepared, estimates, device=torch.device("cpu"))
     np.testing.assert_array_equal(kept, estimates)
     assert np.allclose(peaks, 1.0 / config.patch_size**2)
+    assert np.all(widths > 0.3 * config.patch_size * config.spacing_mm)  # spread over the whole crop
     network.config = dataclasses.replace(config, min_peak_fraction=0.0)
     moved = refine_positions(network, prepared, estimates, device=torch.device("cpu")).positions
     assert np.all(np.linalg.norm(moved - estimates, axis=1) > 1.0)  # trusted blindly, it jumps to a corner
@@ -207,7 +225,8 @@ def test_a_local_stage_never_trusted_leaves_the_global_points_and_still_reports_
     detector = Detector(reloaded, device="cpu")
     found = detector.detect(image).positions
     np.testing.assert_allclose(found, Detector(reloaded, device="cpu", refine=False).detect(image).positions, atol=1e-9)
-    assert np.isfinite(detector.last_signals["local_peak"]).all()  # the expected error still has its signal
+    assert np.isfinite(detector.last_signals["local_peak"]).all()  # the expected error still has its signals
+    assert (detector.last_signals["local_width_mm"] > 0).all()
     trusting = Detector(load_model(two_stage["result"].output), device="cpu").detect(image).positions
     assert np.abs(trusting - found).max() > 1e-3  # as trained, the local stage moves the points
 
@@ -233,13 +252,14 @@ def test_an_ensemble_places_each_point_at_the_mean_of_its_trusted_members(two_st
     estimates = case.landmarks.positions + np.array([1.5, -1.0])
     cpu = torch.device("cpu")
     alone = [refine_positions(member, prepared, estimates, device=cpu) for member in (first, second)]
-    together, peaks, spread = refine_positions(ensemble, prepared, estimates, device=cpu)
+    together, peaks, spread, widths = refine_positions(ensemble, prepared, estimates, device=cpu)
     assert np.abs(alone[0][0] - alone[1][0]).max() > 0.01  # the members disagree somewhere
     assert min(alone[0][1].min(), alone[1][1].min()) > first.config.min_peak_fraction * first.config.target_peak
     np.testing.assert_allclose(together, (alone[0][0] + alone[1][0]) / 2, atol=1e-6)
     np.testing.assert_allclose(peaks, (alone[0][1] + alone[1][1]) / 2, rtol=1e-5)
     np.testing.assert_allclose(spread, np.linalg.norm(alone[0][0] - alone[1][0], axis=1) / 2, atol=1e-6)
     assert np.all(alone[0].member_spread_mm == 0)
+    np.testing.assert_allclose(widths, (alone[0].widths_mm + alone[1].widths_mm) / 2, rtol=1e-5)
 
     with torch.no_grad():  # where one member sees no peak, the global estimate is kept
         ensemble.members[1].head.weight.zero_()
@@ -247,6 +267,8 @@ def test_an_ensemble_places_each_point_at_the_mean_of_its_trusted_members(two_st
     kept = refine_positions(ensemble, prepared, estimates, device=cpu)
     np.testing.assert_array_equal(kept.positions, estimates)
     assert np.isfinite(kept.member_spread_mm).all()  # the disagreement is known, though unused
+    # A member that sees nothing spreads its distribution over the whole crop: the width says so.
+    assert (kept.widths_mm > widths + 3.0).all()
 
     model.refiner = ensemble
     saved = load_model(save_model(model, tmp_path / "ensemble.scn.pt"))

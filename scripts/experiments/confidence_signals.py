@@ -60,7 +60,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     for case in cases:
         found = detector.detect(case.image)
         fine = detector.last_reading.apply(prepare_for_refiner(case.image, refiner.config, detector.model.intensity))
-        refined, peaks, _ = refine_positions(refiner, fine, found.positions, device=detector.device)
+        refined, peaks, *_ = refine_positions(refiner, fine, found.positions, device=detector.device)
         errors = point_errors(Landmarks(found.names, refined), truths[case.name])
         shift = np.linalg.norm(refined - found.positions, axis=1)
         rows.append(np.stack([errors, found.confidences, shift, peaks / refiner.config.target_peak], axis=1))

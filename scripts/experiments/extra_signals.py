@@ -1,10 +1,13 @@
-"""Issue 8: would two signals the detector gets for free improve the expected error?
+"""Issue 8: would signals the detector gets for free improve the expected error?
 
 * ``refinement_shift_mm``: how far the local stage moved each point from the global estimate;
 * ``runner_up``: the global heatmap's best value farther than ``--exclude-voxels`` grid voxels from
-  its maximum, divided by that maximum (a second candidate position along a contour).
+  its maximum, divided by that maximum (a second candidate position along a contour);
+* ``local_width_mm`` (the detector's own): how far the local stage's distribution spreads around
+  its maximum, root-mean-square in mm (a point the network cannot place along a contour);
+* ``member_spread_mm`` (the detector's own): how far the local networks' points lie apart.
 
-Both are computed here, beside the detector's own signals, for the shipped model on the 15
+The first two are computed here, beside the detector's own signals, for the shipped model on the 15
 validation images and the 150 test1 images (mean of both doctors). Each signal set is then judged
 on the validation images alone, each image held out of the error model's fit
 (:func:`error_prediction.leave_one_image_out`: the AUROC for points > 2 mm off and the error of
@@ -95,16 +98,19 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     alone = {}
     v, t = np.isfinite(valid_errors), np.isfinite(test_errors)
-    for name in [*EXTRA, "member_spread_mm", *BASE]:
+    for name in [*EXTRA, "member_spread_mm", "local_width_mm", *BASE]:
         if name not in valid_signals:
             continue
         sign = -1.0 if name in LOW_IS_BAD else 1.0
         alone[name] = {"validation_auroc_2mm": auroc(sign * valid_signals[name][v], valid_errors[v] > 2),
                        "test1_auroc_4mm": auroc(sign * test_signals[name][t], test_errors[t] > 4)}
-    candidates = {"the engine's three": BASE, "+ refinement shift": [*BASE, "refinement_shift_mm"],
+    candidates = {"local peak, global confidence, shape": BASE, "+ refinement shift": [*BASE, "refinement_shift_mm"],
                   "+ runner-up": [*BASE, "runner_up"], "+ both": [*BASE, *EXTRA]}
     if "member_spread_mm" in valid_signals:
         candidates["+ local networks' disagreement"] = [*BASE, "member_spread_mm"]
+    if "local_width_mm" in valid_signals:
+        candidates["+ local width"] = [*BASE, "local_width_mm"]
+        candidates["local width instead of local peak"] = ["local_width_mm", *BASE[1:]]
     sets = {}
     for label, use in candidates.items():
         held_out = leave_one_image_out(valid_signals, valid_errors, use)

@@ -234,6 +234,7 @@ class Detector:
                 refined = refine_positions(refiner, fine, physical, device=self.device)
             physical = refined.positions
             signals["local_peak"] = refined.peaks / refiner.config.target_peak
+            signals["local_width_mm"] = refined.widths_mm
             if refiner.config.members > 1:
                 signals["member_spread_mm"] = refined.member_spread_mm
         if model.shape_model is not None:

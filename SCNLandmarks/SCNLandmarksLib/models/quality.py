@@ -1,7 +1,7 @@
 """How far off is each detected point? An expected error in mm, and which points to check.
 
-The detector already knows a lot about its own doubt: how sharply the local stage peaks, how
-sure the global SCN was, how much the local result moves when the crop moves, and whether the
+The detector already knows a lot about its own doubt: how sharply the local stage peaks and how
+far its distribution spreads, how sure the global SCN was, how much the local result moves when the crop moves, and whether the
 point sits where the other points place it (:mod:`.shape_model`). :class:`ErrorModel` turns
 these signals into an expected error in millimetres with a log-linear model,
 
@@ -32,6 +32,7 @@ ERROR_FLOOR_MM = 0.1
 # a perfect signal (a zero spread, a peak of 1) stays finite.
 SIGNALS = {
     "local_peak": ("clip", 1e-3),  # largest crop probability / the trained target's peak
+    "local_width_mm": ("add", 0.05),  # root-mean-square distance of the crop's distribution from its maximum
     "global_confidence": ("clip", 1e-3),  # global heatmap maximum / its target's peak
     "view_spread_mm": ("add", 0.05),  # mean distance of the shifted-crop results from the point
     "member_spread_mm": ("add", 0.05),  # mean distance of the local networks' points from their mean

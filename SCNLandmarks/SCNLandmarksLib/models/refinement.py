@@ -38,6 +38,7 @@ __all__ = [
     "build_refiner",
     "crop_transform",
     "crop_target",
+    "distribution_widths_mm",
     "prepare_for_refiner",
     "Refinement",
     "refine_positions",
@@ -261,11 +262,16 @@ class Refinement(NamedTuple):
             mean for an ensemble); NaN where there was no estimate.
         member_spread_mm: ``(N,)`` mean distance of the members' points from their mean, whether
             or not they were trusted (0 for one network); NaN where there was no estimate.
+        widths_mm: ``(N,)`` how far each crop's distribution spreads around its maximum: the
+            root-mean-square distance from the maximum in mm (the members' mean); NaN where
+            there was no estimate. A point on a contour the network cannot place along gets a
+            wide distribution.
     """
 
     positions: np.ndarray
     peaks: np.ndarray
     member_spread_mm: np.ndarray
+    widths_mm: np.ndarray
 
 
 def refine_positions(
@@ -292,13 +298,14 @@ def refine_positions(
     positions = np.array(estimates, dtype=float, copy=True)
     peaks = np.full(len(positions), np.nan)
     spread = np.full(len(positions), np.nan)
+    widths = np.full(len(positions), np.nan)
     channels = np.flatnonzero(np.isfinite(positions).all(axis=1))
     if channels.size == 0:
-        return Refinement(positions, peaks, spread)
+        return Refinement(positions, peaks, spread, widths)
     for _ in range(config.passes):
         transforms = [crop_transform(prepared.base, positions[c], config) for c in channels]
         crops = np.stack([prepared.sample(t) for t in transforms])[:, None]
-        found, values = [], []
+        found, values, member_widths = [], [], []
         with torch.inference_mode():
             for logits in network.member_logits(torch.from_numpy(crops).to(device)):
                 own = _own_channel(logits, torch.from_numpy(channels).to(device))
@@ -307,6 +314,7 @@ def refine_positions(
                 member_found, member_values = heatmap_maxima(probabilities)
                 found.append(member_found)
                 values.append(member_values)
+                member_widths.append(distribution_widths_mm(probabilities, member_found, transforms[0].spacing))
         trusted = (np.stack(values) >= config.min_peak_fraction * config.target_peak).all(axis=0)
         for row, channel in enumerate(channels):
             placed = np.array([transforms[row].grid_to_physical(member_found[row])[0] for member_found in found])
@@ -314,4 +322,21 @@ def refine_positions(
             if trusted[row]:
                 positions[channel] = placed.mean(axis=0)
         peaks[channels] = np.mean(values, axis=0)
-    return Refinement(positions, peaks, spread)
+        widths[channels] = np.mean(member_widths, axis=0)
+    return Refinement(positions, peaks, spread, widths)
+
+
+def distribution_widths_mm(probabilities: np.ndarray, maxima: np.ndarray, spacing: np.ndarray) -> np.ndarray:
+    """Root-mean-square distance in mm of each distribution from its maximum.
+
+    Args:
+        probabilities: ``(K, [z,] y, x)`` distributions over crops, each summing to 1.
+        maxima: ``(K, D)`` grid index of each maximum, x, y[, z] order.
+        spacing: ``(D,)`` crop pixel size in mm, x, y[, z] order.
+    """
+    grid = np.indices(probabilities.shape[1:], dtype=float)[::-1]  # x, y[, z] order
+    squared = np.zeros(probabilities.shape)
+    for axis, step in enumerate(np.asarray(spacing, dtype=float)):
+        offset = grid[axis][None] - np.asarray(maxima, dtype=float)[:, axis].reshape(-1, *([1] * grid[axis].ndim))
+        squared += (offset * step) ** 2
+    return np.sqrt((probabilities * squared).reshape(len(probabilities), -1).sum(axis=1))
