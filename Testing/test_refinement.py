@@ -74,6 +74,15 @@ def test_distribution_width_is_the_rms_distance_from_the_maximum_in_mm():
     volume = np.zeros((1, 5, 6, 7))
     volume[0, 2, 3, 6] = 1.0
     np.testing.assert_allclose(distribution_widths_mm(volume, np.array([[3.0, 3.0, 2.0]]), np.array([1.0, 2.0, 3.0])), [3.0])
+    # Any 3D distribution, a sub-voxel maximum: the distance summed voxel by voxel.
+    rng = np.random.default_rng(0)
+    spread = rng.random((4, 6, 7, 8))
+    spread /= spread.sum(axis=(1, 2, 3), keepdims=True)
+    maxima, spacing = rng.uniform(0, 5, (4, 3)), np.array([0.3, 0.7, 1.1])
+    z, y, x = np.indices(spread.shape[1:])
+    by_voxel = [np.sqrt((spread[k] * sum(((c - maxima[k, a]) * spacing[a]) ** 2 for a, c in enumerate((x, y, z)))).sum())
+                for k in range(4)]
+    np.testing.assert_allclose(distribution_widths_mm(spread, maxima, spacing), by_voxel)
 
 
 def test_refiner_settings_are_checked():

@@ -5,8 +5,9 @@ Fits the quality part of the two-stage cephalometric model and measures it:
 1. a shape model of the 135 training images' landmarks (mean of both doctors);
 2. an error model on the 15 validation images (``splits/validation.txt``): the shipped model
    detects them, and the log-error of each point is regressed on the detector's signals
-   (by default the engine's: how far the local stage's distribution spreads, the global confidence,
-   the distance from where the other points place it; per-landmark offsets); the default check threshold flags ``--flag-fraction`` of the validation points;
+   (by default the engine's: how far the local stage's distribution spreads, the global
+   confidence, the distance from where the other points place it; per-landmark offsets); the
+   default check threshold flags ``--flag-fraction`` of the validation points;
 3. writes the model with both parts (same weights) and evaluates it on test1, which chooses
    nothing: AUROC of the expected error for points more than 2 and 4 mm off (and of each signal
    alone), the share of points flagged and of points > 4 mm caught at the default threshold,

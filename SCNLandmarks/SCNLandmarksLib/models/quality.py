@@ -1,8 +1,8 @@
 """How far off is each detected point? An expected error in mm, and which points to check.
 
 The detector already knows a lot about its own doubt: how sharply the local stage peaks and how
-far its distribution spreads, how sure the global SCN was, how much the local result moves when the crop moves, and whether the
-point sits where the other points place it (:mod:`.shape_model`). :class:`ErrorModel` turns
+far its distribution spreads, how sure the global SCN was, how much the local result moves when
+the crop moves, and whether the point sits where the other points place it (:mod:`.shape_model`). :class:`ErrorModel` turns
 these signals into an expected error in millimetres with a log-linear model,
 
     log(error + 0.1 mm) = intercept + landmark offset + sum_k weight_k * log(signal_k),

@@ -334,9 +334,16 @@ def distribution_widths_mm(probabilities: np.ndarray, maxima: np.ndarray, spacin
         maxima: ``(K, D)`` grid index of each maximum, x, y[, z] order.
         spacing: ``(D,)`` crop pixel size in mm, x, y[, z] order.
     """
-    grid = np.indices(probabilities.shape[1:], dtype=float)[::-1]  # x, y[, z] order
-    squared = np.zeros(probabilities.shape)
+    probabilities = np.asarray(probabilities, dtype=float)
+    maxima = np.asarray(maxima, dtype=float)
+    spatial = probabilities.ndim - 1
+    squared = np.zeros(len(probabilities))
+    # Axis by axis from the marginal distributions, so that no array of crop size is built per axis.
     for axis, step in enumerate(np.asarray(spacing, dtype=float)):
-        offset = grid[axis][None] - np.asarray(maxima, dtype=float)[:, axis].reshape(-1, *([1] * grid[axis].ndim))
-        squared += (offset * step) ** 2
-    return np.sqrt((probabilities * squared).reshape(len(probabilities), -1).sum(axis=1))
+        array_axis = spatial - axis  # x is the last array axis
+        others = tuple(a for a in range(1, spatial + 1) if a != array_axis)
+        marginal = probabilities.sum(axis=others)  # (K, n)
+        index = np.arange(marginal.shape[1], dtype=float)
+        mean, second = marginal @ index, marginal @ index**2
+        squared += (second - 2.0 * maxima[:, axis] * mean + maxima[:, axis] ** 2 * marginal.sum(axis=1)) * step**2
+    return np.sqrt(np.clip(squared, 0.0, None))
