@@ -129,9 +129,16 @@ def test_cases_unlike_the_training_images_fine_tune_both_stages(two_stage_file, 
     assert recipe["global_learning_rate"] == finetuning.UNLIKE_GLOBAL_LEARNING_RATE
     foreign_start, foreign_new = load_model(path).refiner.state_dict(), load_model(foreign.output).refiner.state_dict()
     assert any(not torch.equal(v, foreign_new[k]) for k, v in foreign_start.items() if k.endswith("running_mean"))
+    # Their expected errors are learned again on the folds' held-out cases: the old ones describe other images.
+    refitted = load_model(foreign.output).error_model
+    assert refitted.fitted_on == "held-out detections of 4 fine-tuning cases (cross-validation)"
+    assert refitted.signals == ["global_confidence"] and refitted.validation_mean_mm > 1.0
+    assert recipe["error_model"] == refitted.fitted_on and "learned again on your cases" in foreign.message
     familiar = fine_tune(cases, _with_error_model(path, tmp_path, validation_mean_mm=1e6),
                          output=tmp_path / "b.scn.pt", iterations=2, keep_worse=True, device="cpu")
     assert familiar.stages == ["local"] and "look unlike" not in familiar.message
+    assert load_model(familiar.output).error_model.validation_mean_mm == 1e6  # like the training images: kept
+    assert "error_model" not in read_model_description(familiar.output)["info"]["fine_tune"]
     chosen = fine_tune(cases, path, output=tmp_path / "c.scn.pt", iterations=2, keep_worse=True, device="cpu",
                        stages=["global"])
     assert chosen.stages == ["global"]
@@ -191,7 +198,7 @@ def test_when_both_stages_learn_the_folds_choose_how_far_to_trust_the_local_stag
     trained = start.refiner.config.min_peak_fraction
     read_with: list[float] = []
 
-    def detect(model, cases, device):
+    def detect(model, cases, device, signals=None):
         if model is start:
             return ["start"] * len(cases)
         read_with.append(model.refiner.config.min_peak_fraction)
