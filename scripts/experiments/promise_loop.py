@@ -22,7 +22,8 @@ Scenarios, all with the shipped model and the tool's defaults (no option set):
   images minus the error on the usual ones, and the table states how much of it closed.
 * **hand radiographs**, a new landmark set (37 points): 6 hand9 images fine-tune the
   cephalometric model (``--new-landmarks``) and, with the same steps, train the same network
-  from scratch; both are measured on the 3 other images (fold 1).
+  from scratch; both are measured on the 3 other images (fold 1; ``--hand-folds 1,2,3`` runs the
+  three committed folds, so that each of the 9 images is tested once, and adds their pooled row).
 
 Each fine-tune is the engine's own recipe (``SCNLandmarksLib.learning.finetuning.fine_tune``: the
 local stage for the same landmark set, checked by 3-fold cross-validation on the 10 cases and
@@ -133,6 +134,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--output", type=Path, required=True)
     parser.add_argument("--test-images", type=int, default=None, help="evaluate on this many of the other test1 images")
     parser.add_argument("--hand-iterations", type=int, default=600, help="steps of each stage for the hand set")
+    parser.add_argument("--hand-folds", default="1", help="hand9 folds to run, for example 1,2,3 (default 1)")
     parser.add_argument("--scenarios", default="same,left,inverted,device,hand")
     parser.add_argument("--annotation", choices=("mean", "senior"), default="mean",
                         help="what the corrected cases follow, and what the errors are measured against")
@@ -194,7 +196,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         label = "other device (simulated)" if name == "blurred" else f"other device (simulated, {name})"
         rows[label] = {"before": before, "after": after, "fine_tune": report, "gap_closed": closed, "device": parts}
     if "hand" in scenarios:
-        rows.update(hand_rows(data, args, output))
+        folds = [int(fold) for fold in args.hand_folds.split(",")]
+        for fold in folds:
+            rows.update(hand_rows(data, args, output, fold))
+        if len(folds) > 1:
+            rows.update(pooled_hand_rows(rows, folds))
     table = loop_table(rows)
     note = (f"ISBI 2015 test1 without the {len(corrected_ids)} corrected cases ({args.corrected}): {len(test_ids)} images; "
             "corrections and ground truth: "
@@ -206,8 +212,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     return 0
 
 
-def hand_rows(data: Path, args: argparse.Namespace, output: Path) -> dict[str, dict[str, Any]]:
-    """Hand fold 1: fine-tuned from the cephalometric model vs from scratch, same steps."""
+HAND_FINE_TUNED = "hand9 fold {fold} (6 train / 3 test), fine-tuned from ceph"
+HAND_SCRATCH = "hand9 fold {fold}, same network from scratch (lr 5e-4 / 2e-3)"
+
+
+def hand_rows(data: Path, args: argparse.Namespace, output: Path, fold: int) -> dict[str, dict[str, Any]]:
+    """One hand fold: fine-tuned from the cephalometric model vs from scratch, same steps."""
     from SCNLandmarksLib.models.model import create_model
     from SCNLandmarksLib.models.model_file import load_model
     from SCNLandmarksLib.models.network import NetworkConfig
@@ -216,10 +226,10 @@ def hand_rows(data: Path, args: argparse.Namespace, output: Path) -> dict[str, d
 
     hand = X.hand_folder(data)
     all_ids = sorted(p.stem for p in (hand / "images").glob("*.mha"))
-    train_ids, test_ids = X.hand_fold_ids(1, all_ids)
+    train_ids, test_ids = X.hand_fold_ids(fold, all_ids)
     train, test = X.load_hand_cases(hand, train_ids), X.load_hand_cases(hand, test_ids)
     truths = {c.name: c.landmarks for c in test}
-    fine = fine_tune_run(train, args.model, output / "hand-finetuned.scn.pt", args.device,
+    fine = fine_tune_run(train, args.model, output / f"hand{fold}-finetuned.scn.pt", args.device,
                          new_landmarks=True, iterations=args.hand_iterations)
     ceph = load_model(args.model)
     names = X.hand_names()
@@ -230,10 +240,10 @@ def hand_rows(data: Path, args: argparse.Namespace, output: Path) -> dict[str, d
                                    if k not in ("dimension", "num_landmarks")})
     started = time.perf_counter()
     steps = args.hand_iterations
-    scratch_file = output / "hand-scratch.scn.pt"
+    scratch_file = output / f"hand{fold}-scratch.scn.pt"
     global_config = TrainingConfig(iterations=steps, learning_rate=5e-4, device=args.device, validate_every=0,
                                    checkpoint_every=0)
-    scratch = train_model(train, scratch, output=output / "hand-scratch-global.scn.pt", config=global_config,
+    scratch = train_model(train, scratch, output=output / f"hand{fold}-scratch-global.scn.pt", config=global_config,
                           validation_cases=[], progress=X.progress_bar(), overwrite=True).model
     if scratch.refiner is not None:
         local_config = RefinerTrainingConfig(iterations=steps, batch_size=16, device=args.device, validate_every=0,
@@ -242,11 +252,25 @@ def hand_rows(data: Path, args: argparse.Namespace, output: Path) -> dict[str, d
                                 progress=X.progress_bar(), overwrite=True).model
     fresh = {"output": str(scratch_file), "seconds": time.perf_counter() - started, "start_error_mm": None}
     return {
-        "hand9 fold 1 (6 train / 3 test), fine-tuned from ceph": {
+        HAND_FINE_TUNED.format(fold=fold): {
             "after": measure(load_model(fine["output"]), test, truths, args.device), "fine_tune": fine},
-        "hand9 fold 1, same network from scratch (lr 5e-4 / 2e-3)": {
+        HAND_SCRATCH.format(fold=fold): {
             "after": measure(load_model(scratch_file), test, truths, args.device), "fine_tune": fresh},
     }
+
+
+def pooled_hand_rows(rows: dict[str, dict[str, Any]], folds: Sequence[int]) -> dict[str, dict[str, Any]]:
+    """The hand folds' rows pooled: every fold tests 3 images of 37 points, so the folds weigh the same."""
+    pooled = {}
+    for label, template in (("fine-tuned from ceph", HAND_FINE_TUNED), ("same network from scratch", HAND_SCRATCH)):
+        parts = [rows[template.format(fold=fold)] for fold in folds]
+        mean = lambda key: sum(part["after"][key] for part in parts) / len(parts)  # noqa: E731
+        pooled[f"hand9 folds {','.join(map(str, folds))} pooled, {label}"] = {
+            "after": {key: mean(key) for key in ("mre_mm", "sdr2", "seconds_per_image")},
+            "fine_tune": {"output": "per fold", "start_error_mm": None,
+                          "seconds": sum(part["fine_tune"]["seconds"] for part in parts) / len(parts)},
+        }
+    return pooled
 
 
 def loop_table(rows: dict[str, dict[str, Any]]) -> str:
