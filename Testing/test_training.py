@@ -115,6 +115,26 @@ def test_new_landmark_set_gets_new_heads_and_keeps_the_body(tmp_path):
     assert load_model(tmp_path / "adapted.scn.pt").landmark_descriptions == ["kept", "new"]
 
 
+def test_new_heads_start_from_the_seed_whatever_ran_before():
+    from SCNLandmarksLib.learning.refinement_training import attach_refiner
+
+    model = attach_refiner(tiny_model(["A", "B", "C"]), patch_size=32, spacing_mm=0.5, filters=(8, 16, 32))
+    torch.manual_seed(1)
+    first = adapt_to_landmarks(model, ["C", "D"])
+    torch.rand(1000)  # another global random state
+    again = adapt_to_landmarks(model, ["C", "D"])
+    other = adapt_to_landmarks(model, ["C", "D"], seed=1)
+    heads = first.network.head_parameter_names()
+    new_head = "local.heatmap.weight"
+    assert new_head in heads
+    for key, value in first.network.state_dict().items():
+        torch.testing.assert_close(again.network.state_dict()[key], value)
+    assert not torch.equal(other.network.state_dict()[new_head][1], first.network.state_dict()[new_head][1])
+    torch.testing.assert_close(other.network.state_dict()[new_head][0], first.network.state_dict()[new_head][0])
+    for key, value in first.refiner.state_dict().items():
+        torch.testing.assert_close(again.refiner.state_dict()[key], value)
+
+
 def test_time_budget_ends_training_successfully(tmp_path):
     cases = synthetic_cases(2)
     result = train_model(cases, tiny_model(cases[0].landmarks.names), output=tmp_path / "m.scn.pt",

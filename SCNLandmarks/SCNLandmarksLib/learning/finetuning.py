@@ -187,8 +187,9 @@ def case_landmark_set(cases: Sequence[TrainingCase]) -> tuple[list[str], list[st
     return names, descriptions
 
 
-def plan_landmarks(model: LandmarkModel, cases: Sequence[TrainingCase], *, new_landmarks: bool) -> LandmarkModel:
-    """The model to start from for these cases: itself, or adapted to the cases' landmark set.
+def plan_landmarks(model: LandmarkModel, cases: Sequence[TrainingCase], *, new_landmarks: bool,
+                   seed: int = 0) -> LandmarkModel:
+    """The model to start from for these cases: itself, or adapted to the cases' landmark set (new heads from ``seed``).
 
     Raises:
         ValueError: the cases name landmarks the model does not know and ``new_landmarks`` is False.
@@ -207,7 +208,7 @@ def plan_landmarks(model: LandmarkModel, cases: Sequence[TrainingCase], *, new_l
             "landmarks explicitly (CLI: --new-landmarks)."
         )
         raise ValueError(msg)
-    return adapt_to_landmarks(model, names, descriptions)
+    return adapt_to_landmarks(model, names, descriptions, seed=seed)
 
 
 def _folds(count: int, seed: int) -> list[np.ndarray]:
@@ -510,7 +511,7 @@ def _fine_tune(  # noqa: PLR0913 - the arguments of fine_tune, checked
     from .refinement_training import RefinerTrainingConfig, train_refiner
     from .training import TrainingConfig, train_model
 
-    base = plan_landmarks(start, cases, new_landmarks=new_landmarks)
+    base = plan_landmarks(start, cases, new_landmarks=new_landmarks, seed=seed)
     changed_set = base is not start
     stages = ["global"] if changed_set or base.refiner is None else []
     if base.refiner is not None:

@@ -135,16 +135,26 @@ class _PreparedCase:
     positions: np.ndarray  # (N, D) LPS mm, NaN where missing, in model channel order
 
 
-def adapt_to_landmarks(model: LandmarkModel, names: Sequence[str], descriptions: Sequence[str] | None = None) -> LandmarkModel:
+def adapt_to_landmarks(
+    model: LandmarkModel, names: Sequence[str], descriptions: Sequence[str] | None = None, *, seed: int = 0,
+) -> LandmarkModel:
     """A copy of ``model`` for another landmark set: new output heads, the rest of the body reused.
 
     Landmarks whose names the model already knows keep their head weights and sigma, so
-    adapting to the same set is a no-op and adding landmarks keeps what was learned.
+    adapting to the same set is a no-op and adding landmarks keeps what was learned. The new
+    heads start from ``seed`` whatever ran before in the process, so a fine-tune to a new
+    landmark set repeats exactly.
     """
     names = list(names)
     descriptions = list(descriptions) if descriptions is not None else [""] * len(names)
     if names == model.landmark_names:
         return copy.deepcopy(model)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return _adapted(model, names, descriptions)
+
+
+def _adapted(model: LandmarkModel, names: list[str], descriptions: list[str]) -> LandmarkModel:
     config = type(model.config).from_dict({**model.config.to_dict(), "num_landmarks": len(names)})
     network = build_network(config)
     old_state = model.network.state_dict()
