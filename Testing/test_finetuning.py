@@ -229,3 +229,14 @@ def test_when_both_stages_learn_the_folds_choose_how_far_to_trust_the_local_stag
     alone = run({0.5: 1.1}, "global-alone.scn.pt", stages=["global"])
     assert alone.stages == ["global"] and load_model(alone.output).refiner.config.min_peak_fraction == 0.5
     assert "only where it is sure" in alone.message
+
+
+def test_a_new_landmark_set_fills_the_default_time_limit(two_stage_file, tmp_path, monkeypatch):
+    path, cases = two_stage_file
+    renamed = [TrainingCase(c.image, Landmarks([f"X{i}" for i in range(4)], c.landmarks.positions), c.name) for c in cases]
+    monkeypatch.setattr(finetuning, "DEFAULT_ITERATIONS", 2)
+    monkeypatch.setattr(finetuning, "DEFAULT_TIME_LIMIT_S", 6.0)
+    same_set = fine_tune(cases, path, output=tmp_path / "same.scn.pt", keep_worse=True, device="cpu")
+    new_set = fine_tune(renamed, path, output=tmp_path / "new.scn.pt", new_landmarks=True, device="cpu")
+    assert same_set.steps_per_run == 2  # the recipe's steps for the same set, time left over or not
+    assert new_set.steps_per_run > 2 and new_set.output == tmp_path / "new.scn.pt"

@@ -552,8 +552,12 @@ def _fine_tune(  # noqa: PLR0913 - the arguments of fine_tune, checked
     held_out_readings = len(LOCAL_TRUST_CHOICES) if choose_trust else 1
     steps = iterations or suggested_iterations(len(cases))
     limit_s = time_budget_s if time_budget_s is not None else (None if iterations is not None else DEFAULT_TIME_LIMIT_S)
-    # The most steps a run may take: a budget alone takes as many as fit.
-    most_steps = None if iterations is None and time_budget_s is not None else steps
+    # The most steps a run may take: a budget alone takes as many as fit. So does a new landmark set
+    # under the default limit: its heads start from nothing, and on the hands (6 cases) the
+    # recipe's 200 steps per stage gave 2.21 mm in 110 s where 600 gave 0.99 mm
+    # (scripts/experiments/promise_loop.py --scenarios hand --hand-folds 1,2,3).
+    fill_budget = iterations is None and (time_budget_s is not None or changed_set)
+    most_steps = None if fill_budget else steps
     distributed = distributed_from_environment(resolve_device(device))
     keep_statistics = "global" not in stages
     local_rate = GENTLE_LOCAL_LEARNING_RATE if keep_statistics else LOCAL_LEARNING_RATE
