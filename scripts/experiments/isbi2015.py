@@ -508,13 +508,21 @@ def training_config(settings: Settings, *, iterations: int | None = None, valida
 
 
 def new_model(architecture: str, names: Sequence[str], descriptions: Sequence[str] | None, *,
-              grid_size: int, filters: int) -> Any:
-    """A fresh paper-configuration 2D model ("scn" or "unet") on a fit-to-size grid."""
+              grid_size: int, filters: int, seed: int | None = None) -> Any:
+    """A fresh paper-configuration 2D model ("scn" or "unet") on a fit-to-size grid.
+
+    ``seed`` seeds its initial weights; None keeps torch's state as the process left it (at
+    start: torch's fixed default seed, which is what every model trained here before had).
+    """
+    import torch
+
     from SCNLandmarksLib.imaging.grid import GridSpec
     from SCNLandmarksLib.models.model import create_model
     from SCNLandmarksLib.models.network import NetworkConfig
 
     config = NetworkConfig.paper_2d(len(names), architecture=architecture, filters=filters)
+    if seed is not None:
+        torch.manual_seed(seed)
     return create_model(config, grid=GridSpec(size=(grid_size, grid_size)), landmark_names=list(names),
                         landmark_descriptions=list(descriptions) if descriptions is not None else None)
 

@@ -128,8 +128,10 @@ def train_configuration(config: Configuration, settings: X.Settings, folder: Pat
     print(f"[{config.name}] training {config.description}: {len(data['training'][config.annotation])} images, "
           f"grid {grid}x{grid}, {settings.filters} filters, {iterations} iterations")
     device = resolve_device(settings.device)
+    # Seed 0 keeps the initial weights every earlier run (and the bundled model) started from;
+    # another seed draws other initial weights as well as another augmentation stream.
     model = X.new_model(config.architecture, data["names"], data["descriptions"], grid_size=grid,
-                        filters=settings.filters)
+                        filters=settings.filters, seed=None if settings.seed == 0 else settings.seed)
     model.info["experiment"] = {"script": "scripts/experiments/train_isbi.py", "configuration": config.name,
                                 "training_annotation": config.annotation}
     X.reset_peak_memory(device)
