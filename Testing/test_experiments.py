@@ -292,7 +292,7 @@ def test_ensemble_takes_chosen_members_and_another_global_stage(tmp_path: Path) 
     save_model(attach_refiner(copy.deepcopy(other_global), **refiner), tmp_path / "elsewhere.scn.pt")
     with pytest.raises(SystemExit, match="another global stage"):
         ensemble_refiners.combine([tmp_path / "first.scn.pt", tmp_path / "elsewhere.scn.pt"])
-    picked = ensemble_refiners.combine([Path(f"{tmp_path / 'pair.scn.pt'}@2")], global_model=tmp_path / "global.scn.pt")
+    picked = ensemble_refiners.combine([Path(f"{tmp_path / 'pair.scn.pt'}@2")], global_model=[tmp_path / "global.scn.pt"])
     assert picked.refiner.config.members == 1
     assert picked.info["local_stage_members"] == [pair.info["local_stage_members"][1]]
     assert all(torch.equal(a, b) for a, b in zip(picked.refiner.state_dict().values(),
@@ -301,3 +301,13 @@ def test_ensemble_takes_chosen_members_and_another_global_stage(tmp_path: Path) 
                                                  other_global.network.state_dict().values()))
     with pytest.raises(SystemExit, match="no number 3"):
         ensemble_refiners.combine([Path(f"{tmp_path / 'pair.scn.pt'}@3")])
+    both = ensemble_refiners.combine([tmp_path / "pair.scn.pt"],
+                                     global_model=[tmp_path / "first.scn.pt", tmp_path / "global.scn.pt"])
+    assert both.config.members == 2 and both.refiner.config.members == 2
+    assert [m["file"] for m in both.info["global_stage_members"]] == ["first.scn.pt", "global.scn.pt"]
+    for member, source in zip(both.network.members, (first, other_global)):
+        assert all(torch.equal(a, b) for a, b in zip(member.state_dict().values(), source.network.state_dict().values()))
+    save_model(tiny_model(["a", "b"]), tmp_path / "two_landmarks.scn.pt")
+    with pytest.raises(SystemExit, match="other landmarks"):
+        ensemble_refiners.combine([tmp_path / "pair.scn.pt"],
+                                  global_model=[tmp_path / "first.scn.pt", tmp_path / "two_landmarks.scn.pt"])

@@ -101,3 +101,17 @@ def test_changed_weights_fail_the_checksum(saved, tmp_path):
     assert zipfile.is_zipfile(tampered)
     with pytest.raises(ModelFileError, match="checksum"):
         load_model(tampered)
+
+
+def test_an_ensemble_global_stage_round_trips_and_a_single_network_is_described_as_before(saved, tmp_path):
+    from SCNLandmarksLib.models.network import ensemble_of
+
+    model, path = saved
+    assert "members" not in read_model_description(path).network
+    torch.manual_seed(3)
+    pair = tiny_model(model.landmark_names)
+    pair.network = ensemble_of([model.network, tiny_model(model.landmark_names).network])
+    loaded = load_model(save_model(pair, tmp_path / "pair.scn.pt", half_precision=True))
+    assert loaded.config.members == 2 and read_model_description(tmp_path / "pair.scn.pt").network["members"] == 2
+    image = torch.randn(1, 1, 64, 64)
+    torch.testing.assert_close(outputs(loaded, image), outputs(pair, image), atol=2e-3, rtol=2e-2)

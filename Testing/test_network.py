@@ -73,3 +73,36 @@ def test_wrong_input_shapes_are_explained():
         network(torch.zeros(1, 1, 18, 16))
     with pytest.raises(ValueError, match="architecture"):
         NetworkConfig(dimension=2, num_landmarks=2, architecture="resnet")
+
+
+def test_an_ensemble_reads_its_members_as_one_network():
+    from SCNLandmarksLib.models.network import NetworkEnsemble, ensemble_of
+
+    config = NetworkConfig.paper_2d(3, filters=8, levels=3, spatial_downsample=4, spatial_kernel=3)
+    torch.manual_seed(0)
+    first, second = build_network(config), build_network(config)
+    for network in (first, second):
+        torch.nn.init.normal_(network.local.heatmap.weight, std=0.1)  # heatmaps far from zero
+    ensemble = ensemble_of([first, second]).eval()
+    assert isinstance(ensemble, NetworkEnsemble) and ensemble.config.members == 2
+    image = torch.randn(2, 1, 32, 32)
+    with torch.no_grad():
+        expected = (first.eval()(image) + second.eval()(image)) / 2
+        torch.testing.assert_close(ensemble(image), expected)
+    assert "members.1.local.heatmap.weight" in ensemble.head_parameter_names()
+    assert isinstance(ensemble_of([first]), type(first))  # one network stays one
+    assert "members" not in config.to_dict()  # single networks are described as before ensembles
+    assert NetworkConfig.from_dict(ensemble.config.to_dict()).members == 2
+
+
+def test_ensembles_of_unlike_networks_are_refused():
+    from SCNLandmarksLib.models.network import ensemble_of
+
+    config = NetworkConfig.paper_2d(3, filters=8, levels=3, spatial_downsample=4, spatial_kernel=3)
+    wider = NetworkConfig.paper_2d(3, filters=16, levels=3, spatial_downsample=4, spatial_kernel=3)
+    with pytest.raises(ValueError, match="share one configuration"):
+        ensemble_of([build_network(config), build_network(wider)])
+    with pytest.raises(ValueError, match="at least one"):
+        ensemble_of([])
+    with pytest.raises(ValueError, match="at least one network"):
+        NetworkConfig.paper_2d(3, members=0)

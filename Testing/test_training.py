@@ -115,6 +115,30 @@ def test_new_landmark_set_gets_new_heads_and_keeps_the_body(tmp_path):
     assert load_model(tmp_path / "adapted.scn.pt").landmark_descriptions == ["kept", "new"]
 
 
+def test_an_ensemble_global_stage_adapts_every_member_and_fine_tunes(tmp_path):
+    from SCNLandmarksLib.models.network import NetworkEnsemble, ensemble_of
+
+    cases = synthetic_cases(2)
+    names = list(cases[0].landmarks.names)
+    torch.manual_seed(0)
+    model = tiny_model([*names, "extra"])
+    model.network = ensemble_of([model.network, tiny_model([*names, "extra"]).network])
+    adapted = adapt_to_landmarks(model, names)
+    assert isinstance(adapted.network, NetworkEnsemble) and adapted.config.num_landmarks == len(names)
+    for member, old in zip(adapted.network.members, model.network.members):
+        torch.testing.assert_close(member.local.heatmap.weight, old.local.heatmap.weight[: len(names)])
+        torch.testing.assert_close(member.spatial.hidden[0].conv.weight, old.spatial.hidden[0].conv.weight[:, : len(names)])
+    before = [p.detach().clone() for p in adapted.network.parameters()]
+    result = train_model(cases, adapted, output=tmp_path / "m.scn.pt", config=quick(3, validation_fraction=0.0))
+    changed = [not torch.equal(a, b) for a, b in zip(before, result.model.network.parameters())]
+    half = len(changed) // 2
+    assert any(changed[:half]) and any(changed[half:])  # both members learn
+    loaded = load_model(tmp_path / "m.scn.pt")
+    assert loaded.config.members == 2
+    found = Detector(loaded, device="cpu").detect(cases[0].image)
+    assert np.isfinite(found.positions).all() and len(found) == len(names)
+
+
 def test_new_heads_start_from_the_seed_whatever_ran_before():
     from SCNLandmarksLib.learning.refinement_training import attach_refiner
 

@@ -16,7 +16,9 @@ half-precision file is evaluated on test1 like ``train_refiner.py`` (test1 choos
 
 ``--global-model`` takes the global stage from another file (a global stage trained again): the
 local networks learned on crops around the true points, offset at random, so only the choice of
-their best validation step saw the global stage beside them.
+their best validation step saw the global stage beside them. Given several files, the global
+stage is their ensemble (``NetworkEnsemble``: the mean of their heatmaps); the first gives the
+target widths that scale the confidence.
 """
 
 from __future__ import annotations
@@ -42,8 +44,9 @@ def parse_arguments(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--members", type=Path, nargs="+", required=True,
                         help="two-stage model files with the same global stage; the first gives it. "
                              "FILE@N takes only the N-th network (from 1) of FILE's local stage")
-    parser.add_argument("--global-model", type=Path, default=None,
-                        help="take the global stage from this file instead of the first member's")
+    parser.add_argument("--global-model", type=Path, nargs="+", default=None,
+                        help="take the global stage from this file instead of the first member's; "
+                             "several files: their global networks read as one")
     parser.add_argument("--output", type=Path, required=True)
     parser.add_argument("--test-images", type=int, default=None, help="evaluate on this many test1 images (default all)")
     parser.add_argument("--threads", type=int, default=2)
@@ -60,8 +63,10 @@ def member_choice(spec: Path) -> tuple[Path, int | None]:
     return (Path(name), int(number)) if at and number.isdigit() else (spec, None)
 
 
-def combine(specs: Sequence[Path], global_model: Path | None = None):  # noqa: ANN201 - a LandmarkModel
+def combine(specs: Sequence[Path], global_model: Sequence[Path] | None = None):  # noqa: ANN201 - a LandmarkModel
     """The first model (or ``global_model``) with the local stages of all of them as one ensemble.
+
+    Several ``global_model`` files give a global stage that reads their networks as one.
 
     A member given as ``FILE@N`` contributes only the N-th network of that file's local stage.
     """
@@ -69,6 +74,7 @@ def combine(specs: Sequence[Path], global_model: Path | None = None):  # noqa: A
 
     import torch
     from SCNLandmarksLib.models.model_file import load_model
+    from SCNLandmarksLib.models.network import ensemble_of
     from SCNLandmarksLib.models.refinement import RefinementEnsemble, build_refiner
 
     choices = [member_choice(spec) for spec in specs]
@@ -107,11 +113,19 @@ def combine(specs: Sequence[Path], global_model: Path | None = None):  # noqa: A
     for member, network in zip(ensemble.members if isinstance(ensemble, RefinementEnsemble) else [ensemble], networks):
         member.load_state_dict(network.state_dict())
     ensemble.eval()
-    if global_model is not None:
-        chosen = load_model(global_model)
-        if chosen.landmark_names != base.landmark_names:
-            raise SystemExit(f"{global_model} detects other landmarks than {paths[0]}")
-        base = dataclasses.replace(chosen, shape_model=base.shape_model)
+    if global_model:
+        chosen = [load_model(path) for path in global_model]
+        for path, model in zip(global_model, chosen):
+            if model.landmark_names != base.landmark_names:
+                raise SystemExit(f"{path} detects other landmarks than {paths[0]}")
+        try:
+            network = ensemble_of([model.network for model in chosen])
+        except ValueError as error:
+            raise SystemExit(f"{', '.join(map(str, global_model))}: {error}") from error
+        base = dataclasses.replace(chosen[0], network=network, shape_model=base.shape_model)
+        if len(chosen) > 1:
+            base.info = {**base.info, "global_stage_members": [
+                {"file": path.name, "training": model.info.get("training")} for path, model in zip(global_model, chosen)]}
     base.refiner = ensemble
     base.info = {**base.info, "local_stage_members": described}
     return base

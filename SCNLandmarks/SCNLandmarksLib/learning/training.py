@@ -168,7 +168,7 @@ def _adapted(model: LandmarkModel, names: list[str], descriptions: list[str]) ->
             continue
         # Heads: copy the rows (or input columns) of landmarks both sets share.
         target = new_state[key]
-        channel_axis = 1 if key == "spatial.hidden.0.conv.weight" else 0
+        channel_axis = 1 if key.endswith("spatial.hidden.0.conv.weight") else 0
         for new_i, name in enumerate(names):
             if name in old_index:
                 target.select(channel_axis, new_i).copy_(value.select(channel_axis, old_index[name]))

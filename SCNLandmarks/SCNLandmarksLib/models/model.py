@@ -9,7 +9,7 @@ import torch
 from ..imaging.grid import GridSpec
 from .heatmaps import HeatmapTargets
 from ..imaging.intensity import IntensityConfig
-from .network import LandmarkNetwork, NetworkConfig, build_network
+from .network import LandmarkNetwork, NetworkConfig, NetworkEnsemble, build_network
 from .quality import ErrorModel
 from .refinement import RefinementEnsemble, RefinementNetwork
 from .shape_model import ShapeModel
@@ -29,7 +29,7 @@ class LandmarkModel:
     """Network, target sigmas, input grid, intensity mapping and landmark definitions.
 
     Attributes:
-        network: the SCN or U-Net.
+        network: the global stage: the SCN or U-Net, or several read as one (``NetworkEnsemble``).
         targets: learnable sigmas, gamma (define targets and the confidence scale).
         grid: network input grid (size and spacing, or fit-to-size).
         intensity: how pixels are normalised.
@@ -43,7 +43,7 @@ class LandmarkModel:
             points to check are those of low confidence).
     """
 
-    network: LandmarkNetwork
+    network: LandmarkNetwork | NetworkEnsemble
     targets: HeatmapTargets
     grid: GridSpec
     intensity: IntensityConfig

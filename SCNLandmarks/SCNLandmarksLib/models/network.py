@@ -15,14 +15,17 @@ product of the two is trained.
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, fields
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, fields, replace
 from typing import TypeVar
 
 import torch
 from torch import nn
 from torch.nn import functional as F
 
-__all__ = ["NetworkConfig", "LandmarkNetwork", "build_network", "count_parameters", "settings_from_dict"]
+__all__ = [
+    "LandmarkNetwork", "NetworkConfig", "NetworkEnsemble", "build_network", "count_parameters", "ensemble_of", "settings_from_dict",
+]
 
 _Settings = TypeVar("_Settings")
 
@@ -46,6 +49,8 @@ class NetworkConfig:
         dropout: element-wise dropout rate between the two convs of every level.
         heatmap_init_std: std of the normal init of both heatmap output layers.
         padding_mode: ``"zeros"`` (2D in the paper) or ``"reflect"`` (3D in the paper).
+        members: networks of this configuration trained apart and read as one, their heatmaps
+            averaged (:class:`NetworkEnsemble`); 1 for a single network.
     """
 
     dimension: int
@@ -60,6 +65,7 @@ class NetworkConfig:
     dropout: float = 0.5
     heatmap_init_std: float = 1e-4
     padding_mode: str = "zeros"
+    members: int = 1
 
     def __post_init__(self) -> None:
         if self.dimension not in (2, 3):
@@ -76,6 +82,9 @@ class NetworkConfig:
             raise ValueError(msg)
         if self.padding_mode not in ("zeros", "reflect", "replicate"):
             msg = f"Unsupported padding mode {self.padding_mode!r}"
+            raise ValueError(msg)
+        if self.members < 1:
+            msg = f"A global stage needs at least one network, got {self.members}"
             raise ValueError(msg)
 
     @classmethod
@@ -105,7 +114,12 @@ class NetworkConfig:
         return math.lcm(local, self.spatial_downsample)
 
     def to_dict(self) -> dict[str, object]:
-        return asdict(self)
+        values = asdict(self)
+        if self.members == 1:
+            # A single network is described as before ensembles existed, so its file still
+            # loads in versions that do not know them.
+            del values["members"]
+        return values
 
     @classmethod
     def from_dict(cls, values: dict[str, object]) -> NetworkConfig:
@@ -292,8 +306,55 @@ class LandmarkNetwork(nn.Module):
         return names
 
 
-def build_network(config: NetworkConfig) -> LandmarkNetwork:
-    return LandmarkNetwork(config)
+class NetworkEnsemble(nn.Module):
+    """Several global networks of one configuration, trained apart, read as one.
+
+    The heatmaps are the mean of the members' heatmaps, so everything downstream (decoding,
+    confidence, the local stage) reads them as one network's. When fine-tuned, the mean is what
+    learns: the members are updated together.
+    """
+
+    def __init__(self, config: NetworkConfig) -> None:
+        super().__init__()
+        self.config = config
+        single = replace(config, members=1)
+        self.members = nn.ModuleList(LandmarkNetwork(single) for _ in range(config.members))
+
+    def forward(self, image: torch.Tensor) -> torch.Tensor:
+        """The members' mean heatmaps ``(B, N, [z,] y, x)`` for images ``(B, 1, [z,] y, x)``."""
+        return torch.stack([member(image) for member in self.members]).mean(dim=0)
+
+    def head_parameter_names(self) -> set[str]:
+        return {f"members.{i}.{name}" for i, m in enumerate(self.members) for name in m.head_parameter_names()}
+
+
+def build_network(config: NetworkConfig) -> LandmarkNetwork | NetworkEnsemble:
+    """The global stage a configuration describes: one network, or an ensemble of ``members``."""
+    return LandmarkNetwork(config) if config.members == 1 else NetworkEnsemble(config)
+
+
+def ensemble_of(networks: Sequence[LandmarkNetwork]) -> LandmarkNetwork | NetworkEnsemble:
+    """One global stage reading ``networks`` (single networks of one configuration) as one.
+
+    Raises:
+        ValueError: no networks, an ensemble among them, or networks set up differently.
+    """
+    networks = list(networks)
+    if not networks:
+        msg = "An ensemble needs at least one global network"
+        raise ValueError(msg)
+    if any(not isinstance(n, LandmarkNetwork) for n in networks):
+        msg = "Give single global networks; an ensemble cannot be a member of another"
+        raise ValueError(msg)
+    config = networks[0].config
+    if any(n.config != config for n in networks):
+        msg = "The global networks of an ensemble must share one configuration (landmarks, grid, filters)"
+        raise ValueError(msg)
+    combined = build_network(replace(config, members=len(networks)))
+    members = combined.members if isinstance(combined, NetworkEnsemble) else [combined]
+    for member, network in zip(members, networks):
+        member.load_state_dict(network.state_dict())
+    return combined.train(networks[0].training)
 
 
 def count_parameters(module: nn.Module) -> int:
