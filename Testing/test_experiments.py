@@ -29,6 +29,7 @@ import ensemble_refiners
 import few_cases
 import hand_transfer
 import isbi2015
+import miss_sources
 import train_isbi
 
 ISBI_SIZE = (80, 96)  # x, y pixels of the fake cephalograms (0.1 mm each)
@@ -311,3 +312,23 @@ def test_ensemble_takes_chosen_members_and_another_global_stage(tmp_path: Path) 
     with pytest.raises(SystemExit, match="other landmarks"):
         ensemble_refiners.combine([tmp_path / "pair.scn.pt"],
                                   global_model=[tmp_path / "first.scn.pt", tmp_path / "two_landmarks.scn.pt"])
+
+
+def test_misses_are_sorted_by_where_they_come_from() -> None:
+    zero = np.zeros((1, 4, 2))
+    truths = {"mean": zero, "senior": zero.copy(), "junior": zero.copy()}
+    truths["senior"][0, 3] = (-3.0, 0.0)  # the doctors 6 mm apart on landmark 4
+    truths["junior"][0, 3] = (3.0, 0.0)
+    found = {
+        # 1: a global miss kept; 2: made worse by the local stage; 3: a global miss fixed; 4: one doctor's reading
+        "points": np.array([[[5.0, 0.0], [0.0, 4.5], [1.0, 0.0], [-5.0, 0.0]]]),
+        "global": np.array([[[6.0, 0.0], [0.0, 1.0], [9.0, 0.0], [-5.0, 0.0]]]),
+        "check": np.array([[True, False, False, False]]),
+    }
+    counted = miss_sources.sources(found, truths, radius=4.0)
+    assert counted["misses"] == {"points": 3, "flagged": 1}
+    assert counted["global_miss_kept"]["points"] == 2 and counted["made_worse_by_local_stage"]["points"] == 1
+    assert counted["global_misses_fixed"] == 1
+    assert counted["doctors_disagree_and_near_one"] == {"points": 1, "flagged": 0}
+    assert counted["per_landmark_misses"] == [1, 1, 0, 1] and counted["per_landmark_missed_unflagged"] == [0, 1, 0, 1]
+    assert counted["flagged_fraction"] == 0.25
