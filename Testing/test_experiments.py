@@ -30,6 +30,7 @@ import few_cases
 import hand_transfer
 import isbi2015
 import miss_sources
+import choose_recipe
 import train_isbi
 
 ISBI_SIZE = (80, 96)  # x, y pixels of the fake cephalograms (0.1 mm each)
@@ -332,3 +333,14 @@ def test_misses_are_sorted_by_where_they_come_from() -> None:
     assert counted["doctors_disagree_and_near_one"] == {"points": 1, "flagged": 0}
     assert counted["per_landmark_misses"] == [1, 1, 0, 1] and counted["per_landmark_missed_unflagged"] == [0, 1, 0, 1]
     assert counted["flagged_fraction"] == 0.25
+
+
+def test_a_candidate_recipe_is_read_or_explained() -> None:
+    import argparse
+
+    name, members, globals_ = choose_recipe.parse_candidate("two globals=b.scn.pt@1, b.scn.pt@2:b.scn.pt,g.scn.pt")
+    assert name == "two globals" and members == [Path("b.scn.pt@1"), Path("b.scn.pt@2")]
+    assert globals_ == [Path("b.scn.pt"), Path("g.scn.pt")]
+    for wrong in ("b.scn.pt@1:b.scn.pt", "x=b.scn.pt@1", "x=:b.scn.pt"):
+        with pytest.raises(argparse.ArgumentTypeError, match="NAME=MEMBER"):
+            choose_recipe.parse_candidate(wrong)
