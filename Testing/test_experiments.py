@@ -309,6 +309,15 @@ def test_ensemble_takes_chosen_members_and_another_global_stage(tmp_path: Path) 
     assert [m["file"] for m in both.info["global_stage_members"]] == ["first.scn.pt", "global.scn.pt"]
     for member, source in zip(both.network.members, (first, other_global)):
         assert all(torch.equal(a, b) for a, b in zip(member.state_dict().values(), source.network.state_dict().values()))
+    save_model(both, tmp_path / "both.scn.pt")
+    again = ensemble_refiners.combine([tmp_path / "pair.scn.pt"], global_model=[tmp_path / "both.scn.pt"])
+    assert again.config.members == 2  # one file's ensemble global stage is taken as it is
+    from SCNLandmarksLib.imaging.grid import GridSpec
+
+    save_model(tiny_model(names, grid=GridSpec(size=(32, 32))), tmp_path / "small_grid.scn.pt")
+    with pytest.raises(SystemExit, match="another grid"):
+        ensemble_refiners.combine([tmp_path / "pair.scn.pt"],
+                                  global_model=[tmp_path / "first.scn.pt", tmp_path / "small_grid.scn.pt"])
     save_model(tiny_model(["a", "b"]), tmp_path / "two_landmarks.scn.pt")
     with pytest.raises(SystemExit, match="other landmarks"):
         ensemble_refiners.combine([tmp_path / "pair.scn.pt"],

@@ -17,8 +17,9 @@ half-precision file is evaluated on test1 like ``train_refiner.py`` (test1 choos
 ``--global-model`` takes the global stage from another file (a global stage trained again): the
 local networks learned on crops around the true points, offset at random, so only the choice of
 their best validation step saw the global stage beside them. Given several files, the global
-stage is their ensemble (``NetworkEnsemble``: the mean of their heatmaps); the first gives the
-target widths that scale the confidence.
+stage is their ensemble (``NetworkEnsemble``: the mean of their heatmaps); they must read images
+on the same grid with the same intensity mapping, and the first gives the target widths that
+scale the confidence.
 """
 
 from __future__ import annotations
@@ -118,8 +119,11 @@ def combine(specs: Sequence[Path], global_model: Sequence[Path] | None = None): 
         for path, model in zip(global_model, chosen):
             if model.landmark_names != base.landmark_names:
                 raise SystemExit(f"{path} detects other landmarks than {paths[0]}")
+            if model.grid != chosen[0].grid or model.intensity != chosen[0].intensity:
+                raise SystemExit(f"{path} reads images on another grid or with another intensity mapping than {global_model[0]}")
         try:
-            network = ensemble_of([model.network for model in chosen])
+            # One file's global stage is taken as it is, even when it is an ensemble already.
+            network = chosen[0].network if len(chosen) == 1 else ensemble_of([model.network for model in chosen])
         except ValueError as error:
             raise SystemExit(f"{', '.join(map(str, global_model))}: {error}") from error
         base = dataclasses.replace(chosen[0], network=network, shape_model=base.shape_model)

@@ -307,11 +307,11 @@ class LandmarkNetwork(nn.Module):
 
 
 class NetworkEnsemble(nn.Module):
-    """Several global networks of one configuration, trained apart, read as one.
+    """Several global networks of one configuration read as one (usually trained apart, then joined by :func:`ensemble_of`).
 
     The heatmaps are the mean of the members' heatmaps, so everything downstream (decoding,
-    confidence, the local stage) reads them as one network's. When fine-tuned, the mean is what
-    learns: the members are updated together.
+    confidence, the local stage) reads them as one network's. When trained or fine-tuned, the
+    mean is what learns: the members are updated together.
     """
 
     def __init__(self, config: NetworkConfig) -> None:
@@ -322,7 +322,10 @@ class NetworkEnsemble(nn.Module):
 
     def forward(self, image: torch.Tensor) -> torch.Tensor:
         """The members' mean heatmaps ``(B, N, [z,] y, x)`` for images ``(B, 1, [z,] y, x)``."""
-        return torch.stack([member(image) for member in self.members]).mean(dim=0)
+        total = self.members[0](image)
+        for member in self.members[1:]:
+            total = total + member(image)  # a running sum: one heatmap stack in memory, not one per member
+        return total / len(self.members)
 
     def head_parameter_names(self) -> set[str]:
         return {f"members.{i}.{name}" for i, m in enumerate(self.members) for name in m.head_parameter_names()}
@@ -350,11 +353,12 @@ def ensemble_of(networks: Sequence[LandmarkNetwork]) -> LandmarkNetwork | Networ
     if any(n.config != config for n in networks):
         msg = "The global networks of an ensemble must share one configuration (landmarks, grid, filters)"
         raise ValueError(msg)
+    device = next(networks[0].parameters()).device
     combined = build_network(replace(config, members=len(networks)))
     members = combined.members if isinstance(combined, NetworkEnsemble) else [combined]
     for member, network in zip(members, networks):
         member.load_state_dict(network.state_dict())
-    return combined.train(networks[0].training)
+    return combined.to(device).train(networks[0].training)
 
 
 def count_parameters(module: nn.Module) -> int:
