@@ -24,13 +24,13 @@ REPOSITORY = Path(__file__).resolve().parents[1]
 EXPERIMENTS = REPOSITORY / "scripts" / "experiments"
 sys.path.insert(0, str(EXPERIMENTS))
 
+import choose_recipe
 import detection_speed
 import ensemble_refiners
 import few_cases
 import hand_transfer
 import isbi2015
 import miss_sources
-import choose_recipe
 import train_isbi
 
 ISBI_SIZE = (80, 96)  # x, y pixels of the fake cephalograms (0.1 mm each)
