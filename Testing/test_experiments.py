@@ -25,12 +25,14 @@ EXPERIMENTS = REPOSITORY / "scripts" / "experiments"
 sys.path.insert(0, str(EXPERIMENTS))
 
 import choose_recipe
+import cross_validation
 import detection_speed
 import ensemble_refiners
 import few_cases
 import hand_transfer
 import isbi2015
 import miss_sources
+import oof_error_model
 import train_isbi
 
 ISBI_SIZE = (80, 96)  # x, y pixels of the fake cephalograms (0.1 mm each)
@@ -353,3 +355,52 @@ def test_a_candidate_recipe_is_read_or_explained() -> None:
     for wrong in ("b.scn.pt@1:b.scn.pt", "x=b.scn.pt@1", "x=:b.scn.pt"):
         with pytest.raises(argparse.ArgumentTypeError, match="NAME=MEMBER"):
             choose_recipe.parse_candidate(wrong)
+
+
+def test_folds_are_seeded_disjoint_and_cover_every_image() -> None:
+    ids = [f"{i:03d}" for i in range(1, 136)]
+    folds = cross_validation.fold_ids(ids, 3)
+    assert folds == cross_validation.fold_ids(ids, 3)
+    assert sorted(i for fold in folds for i in fold) == ids
+    assert [len(f) for f in folds] == [45, 45, 45]
+    assert folds != cross_validation.fold_ids(ids, 3, seed=cross_validation.FOLD_SEED + 1)
+
+
+def test_each_fold_is_predicted_by_an_error_model_that_never_saw_it() -> None:
+    rng = np.random.default_rng(4)
+    images, landmarks = 60, 5
+    width = rng.uniform(0.3, 3.0, (images, landmarks))
+    signals = {"local_width_mm": width, "global_confidence": rng.uniform(0.2, 1.0, (images, landmarks))}
+    errors = width * rng.lognormal(0.0, 0.3, (images, landmarks))  # the error grows with the width
+    fold = np.repeat([1, 2, 3], images // 3)
+    validation = {k: v[:10] for k, v in signals.items()}
+    use = ["local_width_mm", "global_confidence"]
+    expected = oof_error_model.leave_one_fold_out(signals, errors, fold, validation, errors[:10], use, 0.15)
+    assert oof_error_model.scores(expected, errors)["auroc_2mm"] > 0.8
+    # Fold 2's own errors play no part in its predictions; the other folds' do.
+    changed = errors.copy()
+    changed[fold == 2] *= 5.0
+    again = oof_error_model.leave_one_fold_out(signals, changed, fold, validation, errors[:10], use, 0.15)
+    np.testing.assert_allclose(again[fold == 2], expected[fold == 2])
+    assert not np.allclose(again[fold == 1], expected[fold == 1])
+
+
+def test_cross_validation_holds_each_fold_out_of_its_model_and_resumes(fake_data: Path, tmp_path: Path) -> None:
+    from SCNLandmarksLib.models.model_file import load_model
+
+    output = tmp_path / "folds"
+    arguments = ["--data", str(fake_data), "--output", str(output), "--quick", "--grid-size", "64", "--filters", "8",
+                 "--threads", "1"]
+    assert cross_validation.main(arguments) == 0
+    signals, errors, fold = cross_validation.read_out_of_fold(output)
+    held_out = np.load(output / "folds.npz")["ids"].tolist()
+    assert len(held_out) == len(set(held_out)) == errors.shape[0] == 30 and errors.shape[1] == 19
+    assert sorted(set(fold.tolist())) == [1, 2, 3] and {"local_width_mm", "shape_deviation"} <= set(signals)
+    for k in (1, 2, 3):
+        model = load_model(output / f"fold{k}" / "two_stage.scn.pt")
+        trained_on = set(model.info["training"]["cases"])
+        assert trained_on and not trained_on & {i for i, f in zip(held_out, fold) if f == k}
+        assert model.shape_model is not None and model.refiner is not None
+    stamps = [(output / f"fold{k}" / "held_out.npz").stat().st_mtime_ns for k in (1, 2, 3)]
+    assert cross_validation.main(arguments) == 0
+    assert stamps == [(output / f"fold{k}" / "held_out.npz").stat().st_mtime_ns for k in (1, 2, 3)]

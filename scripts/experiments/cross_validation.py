@@ -50,7 +50,7 @@ def parse_arguments(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--learning-rate", type=float, default=5e-4, help="global stage's peak learning rate")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--device", default="cpu")
-    parser.add_argument("--quick", action="store_true", help="pipeline check: 30 images, 40 + 20 steps")
+    parser.add_argument("--quick", action="store_true", help="pipeline check: 30 images, 20 + 10 steps")
     return parser.parse_args(argv)
 
 
@@ -58,6 +58,17 @@ def fold_ids(ids: Sequence[str], folds: int, *, seed: int = FOLD_SEED) -> list[l
     """``ids`` shuffled with ``seed`` and dealt into ``folds`` folds of (nearly) equal size, each sorted."""
     order = np.random.default_rng(seed).permutation(len(ids))
     return [sorted(ids[i] for i in order[k::folds]) for k in range(folds)]
+
+
+def read_out_of_fold(folder: Path) -> tuple[dict[str, np.ndarray], np.ndarray, np.ndarray]:
+    """Out-of-fold ``(signals (M, N) each, errors (M, N), fold number per image (M,))``."""
+    pooled = dict(np.load(folder / "folds.npz"))
+    folds = json.loads((folder / "results.json").read_text(encoding="utf-8"))["folds"]
+    fold_of = {image: k + 1 for k, ids in enumerate(folds) for image in ids}
+    fold = np.asarray([fold_of[str(image)] for image in pooled.pop("ids")])
+    errors = pooled.pop("errors_mm")
+    pooled.pop("global_errors_mm", None)
+    return pooled, errors, fold
 
 
 def read_json(path: Path) -> dict[str, Any]:
@@ -129,7 +140,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     validation_ids = X.checked_training_ids("validation", isbi)
     if args.quick:
         train_ids, validation_ids = X.spread(train_ids, 30), validation_ids[:3]
-        args.global_iterations, args.local_iterations = 40, 20
+        args.global_iterations, args.local_iterations = 20, 10
     folds = fold_ids(train_ids, args.folds)
     chosen = range(1, args.folds + 1) if args.run_folds is None else [int(k) for k in args.run_folds.split(",")]
     print(f"{len(train_ids)} training images in {args.folds} folds of {[len(f) for f in folds]}; "

@@ -7,7 +7,10 @@ Fits the quality part of the two-stage cephalometric model and measures it:
    detects them, and the log-error of each point is regressed on the detector's signals
    (by default the engine's: how far the local stage's distribution spreads, the global
    confidence, the distance from where the other points place it; per-landmark offsets); the
-   default check threshold flags ``--flag-fraction`` of the validation points;
+   default check threshold flags ``--flag-fraction`` of the validation points (with
+   ``--out-of-fold``: also on the 135 training images, each detected by a fold model of
+   ``cross_validation.py`` that did not train on it, and the threshold flags that share of all
+   those points);
 3. writes the model with both parts (same weights) and evaluates it on test1, which chooses
    nothing: AUROC of the expected error for points more than 2 and 4 mm off (and of each signal
    alone), the share of points flagged and of points > 4 mm caught at the default threshold,
@@ -105,6 +108,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--signals", type=lambda text: text.split(","), default=list(QUALITY_SIGNALS),
                         help="comma-separated signals the error model may use, where the detector has them "
                              f"(default: {','.join(QUALITY_SIGNALS)}, as the engine fits it)")
+    parser.add_argument("--out-of-fold", type=Path, default=None,
+                        help="cross_validation.py's output folder: fit the error model on its out-of-fold training "
+                             "images as well as on the validation images (oof_error_model.py judges it)")
     args = parser.parse_args(argv)
     import torch
 
@@ -123,13 +129,22 @@ def main(argv: Sequence[str] | None = None) -> int:
     validation = X.load_isbi_cases(isbi, validation_ids)
     detector = Detector(model, device="cpu")
     signals, errors, _, _ = detect_with_signals(detector, validation, X.load_ground_truths(isbi, validation_ids)["mean"])
-    model.error_model = ErrorModel.fit(
-        signals, errors, use=[name for name in args.signals if name in signals], flag_fraction=args.flag_fraction,
-        fitted_on=f"ISBI 2015 validation split ({len(validation_ids)} images), mean of both doctors",
-    )
+    use = [name for name in args.signals if name in signals]
+    fitted_on = f"ISBI 2015 validation split ({len(validation_ids)} images), mean of both doctors"
+    if args.out_of_fold is None:
+        fit_signals, fit_errors = signals, errors
+        held_out = leave_one_image_out(signals, errors, use)
+    else:
+        from cross_validation import read_out_of_fold
+        from oof_error_model import joined, scores, validation_held_out_pooled
+
+        oof, oof_errors, _ = read_out_of_fold(args.out_of_fold)
+        fit_signals, fit_errors = joined(oof, signals, use), np.concatenate([oof_errors, errors])
+        fitted_on += f", and {oof_errors.shape[0]} ISBI 2015 training images, each detected by a fold model that did not train on it"
+        held_out = scores(validation_held_out_pooled(oof, oof_errors, signals, errors, use, args.flag_fraction), errors)
+    model.error_model = ErrorModel.fit(fit_signals, fit_errors, use=use, flag_fraction=args.flag_fraction, fitted_on=fitted_on)
     threshold = model.error_model.check_above_mm
-    print(f"Error model fitted on {errors.size} validation points; default check threshold {threshold:.2f} mm")
-    held_out = leave_one_image_out(signals, errors, list(model.error_model.signals))
+    print(f"Error model fitted on {fit_errors.size} points ({fitted_on}); default check threshold {threshold:.2f} mm")
     print("Validation, each image held out of the fit: " + ", ".join(f"{k} {v:.3f}" for k, v in held_out.items()))
     model_path = save_model(model, output / args.model.name, overwrite=True, half_precision=True)
 
@@ -190,7 +205,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     body += "\n\n### Calibration by deciles of expected error\n\n" + X.markdown_table(
         ["decile", "mean expected (mm)", "mean actual (mm)"],
         [[i + 1, f"{d['expected_mm']:.2f}", f"{d['actual_mm']:.2f}"] for i, d in enumerate(rows["deciles"])])
-    X.write_table(output, "Expected error per point and the check flag", "ISBI 2015 test1; fitted on the validation split only.", body)
+    X.write_table(output, "Expected error per point and the check flag", f"ISBI 2015 test1; the error model fitted on the {fitted_on}.", body)
     print(body)
     xs = [d["expected_mm"] for d in rows["deciles"]]
     ys = [d["actual_mm"] for d in rows["deciles"]]
