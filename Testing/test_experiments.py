@@ -396,11 +396,23 @@ def test_cross_validation_holds_each_fold_out_of_its_model_and_resumes(fake_data
     held_out = np.load(output / "folds.npz")["ids"].tolist()
     assert len(held_out) == len(set(held_out)) == errors.shape[0] == 30 and errors.shape[1] == 19
     assert sorted(set(fold.tolist())) == [1, 2, 3] and {"local_width_mm", "shape_deviation"} <= set(signals)
+    planned = json.loads((output / "results.json").read_text(encoding="utf-8"))["folds"]
     for k in (1, 2, 3):
+        predicted = set(np.load(output / f"fold{k}" / "held_out.npz")["ids"].tolist())
+        assert predicted == set(planned[k - 1]) == {i for i, f in zip(held_out, fold) if f == k}
         model = load_model(output / f"fold{k}" / "two_stage.scn.pt")
-        trained_on = set(model.info["training"]["cases"])
-        assert trained_on and not trained_on & {i for i, f in zip(held_out, fold) if f == k}
+        global_images = set(model.info["training"]["cases"]) | set(model.info["training"]["validation_cases"])
+        local_images = set(model.info["refiner_training"]["cases"]) | set(model.info["refiner_training"]["validation_cases"])
+        assert global_images and local_images and not (global_images | local_images) & predicted
         assert model.shape_model is not None and model.refiner is not None
-    stamps = [(output / f"fold{k}" / "held_out.npz").stat().st_mtime_ns for k in (1, 2, 3)]
+    # A fold whose detections were lost is detected again with the model it has; the others are kept.
+    kept = (output / "fold1" / "held_out.npz").stat().st_mtime_ns
+    models = [(output / "fold2" / name).stat().st_mtime_ns for name in ("global.scn.pt", "two_stage.scn.pt")]
+    (output / "fold2" / "held_out.npz").unlink()
     assert cross_validation.main(arguments) == 0
-    assert stamps == [(output / f"fold{k}" / "held_out.npz").stat().st_mtime_ns for k in (1, 2, 3)]
+    assert (output / "fold1" / "held_out.npz").stat().st_mtime_ns == kept
+    assert (output / "fold2" / "held_out.npz").is_file()
+    assert models == [(output / "fold2" / name).stat().st_mtime_ns for name in ("global.scn.pt", "two_stage.scn.pt")]
+    np.testing.assert_allclose(cross_validation.read_out_of_fold(output)[1], errors)
+    with pytest.raises(SystemExit, match="other settings"):
+        cross_validation.main([*arguments, "--folds", "4"])

@@ -10,7 +10,10 @@ gets the detector's signals and its errors (mean of both doctors) from a model t
 it: ``folds.npz`` holds them beside the fold models' accuracy. ``oof_error_model.py`` fits and
 judges error models on them. test1 is not read here.
 
-Each fold's stages checkpoint and resume: rerun the same command to go on after a stop.
+Each fold's stages checkpoint and resume: rerun the same command to go on after a stop (other
+settings in the same folder are refused). The fold models' initial weights are not seeded apart:
+they follow torch's random state as the process reaches them (fold 1 starts from torch's
+default, as the shipped global stage did), so folds run in another order or process differ.
 
     python scripts/experiments/cross_validation.py --output <runs>/cross_validation
 """
@@ -55,7 +58,8 @@ def parse_arguments(argv: Sequence[str] | None) -> argparse.Namespace:
 
 
 def fold_ids(ids: Sequence[str], folds: int, *, seed: int = FOLD_SEED) -> list[list[str]]:
-    """``ids`` shuffled with ``seed`` and dealt into ``folds`` folds of (nearly) equal size, each sorted."""
+    """``ids`` (sorted first) shuffled with ``seed`` and dealt into ``folds`` folds of (nearly) equal size, each sorted."""
+    ids = sorted(ids)
     order = np.random.default_rng(seed).permutation(len(ids))
     return [sorted(ids[i] for i in order[k::folds]) for k in range(folds)]
 
@@ -63,12 +67,27 @@ def fold_ids(ids: Sequence[str], folds: int, *, seed: int = FOLD_SEED) -> list[l
 def read_out_of_fold(folder: Path) -> tuple[dict[str, np.ndarray], np.ndarray, np.ndarray]:
     """Out-of-fold ``(signals (M, N) each, errors (M, N), fold number per image (M,))``."""
     pooled = dict(np.load(folder / "folds.npz"))
-    folds = json.loads((folder / "results.json").read_text(encoding="utf-8"))["folds"]
-    fold_of = {image: k + 1 for k, ids in enumerate(folds) for image in ids}
-    fold = np.asarray([fold_of[str(image)] for image in pooled.pop("ids")])
+    if "fold" in pooled:
+        pooled.pop("ids")
+        fold = pooled.pop("fold")
+    else:  # written before the fold numbers were stored beside the ids
+        folds = read_json(folder / "results.json")["folds"]
+        fold_of = {image: k + 1 for k, ids in enumerate(folds) for image in ids}
+        fold = np.asarray([fold_of[str(image)] for image in pooled.pop("ids")])
     errors = pooled.pop("errors_mm")
     pooled.pop("global_errors_mm", None)
     return pooled, errors, fold
+
+
+def check_same_settings(output: Path, args: argparse.Namespace) -> None:
+    """Refuse to resume into ``output`` with settings other than those its folds were started with."""
+    settings = {k: v for k, v in vars(args).items() if k not in ("data", "output", "run_folds", "threads")}
+    record = output / "settings.json"
+    if record.exists() and read_json(record) != settings:
+        msg = (f"{output} holds folds made with other settings ({read_json(record)}); use another --output "
+               f"or the same settings to resume")
+        raise SystemExit(msg)
+    X.write_json(record, settings)
 
 
 def read_json(path: Path) -> dict[str, Any]:
@@ -112,8 +131,8 @@ def train_fold(folder: Path, training: Sequence[Any], validation: Sequence[Any],
     times["local_s"] = result.seconds
     # The shape model from the fold's own training images; no error model (that is what the folds feed).
     print(fit_point_quality(model, training, None))
-    save_model(model, final, overwrite=True, half_precision=True)
     X.write_json(folder / "times.json", times)
+    save_model(model, final, overwrite=True, half_precision=True)
     return final, times
 
 
@@ -142,6 +161,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         train_ids, validation_ids = X.spread(train_ids, 30), validation_ids[:3]
         args.global_iterations, args.local_iterations = 20, 10
     folds = fold_ids(train_ids, args.folds)
+    check_same_settings(output, args)
     chosen = range(1, args.folds + 1) if args.run_folds is None else [int(k) for k in args.run_folds.split(",")]
     print(f"{len(train_ids)} training images in {args.folds} folds of {[len(f) for f in folds]}; "
           f"global {args.global_iterations} steps, local {args.local_iterations} steps per fold")
@@ -160,7 +180,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"fold {k}: training on {len(training)} images, holding out {len(held_out)}")
         model_file, times = train_fold(folder, training, validation, args)
         found = detect_fold(model_file, [cases[i] for i in held_out], truths, args.device)
-        np.savez(signals_file, ids=np.asarray(held_out), **found)
+        np.savez(signals_file, ids=np.asarray(held_out), fold=np.full(len(held_out), k), **found)
         errors = found["errors_mm"]
         print(f"fold {k}: held-out MRE {np.nanmean(errors):.3f} mm (global stage alone "
               f"{np.nanmean(found['global_errors_mm']):.3f}), SDR@2mm {100 * np.nanmean(errors <= 2):.2f} %, "
@@ -172,11 +192,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         pooled = {key: np.concatenate([p[key] for p in parts]) for key in parts[0]}
         np.savez(output / "folds.npz", **pooled)
         errors = pooled["errors_mm"]
-        settings = {k: v for k, v in vars(args).items() if k not in ("data", "output")}
+        settings = read_json(output / "settings.json")
         X.write_json(output / "results.json", {
             "experiment": NAME, "settings": settings, "fold_seed": FOLD_SEED, "folds": folds,
             "environment": X.environment(),
-            "times_s": [read_json(output / f"fold{k}" / "times.json") for k in range(1, args.folds + 1)],
+            "times_s": [read_json(output / f"fold{k}" / "times.json") if (output / f"fold{k}" / "times.json").exists()
+                        else {} for k in range(1, args.folds + 1)],
             "held_out": {"images": int(errors.shape[0]), "mre_mm": float(np.nanmean(errors)),
                          "global_mre_mm": float(np.nanmean(pooled["global_errors_mm"])),
                          "sdr_2mm": float(np.nanmean(errors <= 2)), "sdr_4mm": float(np.nanmean(errors <= 4)),

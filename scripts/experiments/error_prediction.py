@@ -63,24 +63,38 @@ def detect_with_signals(
     return {k: np.stack(v) for k, v in signals.items()}, np.stack(errors), np.stack(expected), seconds
 
 
-def leave_one_image_out(signals: dict[str, np.ndarray], errors: np.ndarray, use: Sequence[str]) -> dict[str, float]:
-    """Each validation image's expected errors from an error model fitted on the other images.
+def leave_one_image_out(signals: dict[str, np.ndarray], errors: np.ndarray, use: Sequence[str], *,
+                        always: tuple[dict[str, np.ndarray], np.ndarray] | None = None) -> dict[str, float]:
+    """Each validation image's expected errors from an error model fitted on the other images, scored.
 
     What chooses the signals: test1 only reports. Points > 4 mm off are too rare on the validation
     images (2 of 285 for the bundled model) to rank signal sets by, so the AUROC for points > 2 mm
-    off and the error of the predicted log-error decide.
+    off and the error of the predicted log-error decide. ``always``: ``(signals, errors)`` of other
+    images (out-of-fold ones) that every fit includes as well.
     """
-    from SCNLandmarksLib.models.quality import ERROR_FLOOR_MM, ErrorModel
+    from SCNLandmarksLib.models.quality import ErrorModel
 
     expected = np.full(errors.shape, np.nan)
     for image in range(errors.shape[0]):
         rest = np.arange(errors.shape[0]) != image
-        fitted = ErrorModel.fit({k: v[rest] for k, v in signals.items()}, errors[rest], use=use)
-        expected[image] = fitted.expected_errors({k: v[image:image + 1] for k, v in signals.items()})[0]
-    found = np.isfinite(errors) & np.isfinite(expected)
-    e, p = errors[found], expected[found]
+        fit_signals, fit_errors = {k: signals[k][rest] for k in use}, errors[rest]
+        if always is not None:
+            fit_signals = {k: np.concatenate([always[0][k], v]) for k, v in fit_signals.items()}
+            fit_errors = np.concatenate([always[1], fit_errors])
+        fitted = ErrorModel.fit(fit_signals, fit_errors, use=use)
+        expected[image] = fitted.expected_errors({k: signals[k][image:image + 1] for k in use})[0]
+    return scores(expected, errors)
+
+
+def scores(expected: np.ndarray, errors: np.ndarray) -> dict[str, float]:
+    """AUROC of the expected errors for points > 2 and > 4 mm off, and the RMSE of the predicted log-error."""
+    from SCNLandmarksLib.models.quality import ERROR_FLOOR_MM
+
+    found = np.isfinite(expected) & np.isfinite(errors)
+    p, e = expected[found], errors[found]
     log_gap = np.log(p + ERROR_FLOOR_MM) - np.log(e + ERROR_FLOOR_MM)
-    return {"auroc_2mm": auroc(p, e > 2), "auroc_4mm": auroc(p, e > 4), "points_over_2mm": int((e > 2).sum()),
+    return {"auroc_2mm": auroc(p, e > 2), "auroc_4mm": auroc(p, e > 4),
+            "points_over_2mm": int((e > 2).sum()), "points_over_4mm": int((e > 4).sum()),
             "log_error_rmse": float(np.sqrt(np.mean(log_gap**2)))}
 
 
@@ -110,7 +124,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                              f"(default: {','.join(QUALITY_SIGNALS)}, as the engine fits it)")
     parser.add_argument("--out-of-fold", type=Path, default=None,
                         help="cross_validation.py's output folder: fit the error model on its out-of-fold training "
-                             "images as well as on the validation images (oof_error_model.py judges it)")
+                             "images as well as on the validation images (oof_error_model.py judges it and chooses "
+                             "the --signals to pass)")
     args = parser.parse_args(argv)
     import torch
 
@@ -136,12 +151,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         held_out = leave_one_image_out(signals, errors, use)
     else:
         from cross_validation import read_out_of_fold
-        from oof_error_model import joined, scores, validation_held_out_pooled
 
         oof, oof_errors, _ = read_out_of_fold(args.out_of_fold)
-        fit_signals, fit_errors = joined(oof, signals, use), np.concatenate([oof_errors, errors])
+        use = [name for name in use if name in oof]
+        fit_signals = {name: np.concatenate([oof[name], signals[name]]) for name in use}
+        fit_errors = np.concatenate([oof_errors, errors])
         fitted_on += f", and {oof_errors.shape[0]} ISBI 2015 training images, each detected by a fold model that did not train on it"
-        held_out = scores(validation_held_out_pooled(oof, oof_errors, signals, errors, use, args.flag_fraction), errors)
+        held_out = leave_one_image_out(signals, errors, use, always=({name: oof[name] for name in use}, oof_errors))
     model.error_model = ErrorModel.fit(fit_signals, fit_errors, use=use, flag_fraction=args.flag_fraction, fitted_on=fitted_on)
     threshold = model.error_model.check_above_mm
     print(f"Error model fitted on {fit_errors.size} points ({fitted_on}); default check threshold {threshold:.2f} mm")

@@ -30,9 +30,8 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import isbi2015 as X
-from confidence_signals import auroc
 from cross_validation import read_out_of_fold
-from error_prediction import SHIPPED, detect_with_signals, leave_one_image_out, model_without_error_model
+from error_prediction import SHIPPED, detect_with_signals, leave_one_image_out, model_without_error_model, scores
 
 SIGNAL_SETS = (
     ("local_width_mm", "global_confidence", "shape_deviation"),
@@ -65,30 +64,6 @@ def leave_one_fold_out(oof: dict[str, np.ndarray], oof_errors: np.ndarray, fold:
                     np.concatenate([oof_errors[rest], validation_errors]), use, flag_fraction)
         expected[fold == k] = model.expected_errors({n: oof[n][fold == k] for n in use})
     return expected
-
-
-def validation_held_out_pooled(oof: dict[str, np.ndarray], oof_errors: np.ndarray, validation: dict[str, np.ndarray],
-                               validation_errors: np.ndarray, use: Sequence[str], flag_fraction: float) -> np.ndarray:
-    """Expected errors of each validation image from a pooled model fitted without it."""
-    expected = np.full(validation_errors.shape, np.nan)
-    for image in range(validation_errors.shape[0]):
-        rest = np.arange(validation_errors.shape[0]) != image
-        model = fit(joined(oof, {n: validation[n][rest] for n in use}, use),
-                    np.concatenate([oof_errors, validation_errors[rest]]), use, flag_fraction)
-        expected[image] = model.expected_errors({n: validation[n][image:image + 1] for n in use})[0]
-    return expected
-
-
-def scores(expected: np.ndarray, errors: np.ndarray) -> dict[str, float]:
-    """AUROC of the expected errors for points > 2 and > 4 mm off, and the RMSE of the predicted log-error."""
-    from SCNLandmarksLib.models.quality import ERROR_FLOOR_MM
-
-    found = np.isfinite(expected) & np.isfinite(errors)
-    p, e = expected[found], errors[found]
-    log_gap = np.log(p + ERROR_FLOOR_MM) - np.log(e + ERROR_FLOOR_MM)
-    return {"auroc_2mm": auroc(p, e > 2), "auroc_4mm": auroc(p, e > 4),
-            "points_over_2mm": int((e > 2).sum()), "points_over_4mm": int((e > 4).sum()),
-            "log_error_rmse": float(np.sqrt(np.mean(log_gap**2)))}
 
 
 def flag_figures(expected: np.ndarray, errors: np.ndarray, threshold: float) -> dict[str, float]:
@@ -127,7 +102,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         expected = leave_one_fold_out(oof, oof_errors, fold, validation, validation_errors, use, fraction)
         sets[", ".join(use)] = {"signals": list(use), "out_of_fold": scores(expected, oof_errors)}
         print(f"B [{', '.join(use)}]: out-of-fold, leave one fold out: {sets[', '.join(use)]['out_of_fold']}")
-    best = max(sets.values(), key=lambda s: s["out_of_fold"]["auroc_2mm"])
+    best = max(sets.values(), key=lambda s: np.nan_to_num(s["out_of_fold"]["auroc_2mm"], nan=-1.0))
     use_b = best["signals"]
 
     today = list(QUALITY_SIGNALS)
@@ -135,7 +110,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     a_oof = model_a.expected_errors({n: oof[n] for n in today})
     a_validation = leave_one_image_out({n: validation[n] for n in today}, validation_errors, today)
     b_oof = leave_one_fold_out(oof, oof_errors, fold, validation, validation_errors, use_b, fraction)
-    b_validation_expected = validation_held_out_pooled(oof, oof_errors, validation, validation_errors, use_b, fraction)
     model_b = fit(joined(oof, validation, use_b), np.concatenate([oof_errors, validation_errors]), use_b, fraction)
     rows = {
         "A": {"signals": today, "threshold_mm": model_a.check_above_mm,
@@ -143,7 +117,8 @@ def main(argv: Sequence[str] | None = None) -> int:
               "validation_held_out": {"auroc_2mm": a_validation["auroc_2mm"], "auroc_4mm": a_validation["auroc_4mm"]}},
         "B": {"signals": use_b, "threshold_mm": model_b.check_above_mm,
               "out_of_fold": {**scores(b_oof, oof_errors), **flag_figures(b_oof, oof_errors, model_b.check_above_mm)},
-              "validation_held_out": scores(b_validation_expected, validation_errors),
+              "validation_held_out": leave_one_image_out(validation, validation_errors, use_b,
+                                                         always=({n: oof[n] for n in use_b}, oof_errors)),
               "validation_flagged": flag_figures(model_b.expected_errors({n: validation[n] for n in use_b}),
                                                  validation_errors, model_b.check_above_mm)["flagged"]},
     }
