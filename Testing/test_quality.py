@@ -101,6 +101,24 @@ def test_error_model_learns_which_signals_predict_the_error_and_is_calibrated() 
     assert flagged[worst].mean() > 0.5  # most of the worst tenth is flagged
 
 
+def test_a_stronger_models_own_points_set_the_threshold_and_reference() -> None:
+    use = ["local_peak", "global_confidence", "shape_deviation"]
+    weak, weak_errors = _validation_signals(seed=2)
+    model = ErrorModel.fit(weak, weak_errors, use=use, flag_fraction=0.15)
+    strong, strong_errors = _validation_signals(images=20, seed=3)
+    strong["local_peak"] = np.clip(strong["local_peak"] * 2.0, 0.0, 1.0)  # a stronger model: higher peaks
+    strong_errors[0, :3] = np.nan  # points without a reference are left out
+    before = model.expected_errors(strong)
+    assert (before > model.check_above_mm).mean() < 0.12  # the weak points' threshold flags too few of these
+    model.set_reference(strong, strong_errors, flag_fraction=0.2)
+    np.testing.assert_allclose(model.expected_errors(strong), before)  # the ranking model is untouched
+    scored = np.isfinite(strong_errors)
+    assert (before[scored] > model.check_above_mm).mean() == pytest.approx(0.2, abs=0.01)
+    assert model.validation_mean_mm == pytest.approx(before[scored].mean())
+    with pytest.raises(ValueError, match="No validation point"):
+        model.set_reference(strong, np.full_like(strong_errors, np.nan), flag_fraction=0.2)
+
+
 def test_error_model_round_trips_and_refuses_unknown_signals() -> None:
     signals, errors = _validation_signals()
     model = ErrorModel.fit(signals, errors, use=["local_peak"])

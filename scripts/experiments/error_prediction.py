@@ -9,8 +9,8 @@ Fits the quality part of the two-stage cephalometric model and measures it:
    confidence, the distance from where the other points place it; per-landmark offsets); the
    default check threshold flags ``--flag-fraction`` of the validation points (with
    ``--out-of-fold``: also on the 135 training images, each detected by a fold model of
-   ``cross_validation.py`` that did not train on it, and the threshold flags that share of all
-   those points);
+   ``cross_validation.py`` that did not train on it; the threshold still flags that share of
+   the validation points, which this model detected);
 3. writes the model with both parts (same weights) and evaluates it on test1, which chooses
    nothing: AUROC of the expected error for points more than 2 and 4 mm off (and of each signal
    alone), the share of points flagged and of points > 4 mm caught at the default threshold,
@@ -159,6 +159,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         fitted_on += f", and {oof_errors.shape[0]} ISBI 2015 training images, each detected by a fold model that did not train on it"
         held_out = leave_one_image_out(signals, errors, use, always=({name: oof[name] for name in use}, oof_errors))
     model.error_model = ErrorModel.fit(fit_signals, fit_errors, use=use, flag_fraction=args.flag_fraction, fitted_on=fitted_on)
+    if args.out_of_fold is not None:
+        # The fold models are weaker than this one: the threshold and the reference mean come from
+        # this model's own validation points, as without --out-of-fold.
+        model.error_model.set_reference(signals, errors, flag_fraction=args.flag_fraction)
     threshold = model.error_model.check_above_mm
     print(f"Error model fitted on {fit_errors.size} points ({fitted_on}); default check threshold {threshold:.2f} mm")
     print("Validation, each image held out of the fit: " + ", ".join(f"{k} {v:.3f}" for k, v in held_out.items()))

@@ -126,10 +126,24 @@ class ErrorModel:
             fitted_on=fitted_on,
             extra={"feature_min": observed.min(axis=0).tolist(), "feature_max": observed.max(axis=0).tolist()},
         )
-        expected = model.expected_errors(signals)
-        model.check_above_mm = float(np.nanquantile(expected[np.isfinite(errors_mm)], 1.0 - flag_fraction))
-        model.extra["validation_mean_mm"] = float(np.nanmean(expected[np.isfinite(errors_mm)]))
+        model.set_reference(signals, errors_mm, flag_fraction=flag_fraction)
         return model
+
+    def set_reference(self, signals: Mapping[str, np.ndarray], errors_mm: np.ndarray, *, flag_fraction: float) -> None:
+        """Set the default threshold and the validation mean from these ``(M, N)`` points.
+
+        The threshold flags ``flag_fraction`` of the points that have an error (NaN errors are
+        skipped); the mean expected error over them is the reference of an image like the
+        training ones. :meth:`fit` sets both from the points it is fitted on; an error model
+        fitted on other models' detections as well takes them from the model's own validation images.
+        """
+        expected = self.expected_errors(signals)
+        scored = np.isfinite(np.asarray(errors_mm, dtype=float)) & np.isfinite(expected)
+        if not scored.any():
+            msg = "No validation point with an error and all signals to set the check threshold from"
+            raise ValueError(msg)
+        self.check_above_mm = float(np.quantile(expected[scored], 1.0 - flag_fraction))
+        self.extra["validation_mean_mm"] = float(np.mean(expected[scored]))
 
     @property
     def validation_mean_mm(self) -> float | None:
