@@ -16,7 +16,9 @@
 Everything is computed once per image with the shipped model on the 15 validation images and the
 150 test1 images (mean of both doctors). A variant is chosen on the validation images alone
 (lowest MRE, then fewest points > 4 mm, then fewest points changed); test1 only reports. Nothing
-is written into the model.
+is written into the model. With ``--out-of-fold <cross_validation.py's folder>`` the choosing
+set is the 135 training images instead, each decoded by the fold model that did not train on it
+(with that model's shape model).
 
     python scripts/experiments/decode_variants.py --output scripts/experiments/results/cpu/decode_variants
 """
@@ -24,6 +26,7 @@ is written into the model.
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import time
 from collections.abc import Sequence
@@ -156,6 +159,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--model", type=Path, default=SHIPPED)
     parser.add_argument("--output", type=Path, required=True)
     parser.add_argument("--test-images", type=int, default=None)
+    parser.add_argument("--out-of-fold", type=Path, default=None,
+                        help="cross_validation.py's output folder: choose on its held-out training images, each decoded "
+                             "by its fold model, instead of on the validation images")
     args = parser.parse_args(argv)
     import torch
 
@@ -168,18 +174,36 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 1
     isbi = X.isbi_folder(X.find_data_folder(args.data))
     args.output.mkdir(parents=True, exist_ok=True)
-    sets = {"validation": X.checked_training_ids("validation", isbi), "test1": X.test1_ids(isbi, args.test_images)}
+    choosing = "validation" if args.out_of_fold is None else "out of fold"
+    if args.out_of_fold is None:
+        runs = {"validation": [(model, X.checked_training_ids("validation", isbi))]}
+    else:
+        folds = json.loads((args.out_of_fold / "results.json").read_text(encoding="utf-8"))["folds"]
+        runs = {choosing: [(load_model(args.out_of_fold / f"fold{k + 1}" / "two_stage.scn.pt"), ids)
+                           for k, ids in enumerate(folds)]}
+    runs["test1"] = [(model, X.test1_ids(isbi, args.test_images))]
+    sets = {split: [i for _, ids in parts for i in ids] for split, parts in runs.items()}
     results: dict[str, dict[str, Any]] = {}
     seconds: dict[str, float] = {}
-    for split, ids in sets.items():
-        truth = np.stack([X.load_ground_truths(isbi, ids)["mean"][i].positions for i in ids])
-        found = collect(model, X.load_isbi_cases(isbi, ids, annotation="mean"))
-        seconds[split] = float(found["seconds"].mean())
-        for name, (positions, changed) in variants(found, model.shape_model).items():
-            results.setdefault(name, {})[split] = {**scores(positions, truth), "changed": changed}
-    chosen = min(results, key=lambda n: (round(results[n]["validation"]["mre_mm"], 4), results[n]["validation"]["over_4mm"],
-                                         results[n]["validation"]["changed"]))
-    X.write_json(args.output / "results.json", {"variants": results, "chosen_on_validation": chosen,
+    for split, parts in runs.items():
+        positions_by_variant: dict[str, list[np.ndarray]] = {}
+        changed_by_variant: dict[str, int] = {}
+        truths, times = [], []
+        for part_model, ids in parts:
+            truths.append(np.stack([X.load_ground_truths(isbi, ids)["mean"][i].positions for i in ids]))
+            found = collect(part_model, X.load_isbi_cases(isbi, ids, annotation="mean"))
+            times.append(found["seconds"])
+            for name, (positions, changed) in variants(found, part_model.shape_model).items():
+                positions_by_variant.setdefault(name, []).append(positions)
+                changed_by_variant[name] = changed_by_variant.get(name, 0) + changed
+        seconds[split] = float(np.concatenate(times).mean())
+        truth = np.concatenate(truths)
+        for name, positions in positions_by_variant.items():
+            results.setdefault(name, {})[split] = {**scores(np.concatenate(positions), truth),
+                                                   "changed": changed_by_variant[name]}
+    chosen = min(results, key=lambda n: (round(results[n][choosing]["mre_mm"], 4), results[n][choosing]["over_4mm"],
+                                         results[n][choosing]["changed"]))
+    X.write_json(args.output / "results.json", {"variants": results, "chosen_on": choosing, "chosen": chosen,
                                                 "eight_shifted_crops_seconds_per_image": seconds,
                                                 "environment": X.environment()})
     rows = []
@@ -191,11 +215,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         rows.append(cells)
     headers = ["variant"] + [f"{s}: {h}" for s in sets for h in ("MRE mm", "SDR@2mm %", "SDR@4mm %", "> 4 mm", "points changed")]
     body = X.markdown_table(headers, rows)
-    body += (f"\n\nChosen on validation (lowest MRE, then fewest points > 4 mm, then fewest changed): **{chosen}**. "
+    body += (f"\n\nChosen on the {choosing} images (lowest MRE, then fewest points > 4 mm, then fewest changed): **{chosen}**. "
              f"The 8 shifted crops cost {seconds['test1']:.2f} s per image on top of detection (2 threads).\n")
     X.write_table(args.output, "Decoding variants: test-time shifts and shape-guided candidates",
-                  f"Shipped model; mean of both doctors; {len(sets['validation'])} validation images choose, "
-                  f"{len(sets['test1'])} test1 images report", body)
+                  f"Shipped model (the {choosing} images: {'their fold models' if args.out_of_fold else 'it'}); mean of both "
+                  f"doctors; {len(sets[choosing])} {choosing} images choose, {len(sets['test1'])} test1 images report", body)
     print(body)
     return 0
 
