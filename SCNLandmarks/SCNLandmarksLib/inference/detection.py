@@ -11,6 +11,10 @@ one global pass; another reading replaces the usual one only when it is clearly 
 more confident misreading. The mirror is a flip of the sampling grid's x axis, so points map
 back into the image's own physical frame with no extra step.
 
+Where the model has a shape model and a local stage, a point far from where the other points
+place it may be replaced by another peak of its global heatmap that fits them better (see
+:mod:`SCNLandmarksLib.inference.shape_choice`).
+
 Every point gets an expected error in mm when the model has an error model (see
 :mod:`SCNLandmarksLib.models.quality`), from the signals the detection produces anyway; points above the threshold
 are to be checked. Models without one flag the points of low confidence instead.
@@ -37,7 +41,8 @@ from ..models.model_file import load_model
 from ..imaging.preprocess import PreparedImage, prepare_image
 from ..models.decode import heatmap_maxima
 from ..models.quality import LOW_CONFIDENCE
-from ..models.refinement import prepare_for_refiner, refine_positions
+from ..models.refinement import Refinement, prepare_for_refiner, refine_positions
+from .shape_choice import heatmap_candidates, replace_implausible_points
 
 __all__ = ["AS_IS", "Detector", "ImageReading", "detect", "detection_grid", "image_readings"]
 
@@ -125,6 +130,9 @@ class Detector:
         bfloat16: run the networks under bfloat16 autocast (default: where the device computes
             bfloat16 in hardware; see ``scripts/experiments/detection_precision.py`` for what it
             changes in time and accuracy).
+        shape_choice: let the shape model replace an implausible point by another peak of its
+            global heatmap (needs a shape model and the local stage; ``False``: the heatmap
+            maxima only, for comparison).
 
     Example:
         >>> detector = Detector("cephalometric.scn.pt", device="auto")  # doctest: +SKIP
@@ -141,12 +149,14 @@ class Detector:
         check_above_mm: float | None = None,
         low_confidence: float = LOW_CONFIDENCE,
         bfloat16: bool | None = None,
+        shape_choice: bool = True,
     ) -> None:
         self.device = resolve_device(device)
         self.bfloat16 = bfloat16_is_native(self.device) if bfloat16 is None else bool(bfloat16)
         self.model = load_model(model, device=self.device) if isinstance(model, (str, Path)) else model.to(self.device)
         self.model.network.eval()
         self.refine = refine and self.model.refiner is not None
+        self.shape_choice = shape_choice and self.refine and self.model.shape_model is not None
         self.readings = list(readings) if readings is not None else image_readings(self.model.dimension)
         if not self.readings:
             msg = "Give at least one way to read the images"
@@ -209,7 +219,7 @@ class Detector:
         model = self.model
         prepared = prepare_image(image, grid=model.grid, intensity=model.intensity, dimension=model.dimension)
         peaks = model.targets.peak_values().detach().cpu().numpy()
-        best: tuple[float, ImageReading, np.ndarray, np.ndarray] | None = None
+        best: tuple[float, ImageReading, np.ndarray, np.ndarray, np.ndarray, SamplingTransform] | None = None
         for reading in self.readings:
             heatmaps, grid = self._heatmaps(reading.apply(prepared))
             positions, values = heatmap_maxima(heatmaps)
@@ -219,10 +229,10 @@ class Detector:
                 as_is_score = score  # the first reading is the usual one
             elif score <= best[0] or score <= OTHER_READING_MARGIN * as_is_score:
                 continue
-            best = (score, reading, grid.grid_to_physical(positions), confidences)
+            best = (score, reading, grid.grid_to_physical(positions), confidences, heatmaps, grid)
             if score >= CONFIDENT_READING:
                 break
-        _, reading, physical, confidences = best  # type: ignore[misc]
+        _, reading, physical, confidences, heatmaps, grid = best  # type: ignore[misc]
         self.last_reading = reading
         if reading != ImageReading():
             log.info("Read the image %s (the most confident reading)", reading.label)
@@ -232,7 +242,10 @@ class Detector:
             fine = reading.apply(prepare_for_refiner(image, refiner.config, model.intensity))
             with self._precision():
                 refined = refine_positions(refiner, fine, physical, device=self.device)
+            if self.shape_choice:
+                refined, confidences = self._plausible_points(refined, confidences, heatmaps, grid, fine, peaks)
             physical = refined.positions
+            signals["global_confidence"] = confidences
             signals["local_peak"] = refined.peaks / refiner.config.target_peak
             signals["local_width_mm"] = refined.widths_mm
             if refiner.config.members > 1:
@@ -249,6 +262,37 @@ class Detector:
             expected_errors=expected,
             check=check,
         )
+
+    def _plausible_points(self, refined: Refinement, confidences: np.ndarray, heatmaps: np.ndarray,
+                          grid: SamplingTransform, fine: PreparedImage, peaks: np.ndarray) -> tuple[Refinement, np.ndarray]:
+        """``refined`` and the global confidences after the shape model replaced implausible points."""
+        refiner = self.model.refiner
+        proposals: dict[int, tuple[list[Refinement], np.ndarray]] = {}
+
+        def propose(channel: int) -> np.ndarray:
+            index, values = heatmap_candidates(heatmaps[channel])
+            found = []
+            for estimate in grid.grid_to_physical(index) if len(index) else []:
+                alone = np.full_like(refined.positions, np.nan)
+                alone[channel] = estimate
+                with self._precision():
+                    found.append(refine_positions(refiner, fine, alone, device=self.device))
+            proposals[channel] = (found, values)
+            return np.array([f.positions[channel] for f in found]).reshape(-1, refined.positions.shape[1])
+
+        _, chosen = replace_implausible_points(refined.positions, self.model.shape_model, propose)
+        if not chosen:
+            return refined, confidences
+        parts = [np.array(part, dtype=float, copy=True) for part in refined]
+        confidences = confidences.copy()
+        for channel, k in chosen.items():
+            found, values = proposals[channel]
+            for part, new in zip(parts, found[k]):
+                part[channel] = new[channel]
+            confidences[channel] = np.clip(values[k] / peaks[channel], 0.0, 1.0)
+        log.info("The shape model chose another candidate for %s",
+                 ", ".join(self.model.landmark_names[c] for c in chosen))
+        return Refinement(*parts), confidences
 
     def _point_quality(self, signals: dict[str, np.ndarray], positions: np.ndarray) -> tuple[np.ndarray | None, np.ndarray]:
         found = np.isfinite(positions).all(axis=1)
