@@ -40,10 +40,11 @@ def test_an_implausible_point_takes_the_candidate_the_shape_model_prefers() -> N
 
     def propose(channel: int) -> np.ndarray:
         asked.append(channel)
-        return np.array([[-50.0, 60.0], [np.nan, np.nan], truth[channel] + 0.5])
+        # Better than the point: 20 mm off, and 0.5 mm off (the best); worse: far off; unknown: NaN.
+        return np.array([truth[channel] + 20.0, [-50.0, 60.0], [np.nan, np.nan], truth[channel] + 0.5])
 
     positions, chosen = replace_implausible_points(detected, shape, propose)
-    assert chosen == {2: 2} and asked == [2]
+    assert chosen == {2: 3} and asked == [2]
     np.testing.assert_allclose(positions[2], truth[2] + 0.5)
     np.testing.assert_array_equal(np.delete(positions, 2, axis=0), np.delete(detected, 2, axis=0))
 
@@ -86,6 +87,8 @@ def test_the_detector_takes_the_chosen_candidates_point_signals_and_confidence(m
     np.testing.assert_allclose(after.positions[1], own.positions[1])
     assert after.confidences[1] == pytest.approx(0.4)
     assert chooser.last_signals["local_width_mm"][1] == pytest.approx(own.widths_mm[1])
+    assert chooser.last_signals["local_peak"][1] == pytest.approx(own.peaks[1] / model.refiner.config.target_peak)
+    assert chooser.last_signals["global_confidence"][1] == pytest.approx(0.4)
     keep = [0, 2, 3]
     np.testing.assert_allclose(after.positions[keep], before.positions[keep])
     np.testing.assert_allclose(after.confidences[keep], before.confidences[keep])

@@ -211,8 +211,9 @@ class Detector:
     def detect(self, image: Image) -> Landmarks:
         """Landmarks in LPS mm with a confidence in [0, 1], an expected error and a check flag per point.
 
-        The confidence is the heatmap maximum divided by the peak of the model's target
-        Gaussian for that landmark: about 1 where the network is as sure as on its training
+        The confidence is the heatmap maximum (for a point the shape model moved to another
+        candidate, that candidate's value) divided by the peak of the model's target Gaussian
+        for that landmark: about 1 where the network is as sure as on its training
         targets, near 0 where it sees nothing. The signals behind the expected error are kept
         in ``last_signals`` (name -> ``(N,)``).
         """
@@ -270,6 +271,9 @@ class Detector:
         proposals: dict[int, tuple[list[Refinement], np.ndarray]] = {}
 
         def propose(channel: int) -> np.ndarray:
+            if channel in proposals:  # the same landmark again: its candidates are refined already
+                found, _ = proposals[channel]
+                return np.array([f.positions[channel] for f in found]).reshape(-1, refined.positions.shape[1])
             index, values = heatmap_candidates(heatmaps[channel])
             found = []
             for estimate in grid.grid_to_physical(index) if len(index) else []:

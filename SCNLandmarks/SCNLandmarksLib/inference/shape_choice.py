@@ -69,7 +69,8 @@ def replace_implausible_points(
         positions: ``(N, D)`` LPS mm, model channel order (NaN rows: landmarks not found).
         shape_model: places each point from the others.
         propose: ``channel -> (K, D)`` candidate positions in LPS mm for that landmark (NaN rows
-            are skipped); called at most once per replacement.
+            are skipped); called for the most implausible point of each round (the same landmark
+            may come up again: cache there if proposing is costly).
         limit: a point is implausible beyond this many spreads from where the others place it.
         max_replacements: at most this many points change.
 
