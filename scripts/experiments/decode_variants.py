@@ -45,7 +45,7 @@ SHIFT_MM = 0.6
 OFFSETS = np.array([(a, b) for a in (-1, 0, 1) for b in (-1, 0, 1)], dtype=float)
 SHIFT_SETS = {"centre only (the engine)": [4], "plus (5 crops)": [1, 3, 4, 5, 7], "all 9 crops": list(range(9))}
 CANDIDATES = 4  # the maximum and up to 3 other local maxima per heatmap
-PEAK_WINDOW = 9  # global grid voxels: a local maximum is the highest value in this window
+ANY_POSITIVE = 1e-9  # candidates: every local maximum above this share of the highest (the ratios choose later)
 MAX_REPLACEMENTS = 3
 DEVIATION_LIMITS = (2.0, 2.5, 3.0, 4.0, 5.0)
 VALUE_RATIOS = (0.05, 0.2, 0.4)
@@ -53,19 +53,15 @@ VALUE_RATIOS = (0.05, 0.2, 0.4)
 
 def candidates(heatmaps: np.ndarray, first: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """``(N, K, 2)`` grid positions (x, y) and ``(N, K)`` values: the detector's maximum first, then other local maxima."""
-    from scipy import ndimage
+    from SCNLandmarksLib.inference.shape_choice import heatmap_candidates
 
     positions = np.full((len(heatmaps), CANDIDATES, 2), np.nan)
     values = np.full((len(heatmaps), CANDIDATES), np.nan)
     for channel, heatmap in enumerate(heatmaps):
-        peaks = (heatmap == ndimage.maximum_filter(heatmap, size=PEAK_WINDOW)) & (heatmap > 0)
-        rows, columns = np.nonzero(peaks)
-        order = np.argsort(-heatmap[rows, columns])
-        positions[channel, 0], values[channel, 0] = first[channel], heatmap.max()
         # The highest peak is the detector's own (sub-pixel) point; the others follow it.
-        for k, o in enumerate(order[1:CANDIDATES], start=1):
-            positions[channel, k] = (columns[o], rows[o])
-            values[channel, k] = heatmap[rows[o], columns[o]]
+        positions[channel, 0], values[channel, 0] = first[channel], heatmap.max()
+        others, found = heatmap_candidates(heatmap, ratio=ANY_POSITIVE, count=CANDIDATES - 1)
+        positions[channel, 1:1 + len(others)], values[channel, 1:1 + len(others)] = others, found
     return positions, values
 
 
@@ -102,7 +98,21 @@ def collect(model: Any, cases: Sequence[Any]) -> dict[str, np.ndarray]:
 
 
 def shape_choice(refined: np.ndarray, values: np.ndarray, shape: Any, limit: float, ratio: float | None) -> tuple[np.ndarray, int]:
-    """One image's points after up to MAX_REPLACEMENTS implausible ones were replaced (``ratio`` None: shape estimate)."""
+    """One image's points after up to MAX_REPLACEMENTS implausible ones were replaced (``ratio`` None: shape estimate).
+
+    With a ``ratio`` this is the detector's own choice (:func:`replace_implausible_points`) among
+    the refined candidates whose heatmap value is at least ``ratio`` of the maximum's.
+    """
+    from SCNLandmarksLib.inference.shape_choice import replace_implausible_points
+
+    if ratio is not None:
+        def propose(channel: int) -> np.ndarray:
+            usable = np.isfinite(values[channel, 1:]) & (values[channel, 1:] >= ratio * values[channel, 0])
+            return np.where(usable[:, None], refined[channel, 1:], np.nan)
+
+        positions, chosen = replace_implausible_points(refined[:, 0], shape, propose, limit=limit,
+                                                       max_replacements=MAX_REPLACEMENTS)
+        return positions, len(chosen)
     positions = refined[:, 0].copy()
     changed = 0
     for _ in range(MAX_REPLACEMENTS):
@@ -110,22 +120,7 @@ def shape_choice(refined: np.ndarray, values: np.ndarray, shape: Any, limit: flo
         worst = int(np.nanargmax(deviation))
         if deviation[worst] <= limit:
             break
-        if ratio is None:
-            positions[worst] = shape.predictions(positions)[worst]
-            changed += 1
-            continue
-        best, choice = deviation[worst], 0
-        for k in range(1, refined.shape[1]):
-            if not np.isfinite(values[worst, k]) or values[worst, k] < ratio * values[worst, 0]:
-                continue
-            trial = positions.copy()
-            trial[worst] = refined[worst, k]
-            plausibility = np.linalg.norm(trial[worst] - shape.predictions(trial)[worst]) / shape.spread_mm[worst]
-            if plausibility < best:
-                best, choice = plausibility, k
-        if choice == 0:
-            break
-        positions[worst] = refined[worst, choice]
+        positions[worst] = shape.predictions(positions)[worst]
         changed += 1
     return positions, changed
 
