@@ -79,11 +79,15 @@ def leave_one_image_out(signals: dict[str, np.ndarray], errors: np.ndarray, use:
         rest = np.arange(errors.shape[0]) != image
         fit_signals, fit_errors = {k: signals[k][rest] for k in use}, errors[rest]
         if always is not None:
-            fit_signals = {k: np.concatenate([always[0][k], v]) for k, v in fit_signals.items()}
-            fit_errors = np.concatenate([always[1], fit_errors])
+            fit_signals, fit_errors = joined(always[0], fit_signals, use), np.concatenate([always[1], fit_errors])
         fitted = ErrorModel.fit(fit_signals, fit_errors, use=use)
         expected[image] = fitted.expected_errors({k: signals[k][image:image + 1] for k in use})[0]
     return scores(expected, errors)
+
+
+def joined(first: dict[str, np.ndarray], second: dict[str, np.ndarray], names: Sequence[str]) -> dict[str, np.ndarray]:
+    """``names``' ``(M, N)`` signals of ``first``'s images followed by ``second``'s."""
+    return {name: np.concatenate([first[name], second[name]]) for name in names}
 
 
 def scores(expected: np.ndarray, errors: np.ndarray) -> dict[str, float]:
@@ -154,8 +158,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         oof, oof_errors, _ = read_out_of_fold(args.out_of_fold)
         use = [name for name in use if name in oof]
-        fit_signals = {name: np.concatenate([oof[name], signals[name]]) for name in use}
-        fit_errors = np.concatenate([oof_errors, errors])
+        fit_signals, fit_errors = joined(oof, signals, use), np.concatenate([oof_errors, errors])
         fitted_on += f", and {oof_errors.shape[0]} ISBI 2015 training images, each detected by a fold model that did not train on it"
         held_out = leave_one_image_out(signals, errors, use, always=({name: oof[name] for name in use}, oof_errors))
     model.error_model = ErrorModel.fit(fit_signals, fit_errors, use=use, flag_fraction=args.flag_fraction, fitted_on=fitted_on)

@@ -32,7 +32,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import isbi2015 as X
 from cross_validation import read_out_of_fold
-from error_prediction import SHIPPED, detect_with_signals, leave_one_image_out, model_without_error_model, scores
+from error_prediction import SHIPPED, detect_with_signals, joined, leave_one_image_out, model_without_error_model, scores
 
 SIGNAL_SETS = (
     ("local_width_mm", "global_confidence", "shape_deviation"),
@@ -42,10 +42,6 @@ SIGNAL_SETS = (
 )
 # Below this difference in AUROC on the validation images (about 30 points > 2 mm off) is noise.
 VALIDATION_TOLERANCE = 0.03
-
-
-def joined(a: dict[str, np.ndarray], b: dict[str, np.ndarray], names: Sequence[str]) -> dict[str, np.ndarray]:
-    return {name: np.concatenate([a[name], b[name]]) for name in names}
 
 
 def fit(signals: dict[str, np.ndarray], errors: np.ndarray, use: Sequence[str], flag_fraction: float):  # noqa: ANN201

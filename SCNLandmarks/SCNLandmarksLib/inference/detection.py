@@ -271,17 +271,16 @@ class Detector:
         proposals: dict[int, tuple[list[Refinement], np.ndarray]] = {}
 
         def propose(channel: int) -> np.ndarray:
-            if channel in proposals:  # the same landmark again: its candidates are refined already
-                found, _ = proposals[channel]
-                return np.array([f.positions[channel] for f in found]).reshape(-1, refined.positions.shape[1])
-            index, values = heatmap_candidates(heatmaps[channel])
-            found = []
-            for estimate in grid.grid_to_physical(index) if len(index) else []:
-                alone = np.full_like(refined.positions, np.nan)
-                alone[channel] = estimate
-                with self._precision():
-                    found.append(refine_positions(refiner, fine, alone, device=self.device))
-            proposals[channel] = (found, values)
+            if channel not in proposals:  # the same landmark may come up again: refine its candidates once
+                index, values = heatmap_candidates(heatmaps[channel])
+                found = []
+                for estimate in grid.grid_to_physical(index) if len(index) else []:
+                    alone = np.full_like(refined.positions, np.nan)
+                    alone[channel] = estimate
+                    with self._precision():
+                        found.append(refine_positions(refiner, fine, alone, device=self.device))
+                proposals[channel] = (found, values)
+            found, _ = proposals[channel]
             return np.array([f.positions[channel] for f in found]).reshape(-1, refined.positions.shape[1])
 
         _, chosen = replace_implausible_points(refined.positions, self.model.shape_model, propose)
