@@ -27,6 +27,7 @@ sys.path.insert(0, str(EXPERIMENTS))
 import choose_recipe
 import cross_validation
 import detection_speed
+import error_model_terms
 import ensemble_refiners
 import few_cases
 import hand_transfer
@@ -414,5 +415,37 @@ def test_cross_validation_holds_each_fold_out_of_its_model_and_resumes(fake_data
     assert (output / "fold2" / "held_out.npz").is_file()
     assert models == [(output / "fold2" / name).stat().st_mtime_ns for name in ("global.scn.pt", "two_stage.scn.pt")]
     np.testing.assert_allclose(cross_validation.read_out_of_fold(output)[1], errors)
+    # After a change of the detector every fold is detected again with its kept models.
+    assert cross_validation.main([*arguments, "--detect-again"]) == 0
+    assert (output / "fold1" / "held_out.npz").stat().st_mtime_ns != kept
+    assert models == [(output / "fold2" / name).stat().st_mtime_ns for name in ("global.scn.pt", "two_stage.scn.pt")]
+    np.testing.assert_allclose(cross_validation.read_out_of_fold(output)[1], errors)
     with pytest.raises(SystemExit, match="other settings"):
         cross_validation.main([*arguments, "--folds", "4"])
+
+
+def test_caught_share_counts_the_far_points_among_those_expected_furthest_off() -> None:
+    errors = np.array([[5.0, 0.5, 0.4, 6.0, 0.3, 0.2, 0.1, 0.6, 0.7, 4.5]])
+    expected = np.array([[9.0, 1.0, 1.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8]])  # one far point ranked first, two not
+    assert error_model_terms.caught_when_flagging(expected, errors, 0.1) == pytest.approx(1 / 3)
+    assert error_model_terms.caught_when_flagging(expected, errors, 0.5) == pytest.approx(2 / 3)  # 0.8 is in the upper half
+
+
+def test_validation_images_harder_than_unseen_ones_raise_the_share_to_flag() -> None:
+    class Scaled:  # an error model whose expected error is the width times a factor
+        def __init__(self, factor: float) -> None:
+            self.factor = factor
+
+        def expected_errors(self, signals: dict) -> np.ndarray:
+            return self.factor * signals["local_width_mm"]
+
+    rng = np.random.default_rng(5)
+    fold = np.repeat([1, 2], 50)
+    oof = {"local_width_mm": rng.uniform(0.5, 2.0, (100, 4))}
+    same = {k: {"local_width_mm": rng.uniform(0.5, 2.0, (40, 4))} for k in (1, 2)}
+    harder = {k: {"local_width_mm": v["local_width_mm"] * 1.3} for k, v in same.items()}
+    models = {1: Scaled(1.0), 2: Scaled(1.0)}
+    share, threshold, points = error_model_terms.transferred_fraction(models, oof, fold, same, ["local_width_mm"], 0.15)
+    assert points == 320 and 0.08 < share < 0.22 and threshold == pytest.approx(np.quantile(oof["local_width_mm"], 0.85))
+    harder_share, _, _ = error_model_terms.transferred_fraction(models, oof, fold, harder, ["local_width_mm"], 0.15)
+    assert harder_share > share + 0.15

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+import torch
 
 from SCNLandmarksLib.data.landmarks import Landmarks
 from SCNLandmarksLib.models.quality import ErrorModel, review_order
@@ -128,6 +129,53 @@ def test_error_model_round_trips_and_refuses_unknown_signals() -> None:
         ErrorModel.fit(signals, errors, use=["heart_rate"])
     with pytest.raises(ValueError, match="needs the signals"):
         model.expected_errors({"global_confidence": signals["global_confidence"]})
+
+
+def _bent_signals(images: int, seed: int) -> tuple[dict[str, np.ndarray], np.ndarray]:
+    """A width that matters only once it is wide: log-error flat below 1 mm, then growing."""
+    rng = np.random.default_rng(seed)
+    width = np.exp(rng.uniform(np.log(0.2), np.log(5.0), (images, 6)))
+    log_width = np.log(width + 0.05)
+    log_error = -0.5 + 0.8 * np.maximum(log_width, 0.0) ** 2 + rng.normal(0, 0.2, width.shape)
+    return {"local_width_mm": width}, np.exp(log_error) - 0.1
+
+
+def test_squared_terms_follow_a_bent_effect_and_survive_the_model_file(tmp_path) -> None:
+    from engine_fixtures import tiny_model
+    from SCNLandmarksLib.models.model_file import load_model, save_model
+    from SCNLandmarksLib.common.errors import ModelFileError
+    from SCNLandmarksLib.models.model_header import FORMAT_VERSION, check_format
+
+    def format_of(path) -> int:
+        return int(torch.load(path, weights_only=True)["format_version"])
+
+    signals, errors = _bent_signals(80, seed=0)
+    linear = ErrorModel.fit(signals, errors, use=["local_width_mm"])
+    bent = ErrorModel.fit(signals, errors, use=["local_width_mm"], squared=True)
+    assert linear.squared_weights is None and bent.squared_weights[0] > 0.4
+    test_signals, test_errors = _bent_signals(80, seed=1)
+
+    def log_gap(model: ErrorModel) -> float:
+        expected = model.expected_errors(test_signals)
+        return float(np.sqrt(np.mean((np.log(expected + 0.1) - np.log(test_errors + 0.1)) ** 2)))
+
+    assert log_gap(bent) < 0.8 * log_gap(linear)
+    again = ErrorModel.from_dict(bent.to_dict())
+    np.testing.assert_allclose(again.expected_errors(test_signals), bent.expected_errors(test_signals))
+    broken = {**bent.to_dict(), "squared_weights": [1.0, 2.0]}
+    with pytest.raises(ValueError, match="squared weights"):
+        ErrorModel.from_dict(broken)
+
+    model = tiny_model([f"L{i + 1}" for i in range(6)])
+    model.error_model = linear
+    assert format_of(save_model(model, tmp_path / "linear.scn.pt")) == 2  # older readers still read it
+    model.error_model = bent
+    path = save_model(model, tmp_path / "bent.scn.pt")
+    assert format_of(path) == 3 == FORMAT_VERSION  # a reader of format 2 refuses it instead of ignoring the squares
+    loaded = load_model(path).error_model
+    np.testing.assert_allclose(loaded.squared_weights, bent.squared_weights)
+    with pytest.raises(ModelFileError, match="newer SCNLandmarks"):
+        check_format(path, {"format": "scn-landmarks-model", "format_version": FORMAT_VERSION + 1})
 
 
 def test_review_order_puts_the_image_expected_furthest_off_first() -> None:

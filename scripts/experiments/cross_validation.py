@@ -11,7 +11,8 @@ it: ``folds.npz`` holds them beside the fold models' accuracy. ``oof_error_model
 judges error models on them. test1 is not read here.
 
 Each fold's stages checkpoint and resume: rerun the same command to go on after a stop (other
-settings in the same folder are refused). The fold models' initial weights are not seeded apart:
+settings in the same folder are refused). After a change of the detector, ``--detect-again`` detects
+the held-out folds again with the kept fold models (about a minute). The fold models' initial weights are not seeded apart:
 they follow torch's random state as the process reaches them (fold 1 starts from torch's
 default, as the shipped global stage did), so folds run in another order or process differ.
 
@@ -54,6 +55,8 @@ def parse_arguments(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--quick", action="store_true", help="pipeline check: 30 images, 20 + 10 steps")
+    parser.add_argument("--detect-again", action="store_true",
+                        help="detect the held-out images again with the kept fold models (after a change of the detector)")
     return parser.parse_args(argv)
 
 
@@ -81,7 +84,7 @@ def read_out_of_fold(folder: Path) -> tuple[dict[str, np.ndarray], np.ndarray, n
 
 def check_same_settings(output: Path, args: argparse.Namespace) -> None:
     """Refuse to resume into ``output`` with settings other than those its folds were started with."""
-    settings = {k: v for k, v in vars(args).items() if k not in ("data", "output", "run_folds", "threads")}
+    settings = {k: v for k, v in vars(args).items() if k not in ("data", "output", "run_folds", "threads", "detect_again")}
     record = output / "settings.json"
     if record.exists() and read_json(record) != settings:
         msg = (f"{output} holds folds made with other settings ({read_json(record)}); use another --output "
@@ -182,7 +185,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     chosen = range(1, args.folds + 1) if args.run_folds is None else [int(k) for k in args.run_folds.split(",")]
     print(f"{len(train_ids)} training images in {args.folds} folds of {[len(f) for f in folds]}; "
           f"global {args.global_iterations} steps, local {args.local_iterations} steps per fold")
-    pending = [k for k in chosen if not (output / f"fold{k}" / "held_out.npz").exists()]
+    pending = [k for k in chosen if args.detect_again or not (output / f"fold{k}" / "held_out.npz").exists()]
     print(f"folds done earlier: {sorted(set(chosen) - set(pending)) or 'none'}")
     if pending:
         cases = {c.name: c for c in X.load_isbi_cases(isbi, train_ids, annotation="mean")}

@@ -64,13 +64,15 @@ def detect_with_signals(
 
 
 def leave_one_image_out(signals: dict[str, np.ndarray], errors: np.ndarray, use: Sequence[str], *,
-                        always: tuple[dict[str, np.ndarray], np.ndarray] | None = None) -> dict[str, float]:
+                        always: tuple[dict[str, np.ndarray], np.ndarray] | None = None,
+                        squared: bool = False) -> dict[str, float]:
     """Each validation image's expected errors from an error model fitted on the other images, scored.
 
     What chooses the signals: test1 only reports. Points > 4 mm off are too rare on the validation
     images (2 of 285 for the bundled model) to rank signal sets by, so the AUROC for points > 2 mm
     off and the error of the predicted log-error decide. ``always``: ``(signals, errors)`` of other
-    images (out-of-fold ones) that every fit includes as well.
+    images (out-of-fold ones) that every fit includes as well. ``squared``: error models with
+    squared log-signal terms.
     """
     from SCNLandmarksLib.models.quality import ErrorModel
 
@@ -80,7 +82,7 @@ def leave_one_image_out(signals: dict[str, np.ndarray], errors: np.ndarray, use:
         fit_signals, fit_errors = {k: signals[k][rest] for k in use}, errors[rest]
         if always is not None:
             fit_signals, fit_errors = joined(always[0], fit_signals, use), np.concatenate([always[1], fit_errors])
-        fitted = ErrorModel.fit(fit_signals, fit_errors, use=use)
+        fitted = ErrorModel.fit(fit_signals, fit_errors, use=use, squared=squared)
         expected[image] = fitted.expected_errors({k: signals[k][image:image + 1] for k in use})[0]
     return scores(expected, errors)
 
@@ -130,6 +132,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                         help="cross_validation.py's output folder: fit the error model on its out-of-fold training "
                              "images as well as on the validation images (oof_error_model.py judges it and chooses "
                              "the --signals to pass)")
+    parser.add_argument("--squared", action="store_true",
+                        help="add squared log-signal terms to the error model (error_model_terms.py chooses)")
     args = parser.parse_args(argv)
     import torch
 
@@ -152,7 +156,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     fitted_on = f"ISBI 2015 validation split ({len(validation_ids)} images), mean of both doctors"
     if args.out_of_fold is None:
         fit_signals, fit_errors = signals, errors
-        held_out = leave_one_image_out(signals, errors, use)
+        held_out = leave_one_image_out(signals, errors, use, squared=args.squared)
     else:
         from cross_validation import read_out_of_fold
 
@@ -160,8 +164,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         use = [name for name in use if name in oof]
         fit_signals, fit_errors = joined(oof, signals, use), np.concatenate([oof_errors, errors])
         fitted_on += f", and {oof_errors.shape[0]} ISBI 2015 training images, each detected by a fold model that did not train on it"
-        held_out = leave_one_image_out(signals, errors, use, always=({name: oof[name] for name in use}, oof_errors))
-    model.error_model = ErrorModel.fit(fit_signals, fit_errors, use=use, flag_fraction=args.flag_fraction, fitted_on=fitted_on)
+        held_out = leave_one_image_out(signals, errors, use, always=({name: oof[name] for name in use}, oof_errors),
+                                       squared=args.squared)
+    model.error_model = ErrorModel.fit(fit_signals, fit_errors, use=use, flag_fraction=args.flag_fraction, fitted_on=fitted_on,
+                                       squared=args.squared)
     if args.out_of_fold is not None:
         # The fold models are weaker than this one: the threshold and the reference mean come from
         # this model's own validation points, as without --out-of-fold.

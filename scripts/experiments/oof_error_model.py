@@ -44,21 +44,33 @@ SIGNAL_SETS = (
 VALIDATION_TOLERANCE = 0.03
 
 
-def fit(signals: dict[str, np.ndarray], errors: np.ndarray, use: Sequence[str], flag_fraction: float):  # noqa: ANN201
+def fit(signals: dict[str, np.ndarray], errors: np.ndarray, use: Sequence[str], flag_fraction: float, *,
+        squared: bool = False):  # noqa: ANN201
     from SCNLandmarksLib.models.quality import ErrorModel
 
-    return ErrorModel.fit({k: signals[k] for k in use}, errors, use=list(use), flag_fraction=flag_fraction)
+    return ErrorModel.fit({k: signals[k] for k in use}, errors, use=list(use), flag_fraction=flag_fraction, squared=squared)
+
+
+def leave_one_fold_out_models(oof: dict[str, np.ndarray], oof_errors: np.ndarray, fold: np.ndarray,
+                              validation: dict[str, np.ndarray], validation_errors: np.ndarray,
+                              use: Sequence[str], flag_fraction: float, *, squared: bool = False) -> dict[int, object]:
+    """Fold -> the pooled error model fitted without that fold's out-of-fold images."""
+    models = {}
+    for k in np.unique(fold):
+        rest = fold != k
+        models[int(k)] = fit(joined({n: oof[n][rest] for n in use}, validation, use),
+                             np.concatenate([oof_errors[rest], validation_errors]), use, flag_fraction, squared=squared)
+    return models
 
 
 def leave_one_fold_out(oof: dict[str, np.ndarray], oof_errors: np.ndarray, fold: np.ndarray,
                        validation: dict[str, np.ndarray], validation_errors: np.ndarray,
-                       use: Sequence[str], flag_fraction: float) -> np.ndarray:
+                       use: Sequence[str], flag_fraction: float, *, squared: bool = False) -> np.ndarray:
     """Expected errors of each out-of-fold image from a pooled model fitted without its fold."""
     expected = np.full(oof_errors.shape, np.nan)
-    for k in np.unique(fold):
-        rest = fold != k
-        model = fit(joined({n: oof[n][rest] for n in use}, validation, use),
-                    np.concatenate([oof_errors[rest], validation_errors]), use, flag_fraction)
+    models = leave_one_fold_out_models(oof, oof_errors, fold, validation, validation_errors, use, flag_fraction,
+                                       squared=squared)
+    for k, model in models.items():
         expected[fold == k] = model.expected_errors({n: oof[n][fold == k] for n in use})
     return expected
 

@@ -310,9 +310,11 @@ def _unlike_training_images(model: LandmarkModel, detections: Sequence[Landmarks
 
     The error model's expected error rises where the local stage no longer finds the crisp
     structures it learned; on images like the training ones it matches the validation mean
-    (bundled model: 0.97 mm on 10 usual test1 cases against 0.96 mm; 6.9 mm on a simulated
-    blurred, noisy device, 4.1 mm on a noisy one; ``f95260da...``, whose error model was fitted on
-    the validation images alone: 0.99 against 0.98 mm, 6.2 and 5.6 mm).
+    (bundled model ``08ac2de1...``, with squared terms: 0.98 mm on test1 151-160 against 0.97 mm;
+    2.55 mm on a simulated blurred, noisy device, 2.17 mm on a noisy one, whose points are 1.65 and
+    1.34 mm off; ``3023e673...``, the same without squared terms: 0.97 against 0.96 mm, 6.97 and
+    4.70 mm; ``f95260da...``, fitted on the validation images alone: 0.99 against 0.98 mm, 6.2 and
+    5.6 mm on other test1 cases).
     """
     errors = model.error_model
     reference = None if errors is None else errors.validation_mean_mm

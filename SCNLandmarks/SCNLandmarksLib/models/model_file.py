@@ -72,6 +72,12 @@ def describe(model: LandmarkModel, *, half_precision: bool = False) -> ModelDesc
     )
 
 
+def format_version_for(model: LandmarkModel) -> int:
+    """The oldest file format that holds everything ``model`` has (an older reader refuses newer ones)."""
+    squared = model.error_model is not None and model.error_model.squared_weights is not None
+    return FORMAT_VERSION if squared else 2
+
+
 def save_model(model: LandmarkModel, path: str | Path, *, overwrite: bool = False, half_precision: bool = False) -> Path:
     """Write ``model`` to ``path`` atomically (a reader never sees a half-written file).
 
@@ -98,7 +104,7 @@ def save_model(model: LandmarkModel, path: str | Path, *, overwrite: bool = Fals
     description = json.dumps(describe(model, half_precision=half_precision).to_dict())
     payload = {
         "format": FORMAT_TAG,
-        "format_version": FORMAT_VERSION,
+        "format_version": format_version_for(model),
         "description": description,
         "description_sha256": hashlib.sha256(description.encode()).hexdigest(),
         "weights_sha256": _weights_digest(state),

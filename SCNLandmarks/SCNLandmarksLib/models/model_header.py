@@ -32,7 +32,9 @@ __all__ = [
 
 MODEL_SUFFIX = ".scn.pt"
 FORMAT_TAG = "scn-landmarks-model"
-FORMAT_VERSION = 2
+# The newest format this version reads. A file records the oldest format that describes it
+# (3: an error model with squared terms), so that older readers refuse only what they would misread.
+FORMAT_VERSION = 3
 # The archive's data record is ``<folder>/data.pkl``; a pickle this large is not one of ours.
 _MAX_PICKLE_BYTES = 64 * 1024 * 1024
 

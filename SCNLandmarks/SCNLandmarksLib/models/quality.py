@@ -5,10 +5,13 @@ far its distribution spreads, how sure the global SCN was, how much the local re
 the crop moves, and whether the point sits where the other points place it (:mod:`.shape_model`). :class:`ErrorModel` turns
 these signals into an expected error in millimetres with a log-linear model,
 
-    log(error + 0.1 mm) = intercept + landmark offset + sum_k weight_k * log(signal_k),
+    log(error + 0.1 mm) = intercept + landmark offset + sum_k weight_k * log(signal_k)
+                          [+ sum_k squared_weight_k * log(signal_k)^2],
 
 fitted on validation detections (images the model did not train on) by ridge regression, the
-landmark offsets shrunk toward zero. The expected error is the mean of that log-normal model.
+landmark offsets shrunk toward zero. The squared terms (optional) let a signal's effect bend, for
+example a width that stops mattering once it is small. The expected error is the mean of that
+log-normal model.
 A point is to be checked where its expected error exceeds a threshold in mm (the model's
 default is chosen on the same validation images; the CLI, the API and Slicer can change it).
 """
@@ -62,6 +65,7 @@ class ErrorModel:
         residual_variance: of the log-error around the model (makes the expectation a mean).
         check_above_mm: default threshold of the check decision, in mm.
         fitted_on: a few words on the validation data.
+        squared_weights: one per signal, for the squared log-signals (None: a linear model).
     """
 
     signals: list[str]
@@ -72,6 +76,7 @@ class ErrorModel:
     check_above_mm: float
     fitted_on: str = ""
     extra: dict[str, object] = field(default_factory=dict)
+    squared_weights: np.ndarray | None = None
 
     @classmethod
     def fit(
@@ -82,6 +87,7 @@ class ErrorModel:
         use: Sequence[str],
         flag_fraction: float = 0.12,
         fitted_on: str = "",
+        squared: bool = False,
     ) -> ErrorModel:
         """Fit on ``(M, N)`` arrays: M validation images, N landmarks; NaN errors are skipped.
 
@@ -90,6 +96,8 @@ class ErrorModel:
             errors_mm: ``(M, N)`` distance of each detected point from the reference.
             use: the signals to use.
             flag_fraction: the default threshold flags about this share of the validation points.
+            squared: add each log-signal's square as a term (for fits on a few thousand points;
+                chosen for the bundled model by ``scripts/experiments/error_model_terms.py``).
         """
         unknown = [name for name in use if name not in SIGNALS]
         if unknown:
@@ -101,14 +109,16 @@ class ErrorModel:
             raise ValueError(msg)
         images, count = errors_mm.shape
         features = _features(signals, use).reshape(images * count, len(use))
+        terms = np.concatenate([features, features**2], axis=1) if squared else features
+        width = terms.shape[1]
         landmark = np.tile(np.eye(count), (images, 1))
-        design = np.concatenate([features, np.ones((images * count, 1)), landmark], axis=1)
+        design = np.concatenate([terms, np.ones((images * count, 1)), landmark], axis=1)
         target = np.log(errors_mm.reshape(-1) + ERROR_FLOOR_MM)
         valid = np.isfinite(target) & np.isfinite(design).all(axis=1)
         if valid.sum() < 2 * design.shape[1] // 3 + 5:
             msg = f"Too few validation points ({int(valid.sum())}) to fit an error model"
             raise ValueError(msg)
-        penalty = np.diag([0.0] * (len(use) + 1) + [LANDMARK_SHRINKAGE] * count)
+        penalty = np.diag([0.0] * (width + 1) + [LANDMARK_SHRINKAGE] * count)
         a, y = design[valid], target[valid]
         solution = np.linalg.solve(a.T @ a + penalty, a.T @ y)
         residual = float(np.var(y - a @ solution))
@@ -119,8 +129,9 @@ class ErrorModel:
         model = cls(
             signals=list(use),
             weights=solution[: len(use)],
-            intercept=float(solution[len(use)]),
-            landmark_offsets=solution[len(use) + 1 :],
+            squared_weights=solution[len(use) : width] if squared else None,
+            intercept=float(solution[width]),
+            landmark_offsets=solution[width + 1 :],
             residual_variance=residual,
             check_above_mm=float("inf"),
             fitted_on=fitted_on,
@@ -161,6 +172,8 @@ class ErrorModel:
         if "feature_min" in self.extra and "feature_max" in self.extra:
             features = np.clip(features, np.asarray(self.extra["feature_min"]), np.asarray(self.extra["feature_max"]))
         log_error = features @ self.weights + self.intercept + self.landmark_offsets
+        if self.squared_weights is not None:
+            log_error = log_error + features**2 @ self.squared_weights
         return np.exp(log_error + 0.5 * self.residual_variance) - ERROR_FLOOR_MM
 
     def to_dict(self) -> dict[str, object]:
@@ -168,6 +181,7 @@ class ErrorModel:
             "signals": list(self.signals), "weights": self.weights.tolist(), "intercept": self.intercept,
             "landmark_offsets": self.landmark_offsets.tolist(), "residual_variance": self.residual_variance,
             "check_above_mm": self.check_above_mm, "fitted_on": self.fitted_on, "extra": dict(self.extra),
+            **({} if self.squared_weights is None else {"squared_weights": self.squared_weights.tolist()}),
         }
 
     @classmethod
@@ -175,8 +189,11 @@ class ErrorModel:
         signals = [str(s) for s in values["signals"]]  # type: ignore[union-attr]
         unknown = [s for s in signals if s not in SIGNALS]
         weights = np.asarray(values["weights"], dtype=float)
-        if unknown or weights.shape != (len(signals),):
-            msg = f"Invalid error model (signals {signals}, {weights.size} weights)"
+        squared = values.get("squared_weights")
+        squared_weights = None if squared is None else np.asarray(squared, dtype=float)
+        if unknown or weights.shape != (len(signals),) or (squared_weights is not None and squared_weights.shape != weights.shape):
+            squares = "" if squared_weights is None else f" and {squared_weights.size} squared weights"
+            msg = f"Invalid error model (signals {signals}, {weights.size} weights{squares})"
             raise ValueError(msg)
         return cls(
             signals=signals, weights=weights, intercept=float(values["intercept"]),  # type: ignore[arg-type]
@@ -184,6 +201,7 @@ class ErrorModel:
             residual_variance=float(values["residual_variance"]),  # type: ignore[arg-type]
             check_above_mm=float(values["check_above_mm"]),  # type: ignore[arg-type]
             fitted_on=str(values.get("fitted_on", "")), extra=dict(values.get("extra", {})),  # type: ignore[arg-type]
+            squared_weights=squared_weights,
         )
 
 
