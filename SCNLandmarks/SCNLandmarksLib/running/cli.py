@@ -429,7 +429,8 @@ def _command_info(args: argparse.Namespace) -> int:
         "training": {k: training.get(k) for k in ("iterations", "best_validation_mre_mm", "seconds", "device")},
         "refinement_stage": description.refiner,
         "expected_errors": None if not description.error_model else {
-            key: description.error_model.get(key) for key in ("signals", "check_above_mm", "fitted_on")},
+            **{key: description.error_model.get(key) for key in ("signals", "check_above_mm", "fitted_on")},
+            "squared_terms": description.error_model.get("squared_weights") is not None},
         "shape_model": bool(description.shape_model),
     }
     print(json.dumps(summary, indent=2))
