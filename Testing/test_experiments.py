@@ -34,6 +34,7 @@ import hand_transfer
 import isbi2015
 import miss_sources
 import oof_error_model
+import stage_blend
 import train_isbi
 
 ISBI_SIZE = (80, 96)  # x, y pixels of the fake cephalograms (0.1 mm each)
@@ -449,3 +450,23 @@ def test_validation_images_harder_than_unseen_ones_raise_the_share_to_flag() -> 
     assert points == 320 and 0.08 < share < 0.22 and threshold == pytest.approx(np.quantile(oof["local_width_mm"], 0.85))
     harder_share, _, _ = error_model_terms.transferred_fraction(models, oof, fold, harder, ["local_width_mm"], 0.15)
     assert harder_share > share + 0.15
+
+
+def test_the_blend_rule_needs_three_fewer_far_points_and_no_higher_error() -> None:
+    results = {"blend 0.0": {"over_4mm": 91, "mre_mm": 1.120}, "blend 0.1": {"over_4mm": 88, "mre_mm": 1.115},
+               "blend 0.2": {"over_4mm": 89, "mre_mm": 1.110}, "blend 0.3": {"over_4mm": 85, "mre_mm": 1.130}}
+    assert stage_blend.choose(results) == "blend 0.1"  # 0.3 has fewer far points but a higher error
+    results["blend 0.2"]["over_4mm"] = 88
+    assert stage_blend.choose(results) == "blend 0.2"  # a tie in far points goes to the lower error
+    assert stage_blend.choose({"blend 0.0": results["blend 0.0"], "blend 0.3": results["blend 0.3"]}) == "blend 0.0"
+
+
+def test_blend_variants_move_toward_the_global_points_or_keep_them_where_the_local_stage_jumped() -> None:
+    local = np.array([[[0.0, 0.0], [10.0, 0.0]]])
+    coarse = np.array([[[1.0, 0.0], [0.0, 0.0]]])
+    found = stage_blend.variants(local, coarse)
+    np.testing.assert_allclose(found["blend 0.1"], [[[0.1, 0.0], [9.0, 0.0]]])
+    np.testing.assert_allclose(found["keep the global point beyond 4 mm"], [[[0.0, 0.0], [0.0, 0.0]]])
+    truth = np.zeros((1, 2, 2))
+    assert stage_blend.accuracy(found["keep the global point beyond 4 mm"], truth)["over_4mm"] == 0
+    assert stage_blend.accuracy(local, truth)["over_4mm"] == 1

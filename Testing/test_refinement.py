@@ -240,6 +240,28 @@ def test_a_local_stage_never_trusted_leaves_the_global_points_and_still_reports_
     assert np.abs(trusting - found).max() > 1e-3  # as trained, the local stage moves the points
 
 
+def test_a_refined_point_moves_the_given_share_back_toward_the_global_point(two_stage):
+    model = load_model(two_stage["result"].output)
+    image = two_stage["test"][0].image
+    unblended = Detector(model, device="cpu", global_weight=0.0, shape_choice=False)
+    local = unblended.detect(image).positions
+    coarse = unblended.last_global_positions
+    np.testing.assert_allclose(coarse, Detector(model, device="cpu", refine=False).detect(image).positions, atol=1e-9)
+    assert np.linalg.norm(local - coarse, axis=1).max() > 0.05  # the stages disagree, so the blend shows
+    blended = Detector(model, device="cpu", global_weight=0.25, shape_choice=False).detect(image).positions
+    np.testing.assert_allclose(blended, local + 0.25 * (coarse - local), atol=1e-6)
+    with pytest.raises(ValueError, match="between 0 and 1"):
+        Detector(model, device="cpu", global_weight=1.5)
+
+
+def test_blending_keeps_the_local_point_where_either_point_is_missing():
+    from SCNLandmarksLib.inference.detection import toward_global
+
+    local = np.array([[10.0, 20.0], [np.nan, np.nan], [5.0, 5.0]])
+    coarse = np.array([[20.0, 0.0], [1.0, 1.0], [np.nan, np.nan]])
+    np.testing.assert_allclose(toward_global(local, coarse, 0.1), [[11.0, 18.0], [np.nan, np.nan], [5.0, 5.0]])
+
+
 def test_an_ensemble_places_each_point_at_the_mean_of_its_trusted_members(two_stage, tmp_path):
     import copy
     import dataclasses
