@@ -23,7 +23,6 @@ into the model file and reports test1.
 
 from __future__ import annotations
 
-import argparse
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -34,8 +33,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import isbi2015 as X
 from cross_validation import read_out_of_fold
-from error_prediction import SHIPPED, detect_with_signals, leave_one_image_out, model_without_error_model, scores
-from oof_error_model import leave_one_fold_out_models
+from error_prediction import SHIPPED, leave_one_image_out, model_without_error_model, scores
+from oof_error_model import folds_parser, leave_one_fold_out_models, validation_detections
 
 # Rule 1: the validation AUROC > 2 mm may fall by at most this much.
 VALIDATION_TOLERANCE = 0.01
@@ -63,16 +62,10 @@ def transferred_fraction(models: dict[int, object], oof: dict[str, np.ndarray], 
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--data", type=Path, default=None)
-    parser.add_argument("--folds", type=Path, required=True, help="cross_validation.py's output folder")
-    parser.add_argument("--output", type=Path, required=True)
-    parser.add_argument("--flag-fraction", type=float, default=0.15)
-    args = parser.parse_args(argv)
+    args = folds_parser(__doc__).parse_args(argv)
     import torch
 
     torch.set_num_threads(2)
-    from SCNLandmarksLib.inference.detection import Detector
     from SCNLandmarksLib.models.model_file import load_model
 
     isbi = X.isbi_folder(X.find_data_folder(args.data))
@@ -80,15 +73,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     fraction = args.flag_fraction
     use = list(load_model(SHIPPED).error_model.signals)
     oof, oof_errors, fold = read_out_of_fold(args.folds)
-    validation_ids = X.checked_training_ids("validation", isbi)
-    validation_cases = X.load_isbi_cases(isbi, validation_ids)
-    validation_truths = X.load_ground_truths(isbi, validation_ids)["mean"]
-    validation, validation_errors, _, _ = detect_with_signals(
-        Detector(model_without_error_model(SHIPPED, isbi), device="cpu"), validation_cases, validation_truths)
-    fold_validation = {}
-    for k in np.unique(fold):
-        fold_validation[int(k)], _, _, _ = detect_with_signals(
-            Detector(args.folds / f"fold{k}" / "two_stage.scn.pt", device="cpu"), validation_cases, validation_truths)
+    validation, validation_errors = validation_detections(isbi, model_without_error_model(SHIPPED, isbi))
+    fold_validation = {int(k): validation_detections(isbi, args.folds / f"fold{k}" / "two_stage.scn.pt")[0]
+                       for k in np.unique(fold)}
     print(f"{oof_errors.shape[0]} out-of-fold images ({int(np.sum(oof_errors > 4))} points > 4 mm off), "
           f"{validation_errors.shape[0]} validation images; signals {', '.join(use)}")
 

@@ -82,26 +82,37 @@ def flag_figures(expected: np.ndarray, errors: np.ndarray, threshold: float) -> 
     return {"flagged": float(flagged.mean()), "caught_4mm": float(flagged[e > 4].mean()) if (e > 4).any() else float("nan")}
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def folds_parser(description: str | None) -> argparse.ArgumentParser:
+    """The command line of the scripts that judge error models on ``cross_validation.py``'s folds."""
+    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data", type=Path, default=None)
     parser.add_argument("--folds", type=Path, required=True, help="cross_validation.py's output folder")
     parser.add_argument("--output", type=Path, required=True)
     parser.add_argument("--flag-fraction", type=float, default=0.15)
-    args = parser.parse_args(argv)
+    return parser
+
+
+def validation_detections(isbi: Path, model: object) -> tuple[dict[str, np.ndarray], np.ndarray]:
+    """``(signals, errors)`` ``(M, N)`` of ``model`` (a model or its file) on the 15 validation images, mean of both doctors."""
+    from SCNLandmarksLib.inference.detection import Detector
+
+    validation_ids = X.checked_training_ids("validation", isbi)
+    signals, errors, _, _ = detect_with_signals(Detector(model, device="cpu"), X.load_isbi_cases(isbi, validation_ids),
+                                                X.load_ground_truths(isbi, validation_ids)["mean"])
+    return signals, errors
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = folds_parser(__doc__).parse_args(argv)
     import torch
 
     torch.set_num_threads(2)
-    from SCNLandmarksLib.inference.detection import Detector
     from SCNLandmarksLib.learning.quality_fitting import QUALITY_SIGNALS
 
     isbi = X.isbi_folder(X.find_data_folder(args.data))
     args.output.mkdir(parents=True, exist_ok=True)
     oof, oof_errors, fold = read_out_of_fold(args.folds)
-    validation_ids = X.checked_training_ids("validation", isbi)
-    detector = Detector(model_without_error_model(SHIPPED, isbi), device="cpu")
-    validation, validation_errors, _, _ = detect_with_signals(
-        detector, X.load_isbi_cases(isbi, validation_ids), X.load_ground_truths(isbi, validation_ids)["mean"])
+    validation, validation_errors = validation_detections(isbi, model_without_error_model(SHIPPED, isbi))
     fraction = args.flag_fraction
     print(f"{oof_errors.shape[0]} out-of-fold images ({int(np.sum(oof_errors > 2))} points > 2 mm off, "
           f"{int(np.sum(oof_errors > 4))} > 4 mm), {validation_errors.shape[0]} validation images")
