@@ -468,5 +468,5 @@ def test_blend_variants_move_toward_the_global_points_or_keep_them_where_the_loc
     np.testing.assert_allclose(found["blend 0.1"], [[[0.1, 0.0], [9.0, 0.0]]])
     np.testing.assert_allclose(found["keep the global point beyond 4 mm"], [[[0.0, 0.0], [0.0, 0.0]]])
     truth = np.zeros((1, 2, 2))
-    assert stage_blend.accuracy(found["keep the global point beyond 4 mm"], truth)["over_4mm"] == 0
-    assert stage_blend.accuracy(local, truth)["over_4mm"] == 1
+    assert stage_blend.scores(found["keep the global point beyond 4 mm"], truth)["over_4mm"] == 0
+    assert stage_blend.scores(local, truth)["over_4mm"] == 1

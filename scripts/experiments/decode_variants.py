@@ -120,7 +120,7 @@ def shape_choice(refined: np.ndarray, values: np.ndarray, shape: Any, limit: flo
         worst = int(np.nanargmax(deviation))
         if deviation[worst] <= limit:
             break
-        positions[worst] = shape.predictions(positions)[worst]
+        positions[worst] = shape.prediction(positions, worst)
         changed += 1
     return positions, changed
 

@@ -28,6 +28,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import isbi2015 as X
+from decode_variants import scores
 
 BLENDS = (0.0, 0.1, 0.2, 0.3)
 KEEP_GLOBAL_BEYOND_MM = (3.0, 4.0, 6.0)
@@ -60,12 +61,6 @@ def variants(local: np.ndarray, coarse: np.ndarray) -> dict[str, np.ndarray]:
     return found
 
 
-def accuracy(points: np.ndarray, truth: np.ndarray) -> dict[str, float]:
-    errors = np.linalg.norm(points - truth, axis=-1)
-    return {"mre_mm": float(np.nanmean(errors)), "sdr_2mm": float(np.nanmean(errors <= 2)),
-            "sdr_4mm": float(np.nanmean(errors <= 4)), "over_4mm": int(np.sum(errors > 4))}
-
-
 def choose(results: dict[str, dict[str, float]], *, baseline: str = "blend 0.0", fewer: int = 3) -> str:
     """The rule: at least ``fewer`` points > 4 mm fewer than ``baseline`` and an MRE no higher; then the fewest, the lowest MRE."""
     base = results[baseline]
@@ -88,10 +83,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     isbi = X.isbi_folder(X.find_data_folder(args.data))
     args.output.mkdir(parents=True, exist_ok=True)
     local, coarse, truth = out_of_fold_points(args.folds, isbi)
-    results = {name: accuracy(points, truth) for name, points in variants(local, coarse).items()}
+    results = {name: scores(points, truth) for name, points in variants(local, coarse).items()}
     chosen = choose(results)
     body = X.markdown_table(["variant", "MRE (mm)", "SDR@2mm %", "SDR@4mm %", "points > 4 mm"],
-                            [[name, f"{r['mre_mm']:.4f}", f"{100 * r['sdr_2mm']:.2f}", f"{100 * r['sdr_4mm']:.2f}", r["over_4mm"]]
+                            [[name, f"{r['mre_mm']:.4f}", f"{100 * r['sdr2']:.2f}", f"{100 * r['sdr4']:.2f}", r["over_4mm"]]
                              for name, r in results.items()])
     body += (f"\n\n{local.shape[0]} training images out of fold, {local.shape[1]} landmarks, mean of both doctors. "
              f"Rule (RULE.md): at least 3 points > 4 mm fewer than blend 0.0 (the detector before) and an MRE no "

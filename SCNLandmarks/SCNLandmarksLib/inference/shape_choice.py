@@ -94,7 +94,7 @@ def replace_implausible_points(
                 continue
             trial = positions.copy()
             trial[worst] = candidate
-            plausibility = float(np.linalg.norm(candidate - shape_model.predictions(trial)[worst]) / shape_model.spread_mm[worst])
+            plausibility = float(np.linalg.norm(candidate - shape_model.prediction(trial, worst)) / shape_model.spread_mm[worst])
             if plausibility < best:
                 best, choice = plausibility, k
         if choice is None:

@@ -111,26 +111,34 @@ class ShapeModel:
 
     def predictions(self, positions: np.ndarray) -> np.ndarray:
         """Each landmark's position predicted from the others, ``(N, D)`` mm; NaN where unknown."""
+        positions = self._checked(positions)
+        return np.stack([self._predict(positions, landmark) for landmark in range(self.num_landmarks)])
+
+    def prediction(self, positions: np.ndarray, landmark: int) -> np.ndarray:
+        """``landmark``'s position predicted from the other points of ``(N, D)`` ``positions``, ``(D,)`` mm; NaN where unknown."""
+        return self._predict(self._checked(positions), landmark)
+
+    def _checked(self, positions: np.ndarray) -> np.ndarray:
         positions = np.asarray(positions, dtype=float)
-        count, dim = self.mean.shape
-        if positions.shape != (count, dim):
+        if positions.shape != self.mean.shape:
+            count, dim = self.mean.shape
             msg = f"The shape model has {count} landmarks in {dim}D; got positions of shape {positions.shape}"
             raise ValueError(msg)
-        present = np.isfinite(positions).all(axis=1)
-        predicted = np.full_like(positions, np.nan)
-        for landmark in range(count):
-            others = present.copy()
-            others[landmark] = False
-            if others.sum() < MIN_OTHERS:
-                continue
-            scale, rotation, shift = similarity_transform(positions[others], self.mean[others])
-            aligned = scale * positions[others] @ rotation.T + shift
-            known = np.repeat(others, dim)
-            wanted = np.repeat(np.arange(count) == landmark, dim)
-            gain = np.linalg.solve(self.covariance[np.ix_(known, known)], self.covariance[np.ix_(known, wanted)]).T
-            estimate = self.mean[landmark] + gain @ (aligned - self.mean[others]).reshape(-1)
-            predicted[landmark] = ((estimate - shift) @ rotation) / scale
-        return predicted
+        return positions
+
+    def _predict(self, positions: np.ndarray, landmark: int) -> np.ndarray:
+        count, dim = self.mean.shape
+        others = np.isfinite(positions).all(axis=1)
+        others[landmark] = False
+        if others.sum() < MIN_OTHERS:
+            return np.full(dim, np.nan)
+        scale, rotation, shift = similarity_transform(positions[others], self.mean[others])
+        aligned = scale * positions[others] @ rotation.T + shift
+        known = np.repeat(others, dim)
+        wanted = np.repeat(np.arange(count) == landmark, dim)
+        gain = np.linalg.solve(self.covariance[np.ix_(known, known)], self.covariance[np.ix_(known, wanted)]).T
+        estimate = self.mean[landmark] + gain @ (aligned - self.mean[others]).reshape(-1)
+        return ((estimate - shift) @ rotation) / scale
 
     def deviations(self, positions: np.ndarray) -> np.ndarray:
         """``(N,)`` mm between each landmark and where the others place it; NaN where unknown."""
