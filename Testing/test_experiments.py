@@ -34,6 +34,7 @@ import hand_transfer
 import isbi2015
 import miss_sources
 import oof_error_model
+import second_global
 import stage_blend
 import train_isbi
 
@@ -423,6 +424,21 @@ def test_cross_validation_holds_each_fold_out_of_its_model_and_resumes(fake_data
     np.testing.assert_allclose(cross_validation.read_out_of_fold(output)[1], errors)
     with pytest.raises(SystemExit, match="other settings"):
         cross_validation.main([*arguments, "--folds", "4"])
+    # A second global stage per fold, trained on the fold's training images only, judged on its held-out ones.
+    judged = tmp_path / "second"
+    second = ["--data", str(fake_data), "--folds", str(output), "--work", str(tmp_path / "work"), "--output", str(judged),
+              "--iterations", "3"]
+    assert second_global.main(second) == 0
+    results = json.loads((judged / "results.json").read_text(encoding="utf-8"))
+    assert {"A", "B", "rule_1_b_passes", "rule_2_adopted"} <= set(results)
+    assert results["A"]["accuracy"]["images"] == results["B"]["accuracy"]["images"] == 30
+    assert results["A"]["accuracy"]["mre_mm"] == pytest.approx(float(np.nanmean(errors)))  # A is the fold model as it is
+    for k in (1, 2, 3):
+        info = load_model(tmp_path / "work" / f"fold{k}" / "global_seed1.scn.pt").info["training"]
+        assert set(info["cases"]) == {i for i, f in zip(held_out, fold) if f != k}
+    trained = (tmp_path / "work" / "fold1" / "global_seed1.scn.pt").stat().st_mtime_ns
+    assert second_global.main(second) == 0
+    assert (tmp_path / "work" / "fold1" / "global_seed1.scn.pt").stat().st_mtime_ns == trained  # kept, not trained again
 
 
 def test_caught_share_counts_the_far_points_among_those_expected_furthest_off() -> None:

@@ -114,11 +114,35 @@ def read_json(path: Path) -> dict[str, Any]:
     return json.loads(path.read_text(encoding="utf-8"))
 
 
+def train_global_stage(folder: Path, stem: str, training: Sequence[Any], validation: Sequence[Any],
+                       args: argparse.Namespace, *, iterations: int, seed: int, weights_seed: int | None = None,
+                       validate_every: int | None = None) -> float:
+    """Train a global SCN (``args``' grid, filters, learning rate) into ``folder/<stem>.scn.pt``; its seconds.
+
+    It checkpoints to ``<stem>.checkpoint.pt`` and resumes from there. ``seed`` seeds the training
+    samples, ``weights_seed`` the initial weights (None: torch's state as the process left it).
+    """
+    from SCNLandmarksLib.learning.training import train_model
+    from SCNLandmarksLib.models.model_file import save_model
+
+    names, descriptions = X.landmark_names()
+    settings = X.Settings(quick=args.quick, grid_size=args.grid_size, filters=args.filters,
+                          iterations=iterations, batch_size=1, learning_rate=args.learning_rate,
+                          num_workers=0, device=args.device, seed=seed, test_images=None, threads=args.threads)
+    model = X.new_model("scn", names, descriptions, grid_size=args.grid_size, filters=args.filters, seed=weights_seed)
+    checkpoint = folder / f"{stem}.checkpoint.pt"
+    result = train_model(training, model, output=folder / f"{stem}-full.scn.pt",
+                         config=X.training_config(settings, validate_every=validate_every or max(1, iterations // 4)),
+                         validation_cases=validation, checkpoint=checkpoint, resume=checkpoint.exists(),
+                         progress=X.progress_bar(), overwrite=True)
+    save_model(result.model, folder / f"{stem}.scn.pt", overwrite=True)
+    return result.seconds
+
+
 def train_fold(folder: Path, training: Sequence[Any], validation: Sequence[Any], args: argparse.Namespace) -> tuple[Path, dict[str, float]]:
     """The fold's two-stage model file (trained, or found finished in ``folder``) and its stage times in s."""
     from SCNLandmarksLib.learning.quality_fitting import fit_point_quality
     from SCNLandmarksLib.learning.refinement_training import RefinerTrainingConfig, attach_refiner, train_refiner
-    from SCNLandmarksLib.learning.training import train_model
     from SCNLandmarksLib.models.model_file import load_model, save_model
 
     final = folder / "two_stage.scn.pt"
@@ -128,18 +152,8 @@ def train_fold(folder: Path, training: Sequence[Any], validation: Sequence[Any],
     folder.mkdir(parents=True, exist_ok=True)
     global_file = folder / "global.scn.pt"
     if not global_file.exists():
-        names, descriptions = X.landmark_names()
-        settings = X.Settings(quick=args.quick, grid_size=args.grid_size, filters=args.filters,
-                              iterations=args.global_iterations, batch_size=1, learning_rate=args.learning_rate,
-                              num_workers=0, device=args.device, seed=0, test_images=None, threads=args.threads)
-        model = X.new_model("scn", names, descriptions, grid_size=args.grid_size, filters=args.filters)
-        result = train_model(training, model, output=folder / "global-full.scn.pt",
-                             config=X.training_config(settings, validate_every=max(1, args.global_iterations // 4)),
-                             validation_cases=validation, checkpoint=folder / "global.checkpoint.pt",
-                             resume=(folder / "global.checkpoint.pt").exists(), progress=X.progress_bar(),
-                             overwrite=True)
-        times["global_s"] = result.seconds
-        save_model(result.model, global_file, overwrite=True)
+        times["global_s"] = train_global_stage(folder, "global", training, validation, args,
+                                               iterations=args.global_iterations, seed=0)
         X.write_json(folder / "times.json", times)
     model = load_model(global_file)
     attach_refiner(model, filters=LOCAL_FILTERS)
