@@ -19,6 +19,7 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 from SCNLandmarksLib.data.synthetic import make_synthetic_case
+from SCNLandmarksLib.models.quality import SIGNALS
 
 REPOSITORY = Path(__file__).resolve().parents[1]
 EXPERIMENTS = REPOSITORY / "scripts" / "experiments"
@@ -429,6 +430,7 @@ def test_cross_validation_holds_each_fold_out_of_its_model_and_resumes(fake_data
     second = ["--data", str(fake_data), "--folds", str(output), "--work", str(tmp_path / "work"), "--output", str(judged),
               "--iterations", "3"]
     assert second_global.main(second) == 0
+    assert second_global.SPREAD not in SIGNALS  # known to the engine only while the script judged it
     results = json.loads((judged / "results.json").read_text(encoding="utf-8"))
     assert {"A", "B", "rule_1_b_passes", "rule_2_adopted"} <= set(results)
     assert results["A"]["accuracy"]["images"] == results["B"]["accuracy"]["images"] == 30
