@@ -120,7 +120,9 @@ def train_global_stage(folder: Path, stem: str, training: Sequence[Any], validat
     """Train a global SCN (``args``' grid, filters, learning rate) into ``folder/<stem>.scn.pt``; its seconds.
 
     It checkpoints to ``<stem>.checkpoint.pt`` and resumes from there. ``seed`` seeds the training
-    samples, ``weights_seed`` the initial weights (None: torch's state as the process left it).
+    samples, ``weights_seed`` the initial weights (None: torch's state as the process left it). The
+    validation images choose the best of the steps validated, every ``validate_every`` steps (default:
+    four times).
     """
     from SCNLandmarksLib.learning.training import train_model
     from SCNLandmarksLib.models.model_file import save_model
