@@ -36,6 +36,7 @@ import isbi2015 as X
 from confidence_signals import auroc
 from cross_validation import held_out_accuracy, read_json, train_global_stage
 from error_model_terms import caught_when_flagging
+from error_prediction import scores
 from oof_error_model import fit, folds_parser
 
 BASE = ["local_width_mm", "local_peak", "global_confidence", "shape_deviation"]
@@ -70,11 +71,9 @@ def judged(signals: dict[str, np.ndarray], errors: np.ndarray, fold: np.ndarray,
         rest = fold != k
         model = fit({n: signals[n][rest] for n in use}, errors[rest], use, fraction, squared=True)
         expected[fold == k] = model.expected_errors({n: signals[n][fold == k] for n in use})
-    found = np.isfinite(expected) & np.isfinite(errors)
-    p, e = expected[found], errors[found]
+    judged_scores = scores(expected, errors)
     caught = caught_when_flagging(expected, errors, fraction)
-    return {"auroc_4mm": auroc(p, e > 4), "auroc_2mm": auroc(p, e > 2), "caught_4mm": caught,
-            "caught_4mm_points": int(round(caught * np.sum(e > 4))), "points_over_4mm": int(np.sum(e > 4))}
+    return {**judged_scores, "caught_4mm": caught, "caught_4mm_points": int(round(caught * judged_scores["points_over_4mm"]))}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

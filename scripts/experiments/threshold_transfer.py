@@ -25,14 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import isbi2015 as X
 from cross_validation import read_out_of_fold
 from error_prediction import SHIPPED, detect_with_signals, model_without_error_model
-from oof_error_model import folds_parser, leave_one_fold_out_models, validation_detections
-
-
-def flagged_share(model: object, signals: dict[str, np.ndarray], threshold: float) -> float:
-    """Share of the points with all signals whose expected error exceeds ``threshold`` mm."""
-    expected = model.expected_errors({n: signals[n] for n in model.signals})
-    expected = expected[np.isfinite(expected)]
-    return float((expected > threshold).mean())
+from oof_error_model import flag_figures, folds_parser, leave_one_fold_out_models, validation_detections
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -55,23 +48,23 @@ def main(argv: Sequence[str] | None = None) -> int:
     truths = X.load_ground_truths(isbi, test_ids)["mean"]
     rows = {}
     for k, model in models.items():
-        held_out = {n: oof[n][fold == k] for n in use}
-        expected = model.expected_errors(held_out)
+        expected = model.expected_errors({n: oof[n][fold == k] for n in use})
         threshold = float(np.quantile(expected[np.isfinite(expected)], 1.0 - args.flag_fraction))
         fold_file = args.folds / f"fold{k}" / "two_stage.scn.pt"
         on_validation, validation_errors_k = validation_detections(isbi, fold_file)
         on_test, test_errors, _, _ = detect_with_signals(Detector(fold_file, device="cpu"), tests, truths)
-        test_expected = model.expected_errors({n: on_test[n] for n in use})
+        on_test1 = flag_figures(model.expected_errors({n: on_test[n] for n in use}), test_errors, threshold)
         rows[k] = {
             "threshold_mm": threshold,
             "held_out_mre_mm": float(np.nanmean(oof_errors[fold == k])),
             "validation_mre_mm": float(np.nanmean(validation_errors_k)),
             "test1_mre_mm": float(np.nanmean(test_errors)),
-            "held_out_flagged": flagged_share(model, held_out, threshold),
-            "validation_flagged": flagged_share(model, on_validation, threshold),
-            "test1_flagged": flagged_share(model, on_test, threshold),
+            "held_out_flagged": flag_figures(expected, oof_errors[fold == k], threshold)["flagged"],
+            "validation_flagged": flag_figures(model.expected_errors({n: on_validation[n] for n in use}),
+                                               validation_errors_k, threshold)["flagged"],
+            "test1_flagged": on_test1["flagged"],
             "test1_points_over_4mm": int(np.nansum(test_errors > 4)),
-            "test1_caught_4mm": float((test_expected[test_errors > 4] > threshold).mean()),
+            "test1_caught_4mm": on_test1["caught_4mm"],
         }
         print(f"fold {k}: {rows[k]}", flush=True)
     mean = {key: float(np.mean([r[key] for r in rows.values()])) for key in rows[1]}
