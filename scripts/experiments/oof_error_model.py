@@ -52,19 +52,22 @@ def fit(signals: dict[str, np.ndarray], errors: np.ndarray, use: Sequence[str], 
 
 
 def leave_one_fold_out_models(oof: dict[str, np.ndarray], oof_errors: np.ndarray, fold: np.ndarray,
-                              validation: dict[str, np.ndarray], validation_errors: np.ndarray,
+                              validation: dict[str, np.ndarray] | None, validation_errors: np.ndarray | None,
                               use: Sequence[str], flag_fraction: float, *, squared: bool = False) -> dict[int, object]:
-    """Fold -> the pooled error model fitted without that fold's out-of-fold images."""
+    """Fold -> the pooled error model fitted without that fold's out-of-fold images (and with the
+    validation images, unless ``validation`` is None)."""
     models = {}
     for k in np.unique(fold):
         rest = fold != k
-        models[int(k)] = fit(joined({n: oof[n][rest] for n in use}, validation, use),
-                             np.concatenate([oof_errors[rest], validation_errors]), use, flag_fraction, squared=squared)
+        signals, errors = {n: oof[n][rest] for n in use}, oof_errors[rest]
+        if validation is not None:
+            signals, errors = joined(signals, validation, use), np.concatenate([errors, validation_errors])
+        models[int(k)] = fit(signals, errors, use, flag_fraction, squared=squared)
     return models
 
 
 def leave_one_fold_out(oof: dict[str, np.ndarray], oof_errors: np.ndarray, fold: np.ndarray,
-                       validation: dict[str, np.ndarray], validation_errors: np.ndarray,
+                       validation: dict[str, np.ndarray] | None, validation_errors: np.ndarray | None,
                        use: Sequence[str], flag_fraction: float, *, squared: bool = False) -> np.ndarray:
     """Expected errors of each out-of-fold image from a pooled model fitted without its fold."""
     expected = np.full(oof_errors.shape, np.nan)

@@ -37,7 +37,7 @@ from confidence_signals import auroc
 from cross_validation import held_out_accuracy, read_json, train_global_stage
 from error_model_terms import caught_when_flagging
 from error_prediction import scores
-from oof_error_model import fit, folds_parser
+from oof_error_model import folds_parser, leave_one_fold_out
 
 BASE = ["local_width_mm", "local_peak", "global_confidence", "shape_deviation"]
 SPREAD = "global_spread_mm"
@@ -66,11 +66,7 @@ def judged(signals: dict[str, np.ndarray], errors: np.ndarray, fold: np.ndarray,
            fraction: float) -> dict[str, float]:
     """AUROC > 4 / > 2 mm and points > 4 mm off caught at ``fraction`` flagged, each fold predicted by
     an error model (squared terms) fitted on the other folds."""
-    expected = np.full(errors.shape, np.nan)
-    for k in np.unique(fold):
-        rest = fold != k
-        model = fit({n: signals[n][rest] for n in use}, errors[rest], use, fraction, squared=True)
-        expected[fold == k] = model.expected_errors({n: signals[n][fold == k] for n in use})
+    expected = leave_one_fold_out(signals, errors, fold, None, None, use, fraction, squared=True)
     judged_scores = scores(expected, errors)
     caught = caught_when_flagging(expected, errors, fraction)
     return {**judged_scores, "caught_4mm": caught, "caught_4mm_points": int(round(caught * judged_scores["points_over_4mm"]))}
