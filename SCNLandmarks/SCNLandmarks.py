@@ -136,6 +136,8 @@ class SCNLandmarksParameterNode:
     timeBudgetMinutes - That time, in minutes.
     batchInputFolder - Folder of images for batch detection.
     batchOutputFolder - Folder that receives one .mrk.json per image and a CSV summary.
+    batchPixelSizeMm - Pixel size (mm) of batch images whose files carry none (JPEG, PNG, BMP); 0: as the files say.
+    batchOverwrite - Replace the results of an earlier run in the output folder (by default they are kept).
     """
 
     inputVolume: vtkMRMLScalarVolumeNode
@@ -148,6 +150,8 @@ class SCNLandmarksParameterNode:
     timeBudgetMinutes: Annotated[float, WithinRange(0.5, 1440.0)] = 10.0
     batchInputFolder: Path
     batchOutputFolder: Path
+    batchPixelSizeMm: Annotated[float, WithinRange(0.0, 10.0)] = 0.0
+    batchOverwrite: bool = False
 
 
 #
@@ -227,9 +231,11 @@ class SCNLandmarksWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     def cleanup(self) -> None:
         """Called when the application closes and the module widget is destroyed."""
         self.removeObservers()
-        # A running fine-tuning would otherwise outlive Slicer; it writes nothing when stopped.
-        if self._fineTuneJob is not None and self._fineTuneJob.isRunning():
-            self._fineTuneJob.cancel()
+        # Running background processes would otherwise outlive Slicer. A stopped fine-tuning writes
+        # nothing; a stopped batch keeps the images it finished.
+        for job in (self._fineTuneJob, self._batchJob):
+            if job is not None and job.isRunning():
+                job.cancel()
 
     def enter(self) -> None:
         """Called each time the user opens this module."""
@@ -384,6 +390,9 @@ class SCNLandmarksWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                 "{count} landmarks in '{name}' ({seconds:.1f} s); {flagged} to check (orange)."
             ).format(count=node.GetNumberOfControlPoints(), name=node.GetName(), seconds=job.seconds,
                      flagged=self.logic.pointsToCheckCount(node))
+            if self.logic.lastWarning:
+                self.ui.detectStatusLabel.text += " " + self.logic.lastWarning
+                slicer.util.warningDisplay(self.logic.lastWarning)
         elif job.status == "failed":
             self.ui.detectStatusLabel.text = _("Detection failed: {reason}").format(reason=job.errorMessage)
             slicer.util.errorDisplay(_("Landmark detection failed.") + "\n\n" + job.errorMessage)
@@ -533,6 +542,8 @@ class SCNLandmarksWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                 device=parameters.device.value,
                 lowConfidenceThreshold=parameters.confidenceThreshold,
                 checkAboveMm=parameters.checkAboveMm or None,
+                pixelSizeMm=parameters.batchPixelSizeMm or None,
+                overwrite=parameters.batchOverwrite,
                 progressCallback=self.onBatchProgress,
                 finishedCallback=self.onBatchFinished,
                 wait=False,
@@ -574,8 +585,15 @@ class SCNLandmarksWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         if failed:
             slicer.util.warningDisplay(
                 _("{ok} images done, {failed} skipped.").format(ok=report.get("succeeded", 0), failed=len(failed))
-                + " " + _("The skipped images could not be read or processed."),
+                + " " + _("The details say why each was skipped."),
                 detailedText="\n".join(f"{item['image']}: {item['error']}" for item in failed),
+            )
+        warned = report.get("warnings", [])
+        if warned:
+            slicer.util.warningDisplay(
+                _("{count} images have a doubtful result as a whole: {first}").format(
+                    count=len(warned), first=warned[0]["warning"]),
+                detailedText="\n".join(f"{item['image']}: {item['warning']}" for item in warned),
             )
 
     def onBatchCancelButton(self) -> None:
@@ -835,6 +853,8 @@ class SCNLandmarksLogic(ScriptedLoadableModuleLogic):
             Path(userModelsFolder) if userModelsFolder is not None else catalog.user_models_folder()
         )
         self.lastDeviceDescription = ""
+        # What the last detection found doubtful as a whole (a pixel size that cannot be right), or None.
+        self.lastWarning: Optional[str] = None
         self._detector = None
         self._detectorKey = None
 
@@ -956,6 +976,8 @@ class SCNLandmarksLogic(ScriptedLoadableModuleLogic):
         :return: the point list, named "<volume> - <model>", one point per landmark (label = name,
             description = definition, confidence, expected error and "please check" where it
             applies); missing landmarks are missing points. With ``wait=False``, the job.
+            Where the detected shape's size says the volume's pixel size cannot be right (a JPEG
+            loaded at 1 mm per pixel), ``self.lastWarning`` holds a sentence saying so (else None).
         """
         from SCNLandmarksLib.slicer_side import mrml_adapter
 
@@ -973,6 +995,7 @@ class SCNLandmarksLogic(ScriptedLoadableModuleLogic):
             self.lastDeviceDescription = detector.device_description
             startTime = time.time()
             landmarks = detector.detect(image.as_dimension(detector.model.dimension))
+            self.lastWarning = detector.last_warning
             logging.info("Detected %d landmarks on %s in %.2f s (%s)", len(landmarks), volumeName,
                          time.time() - startTime, self.lastDeviceDescription)
             return landmarks
@@ -1200,6 +1223,7 @@ class SCNLandmarksLogic(ScriptedLoadableModuleLogic):
         device: str = "auto",
         lowConfidenceThreshold: float = DEFAULT_LOW_CONFIDENCE_THRESHOLD,
         checkAboveMm: Optional[float] = None,
+        pixelSizeMm: Optional[float] = None,
         progressCallback: Optional[Callable[[Any], None]] = None,
         shouldCancel: Optional[Callable[[], bool]] = None,
         overwrite: bool = False,
@@ -1212,6 +1236,10 @@ class SCNLandmarksLogic(ScriptedLoadableModuleLogic):
         A file that cannot be read or processed is reported in the result and skipped.
 
         :param lowConfidenceThreshold, checkAboveMm: which points are to be checked, as in :meth:`detect`.
+        :param pixelSizeMm: pixel size in mm of images whose files carry none (JPEG, PNG, BMP; read
+            at 1 mm otherwise, and an image whose landmarks then span an implausible size gets a warning).
+        :param overwrite: replace the results of an earlier run in ``outputFolder``; by default an
+            image whose ``.mrk.json`` is there already is skipped, saying so, before it is detected.
         :param progressCallback: called with a ``SCNLandmarksLib.common.progress.Progress`` after each image
             (with ``wait=False`` first with stage ``"started"``).
         :param shouldCancel: polled between images; True stops (finished images are kept). With
@@ -1219,8 +1247,8 @@ class SCNLandmarksLogic(ScriptedLoadableModuleLogic):
         :param wait: True runs here and returns ``SCNLandmarksLib.inference.batch.BatchReport`` (scripts);
             False runs in a background process and returns an :class:`SCNLandmarksJob` at once
             (the GUI stays responsive; ``job.cancel()`` stops after the current image; when it ends,
-            ``job.report`` has ``succeeded``, ``failed``, ``cancelled``, ``summary_csv``,
-            ``review_csv`` and ``review_order``).
+            ``job.report`` has ``succeeded``, ``failed``, ``warnings`` (a doubtful pixel size),
+            ``cancelled``, ``summary_csv``, ``review_csv`` and ``review_order``).
         :param finishedCallback: with ``wait=False``, called with the job when it ends.
         """
         from SCNLandmarksLib.inference.batch import detect_folder
@@ -1239,6 +1267,8 @@ class SCNLandmarksLogic(ScriptedLoadableModuleLogic):
                          "--threshold", str(float(lowConfidenceThreshold))]
             if checkAboveMm is not None:
                 arguments += ["--check-above", str(float(checkAboveMm))]
+            if pixelSizeMm is not None:
+                arguments += ["--spacing", str(float(pixelSizeMm))]
             if overwrite:
                 arguments.append("--overwrite")
             environment = slicer.util.startupEnvironment() if in_slicer_application() else None
@@ -1253,6 +1283,7 @@ class SCNLandmarksLogic(ScriptedLoadableModuleLogic):
             device=str(getattr(device, "value", device)),
             low_confidence_threshold=lowConfidenceThreshold,
             check_above_mm=checkAboveMm,
+            spacing=pixelSizeMm,
             progress=progressCallback,
             should_cancel=shouldCancel,
             overwrite=overwrite,

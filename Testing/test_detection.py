@@ -35,6 +35,28 @@ def test_bad_images_are_explained(detector_2d):
         Detector(tiny_model(["A"]), device="cuda") if not __import__("torch").cuda.is_available() else (_ for _ in ()).throw(ValueError("GPU"))
 
 
+def test_a_gpu_torch_cannot_compute_on_is_left_for_the_cpu_or_named(monkeypatch, caplog):
+    """A GPU that torch sees but has no kernels for (a newer GPU than the build, an old driver): "auto"
+    uses the CPU and says why; asking for the GPU gives one clear sentence, not a failure deep in a run."""
+    import torch
+
+    from SCNLandmarksLib.common import device
+
+    if torch.cuda.is_available() and device.cuda_problem() is None:
+        pytest.skip("this machine computes on its GPU")
+    # As on such a machine: torch reports a GPU, and the first computation there fails.
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    device.cuda_problem.cache_clear()
+    try:
+        with caplog.at_level("WARNING"):
+            assert Detector(tiny_model(["A"]), device="auto").device == torch.device("cpu")
+        assert "torch cannot compute on it" in caplog.text and "using the CPU" in caplog.text
+        with pytest.raises(ValueError, match="GPU is present but torch cannot compute on it .*choose device 'cpu'"):
+            Detector(tiny_model(["A"]), device="cuda")
+    finally:
+        device.cuda_problem.cache_clear()
+
+
 def test_single_slice_volume_is_accepted_by_a_2d_model(detector_2d):
     image, _ = make_synthetic_case(dimension=2, size=48, num_landmarks=2)
     geometry = image.geometry

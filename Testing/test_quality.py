@@ -72,6 +72,31 @@ def test_shape_model_skips_missing_points_and_round_trips() -> None:
     np.testing.assert_allclose(again.deviations(shape), deviations)
 
 
+@pytest.mark.parametrize("dimension", [2, 3])
+def test_size_ratio_is_the_scale_of_a_shape_whatever_its_pose(dimension: int) -> None:
+    model = ShapeModel.fit(_shapes(40, noise_mm=0.0, dimension=dimension))
+    shape = model.mean.copy()
+    rotation = np.eye(dimension)
+    rotation[:2, :2] = [[np.cos(1.0), -np.sin(1.0)], [np.sin(1.0), np.cos(1.0)]]
+    for factor in (0.1, 1.0, 9.5):
+        assert model.size_ratio(factor * shape @ rotation.T + 30.0) == pytest.approx(factor)
+    partial = 10.0 * shape
+    partial[[0, 4]] = np.nan  # the points found are compared with the same points of the mean shape
+    assert model.size_ratio(partial) == pytest.approx(10.0)
+    partial[2:] = np.nan
+    assert np.isnan(model.size_ratio(partial))
+
+
+def test_a_size_far_from_the_training_shapes_names_the_pixel_size() -> None:
+    from SCNLandmarksLib.inference.detection import PLAUSIBLE_SIZE_FACTOR, pixel_size_warning
+
+    for plausible in (1.0, 0.8, 1.15, PLAUSIBLE_SIZE_FACTOR, 1 / PLAUSIBLE_SIZE_FACTOR, float("nan")):
+        assert pixel_size_warning(plausible, (0.1, 0.1)) is None
+    for ratio, words in ((9.9, "9.9 times"), (0.1, "0.1 times")):
+        warning = pixel_size_warning(ratio, (1.0, 1.0))
+        assert warning is not None and words in warning and "(1 x 1 mm)" in warning and "--spacing" in warning
+
+
 def test_shape_model_refuses_too_few_shapes() -> None:
     with pytest.raises(ValueError, match="at least 5 shapes"):
         ShapeModel.fit(_shapes(3))
@@ -216,3 +241,25 @@ def test_detector_gives_each_point_an_expected_error_and_flags_the_doubtful_ones
     assert legacy.expected_errors is None and legacy.check.all()  # no error model: low confidence decides
     with pytest.raises(ValueError, match="positive distance"):
         Detector(model, device="cpu", check_above_mm=0.0)
+
+
+def test_detector_warns_when_the_shape_found_has_an_implausible_size() -> None:
+    """A model whose shapes are 20 times as large as anything the image can hold: the pixel size is
+    named; the same detection against shapes like its own points gives no warning."""
+    from engine_fixtures import synthetic_cases, tiny_model
+    from SCNLandmarksLib.inference.detection import Detector
+
+    case = synthetic_cases(1, num_landmarks=4)[0]
+    model = tiny_model([f"L{i + 1}" for i in range(4)])
+    detector = Detector(model, device="cpu")
+    found = detector.detect(case.image).positions
+    assert detector.last_warning is None and np.isnan(detector.last_size_ratio)  # no shape model: no opinion
+    rng = np.random.default_rng(0)
+    like_found = np.stack([found + rng.normal(0, 0.5, found.shape) for _ in range(10)])
+    model.shape_model = ShapeModel.fit(like_found)
+    detector.detect(case.image)
+    assert detector.last_size_ratio == pytest.approx(1.0, abs=0.05) and detector.last_warning is None
+    model.shape_model = ShapeModel.fit(20.0 * like_found)
+    detector.detect(case.image)
+    assert detector.last_size_ratio == pytest.approx(0.05, rel=0.05)
+    assert "pixel size (0.9 x 1.2 mm) is probably wrong" in detector.last_warning

@@ -190,6 +190,8 @@ def test_every_parameter_has_exactly_one_widget(bound: types.SimpleNamespace) ->
         "timeBudgetMinutes": "QDoubleSpinBoxCtkSliderWidgetToFloatConnector",
         "batchInputFolder": "ctkPathLineEditToPathConnector",
         "batchOutputFolder": "ctkPathLineEditToPathConnector",
+        "batchPixelSizeMm": "QDoubleSpinBoxCtkSliderWidgetToFloatConnector",
+        "batchOverwrite": "QCheckBoxToBoolConnector",
     }
 
 
@@ -200,6 +202,9 @@ def test_widgets_show_the_defaults_and_the_declared_ranges(bound: types.SimpleNa
     assert (w["fineTuneIterations"].minimum, w["fineTuneIterations"].maximum, w["fineTuneIterations"].value) == (0, 100000, 0)
     assert w["timeBudgetMinutes"].minimum == pytest.approx(0.5)
     assert w["useTimeBudget"].checked is False
+    assert (w["batchPixelSizeMm"].minimum, w["batchPixelSizeMm"].maximum, w["batchPixelSizeMm"].value) == (0.0, 10.0, 0.0)
+    assert w["batchPixelSizeMm"].specialValueText == "as the files say"  # 0 keeps the files' own pixel size
+    assert w["batchOverwrite"].checked is False  # earlier results are kept unless asked
     labels = [w["device"].itemText(i) for i in range(w["device"].count)]
     assert len(labels) == len(module.ComputeDevice) and w["device"].currentIndex == list(module.ComputeDevice).index(
         module.ComputeDevice.AUTO)

@@ -51,6 +51,7 @@ SLICER_IMPORT_TIME_NAMES = ("qMRMLNodeComboBox",)
 FIELDS = {
     "inputVolume", "landmarksNode", "device", "confidenceThreshold", "checkAboveMm",
     "fineTuneIterations", "useTimeBudget", "timeBudgetMinutes", "batchInputFolder", "batchOutputFolder",
+    "batchPixelSizeMm", "batchOverwrite",
 }
 
 
@@ -135,6 +136,7 @@ def test_defaults_as_declared_and_written_to_the_node(real: types.SimpleNamespac
     assert parameters.useTimeBudget is False
     assert parameters.timeBudgetMinutes == 10.0
     assert parameters.batchInputFolder == Path() and parameters.batchOutputFolder == Path()
+    assert parameters.batchPixelSizeMm == 0.0 and parameters.batchOverwrite is False
     # Wrapping writes every default into the MRML node, with Slicer's own serialisation.
     assert set(node.GetParameterNames()) == FIELDS
     assert node.GetParameter("device") == "AUTO"
@@ -155,6 +157,8 @@ def test_values_are_stored_in_the_mrml_node(real: types.SimpleNamespace, node: A
     parameters.timeBudgetMinutes = 42.5
     parameters.batchInputFolder = tmp_path / "in"
     parameters.batchOutputFolder = tmp_path / "out"
+    parameters.batchPixelSizeMm = 0.1
+    parameters.batchOverwrite = True
 
     assert node.GetParameter("device") == "CPU"
     assert node.GetParameter("fineTuneIterations") == "1234"
@@ -171,6 +175,7 @@ def test_values_are_stored_in_the_mrml_node(real: types.SimpleNamespace, node: A
     assert again.timeBudgetMinutes == pytest.approx(42.5)
     assert again.batchInputFolder == tmp_path / "in"
     assert again.batchOutputFolder == tmp_path / "out"
+    assert again.batchPixelSizeMm == pytest.approx(0.1) and again.batchOverwrite is True
 
     # A change made on the node itself (e.g. by scene loading or undo) reaches the cached wrapper.
     node.SetParameter("fineTuneIterations", "77")

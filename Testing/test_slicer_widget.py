@@ -243,9 +243,13 @@ def test_detect_add_case_and_fine_tune_then_cancel(panel: types.SimpleNamespace)
     assert panel.errors == []
 
 
-def test_batch_detection_runs_in_the_background(panel: types.SimpleNamespace) -> None:
+def test_batch_detection_runs_in_the_background(panel: types.SimpleNamespace, monkeypatch: pytest.MonkeyPatch) -> None:
     import SimpleITK as sitk
+    from SCNLandmarksLib.data.landmark_io import read_mrk_json
 
+    warnings: list[tuple[str, str]] = []
+    monkeypatch.setattr(slicer.util, "warningDisplay",
+                        lambda text, detailedText="", **kwargs: warnings.append((text, detailedText)))
     ui, widget = panel.ui, panel.widget
     images, results = panel.tmp / "images", panel.tmp / "results"
     images.mkdir()
@@ -265,6 +269,27 @@ def test_batch_detection_runs_in_the_background(panel: types.SimpleNamespace) ->
     assert (results / "landmarks.csv").is_file()
     assert ui.batchProgressBar.value == 100
     assert ui.batchCancelButton.enabled is False and ui.batchRunButton.enabled is True
+    assert warnings == []
+
+    # Run again into the same folder: the results are kept and the user is told why nothing was done.
+    before = (results / "image0.mrk.json").read_bytes()
+    at_1mm = read_mrk_json(results / "image0.mrk.json").positions
+    ui.batchPixelSizeSpinBox.value = 0.25  # PNG files carry no pixel size
+    ui.batchRunButton.click()
+    assert wait_until(lambda: not widget._batchRunning, 180), "batch detection did not finish"
+    assert "0 images done, 2 skipped" in ui.batchStatusLabel.text
+    assert len(warnings) == 1 and "exists from an earlier run and is kept" in warnings[0][1]
+    assert (results / "image0.mrk.json").read_bytes() == before
+    # Asked to replace them, it does, at the pixel size given.
+    ui.batchOverwriteCheckBox.checked = True
+    ui.batchRunButton.click()
+    assert wait_until(lambda: not widget._batchRunning, 180), "batch detection did not finish"
+    assert "2 images done, 0 skipped" in ui.batchStatusLabel.text
+    # The global stage sees the same pixels; the local stage reads 0.3 mm crops, so not exactly a quarter.
+    ratio = np.linalg.norm(read_mrk_json(results / "image0.mrk.json").positions, axis=1) / np.linalg.norm(at_1mm, axis=1)
+    assert np.median(ratio) == pytest.approx(0.25, rel=0.1)
+    # The first run's shapes were of a plausible size, so a quarter of it is not: the user is told.
+    assert len(warnings) == 2 and "pixel size (0.25 x 0.25 mm) is probably wrong" in warnings[1][1]
     assert panel.errors == []
 
 
@@ -349,3 +374,25 @@ def test_a_cancelled_detection_makes_no_point_list(panel: types.SimpleNamespace)
     job.cancel()
     assert job.wait() is None and job.status == "cancelled"
     assert panel.scene.GetNumberOfNodesByClass("vtkMRMLMarkupsFiducialNode") == before
+
+
+def test_a_volume_whose_pixel_size_cannot_be_right_is_named(panel: types.SimpleNamespace,
+                                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    """A radiograph loaded from a JPEG gets 1 mm pixels in Slicer: the shape found is then many times
+    the training shapes' size, and the panel says what to fix instead of showing distances that are wrong."""
+    warnings: list[str] = []
+    monkeypatch.setattr(slicer.util, "warningDisplay", lambda text, **kwargs: warnings.append(text))
+    ui, widget = panel.ui, panel.widget
+    volume = radiograph_volume(panel.scene)
+    ui.inputVolumeSelector.setCurrentNode(volume)
+    ui.detectButton.click()
+    assert wait_until(lambda: not widget._detectJob.isRunning(), 120) and widget._detectJob.status == "done"
+    ratio = widget.logic._detector.last_size_ratio
+    assert np.isfinite(ratio)
+    assert (widget.logic.lastWarning is None) == (not warnings)  # shown exactly when there is one
+    volume.SetSpacing(0.5 * 10 / ratio, 0.5 * 10 / ratio, 1.0)  # the same pixels, ten times the plausible size
+    ui.detectButton.click()
+    assert wait_until(lambda: not widget._detectJob.isRunning(), 120) and widget._detectJob.status == "done"
+    assert widget.logic.lastWarning is not None and "probably wrong" in widget.logic.lastWarning
+    assert warnings[-1] == widget.logic.lastWarning and widget.logic.lastWarning in ui.detectStatusLabel.text
+    assert panel.errors == []

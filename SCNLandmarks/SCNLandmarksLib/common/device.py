@@ -2,15 +2,37 @@
 
 from __future__ import annotations
 
+import functools
+import logging
+
 import torch
 
-__all__ = ["bfloat16_is_native", "describe_device", "resolve_device"]
+__all__ = ["bfloat16_is_native", "cuda_problem", "describe_device", "resolve_device"]
 
 DEVICE_CHOICES = ("auto", "cpu", "cuda")
 
+log = logging.getLogger(__name__)
+
+
+@functools.cache
+def cuda_problem() -> str | None:
+    """Why torch cannot compute on the GPU it sees, or None when a small convolution runs there.
+
+    ``torch.cuda.is_available()`` is not enough: a GPU newer than the torch build ("no kernel
+    image is available") or a driver older than it is seen, and fails at the first computation.
+    Checked once per process.
+    """
+    try:
+        image = torch.ones(1, 1, 8, 8, device="cuda")
+        torch.nn.functional.conv2d(image, torch.ones(1, 1, 3, 3, device="cuda"))
+        torch.cuda.synchronize()
+    except (RuntimeError, AssertionError) as error:  # torch raises AssertionError where CUDA is not compiled in
+        return str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+    return None
+
 
 def resolve_device(name: str | torch.device = "auto") -> torch.device:
-    """``"auto"`` picks CUDA when a usable GPU is present, else the CPU.
+    """``"auto"`` picks CUDA when a GPU is present and torch computes on it (:func:`cuda_problem`), else the CPU.
 
     Raises:
         ValueError: an unknown name, or ``"cuda"`` on a machine without a usable GPU.
@@ -22,11 +44,22 @@ def resolve_device(name: str | torch.device = "auto") -> torch.device:
         if not torch.cuda.is_available():
             msg = "A GPU (CUDA) was requested but none is usable here; choose device 'cpu' or 'auto'"
             raise ValueError(msg)
+        problem = cuda_problem()
+        if problem is not None:
+            msg = (f"A GPU is present but torch cannot compute on it ({problem}); install a torch build for this "
+                   "GPU and driver (in Slicer: the PyTorch Utils module) or choose device 'cpu'")
+            raise ValueError(msg)
         return torch.device("cuda" if choice == "gpu" else choice)
     if choice == "cpu":
         return torch.device("cpu")
     if choice == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        if not torch.cuda.is_available():
+            return torch.device("cpu")
+        problem = cuda_problem()
+        if problem is not None:
+            log.warning("A GPU is present but torch cannot compute on it (%s); using the CPU", problem)
+            return torch.device("cpu")
+        return torch.device("cuda")
     msg = f"Unknown device {name!r}; choose one of {DEVICE_CHOICES}"
     raise ValueError(msg)
 

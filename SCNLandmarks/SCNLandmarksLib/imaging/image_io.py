@@ -104,6 +104,7 @@ def _spacing_tuple(spacing: Sequence[float] | float, dimension: int, source: str
         values = (float(spacing),) * dimension
     else:
         values = tuple(float(s) for s in spacing)
+        values = values * dimension if len(values) == 1 else values  # one value: every axis
     if len(values) != dimension:
         msg = f"{source} is {dimension}D but {len(values)} spacing values were given: {values}"
         raise ValueError(msg)
@@ -159,7 +160,7 @@ def read_image(path: str | os.PathLike[str], *, spacing: Sequence[float] | float
 
     Args:
         path: image file, or a folder of DICOM files.
-        spacing: pixel size in mm, x, y[, z] order (a single number for all axes). PNG,
+        spacing: pixel size in mm, x, y[, z] order (a single number, or one value, for all axes). PNG,
             JPEG, BMP and TIFF files carry no trustworthy pixel size: without ``spacing``
             they get 1.0 mm per pixel, origin 0 and identity direction, with a logged
             warning. For other formats it replaces the spacing in the file header.

@@ -33,13 +33,15 @@ REVIEW_NAME = "review_order.csv"
 
 @dataclass
 class BatchItem:
-    """The outcome for one image: its landmarks and file, or the reason it failed."""
+    """The outcome for one image: its landmarks and file, or the reason it failed; ``warning``, a
+    sentence for the user where the result is doubtful as a whole (see ``Detector.last_warning``)."""
 
     image: Path
     output: Path | None = None
     landmarks: Landmarks | None = None
     error: str | None = None
     seconds: float = 0.0
+    warning: str | None = None
 
 
 @dataclass
@@ -59,6 +61,10 @@ class BatchReport:
     @property
     def succeeded(self) -> list[BatchItem]:
         return [item for item in self.items if item.error is None]
+
+    @property
+    def warned(self) -> list[BatchItem]:
+        return [item for item in self.items if item.error is None and item.warning is not None]
 
 
 def detect_files(
@@ -90,7 +96,8 @@ def detect_files(
             confidence are to be checked (None: none).
         check_above_mm: points whose expected error exceeds this (mm) are to be checked
             (default: the model's validated threshold).
-        overwrite: replace existing output files (by default an existing file fails that image).
+        overwrite: replace existing output files (by default an image whose ``.mrk.json`` exists is
+            skipped, before its detection, with a message that says so).
         progress: called after each image.
         should_cancel: polled between images; the images done so far are kept.
         on_item: called with each finished item (for live display).
@@ -116,10 +123,15 @@ def detect_files(
         image_path = Path(image_path)
         item = BatchItem(image=image_path)
         began = time.monotonic()
+        target = output_folder / f"{output_stem(image_path)}.mrk.json"
         try:
+            if target.exists() and not overwrite:  # found before the network runs, not after
+                msg = (f"{target} exists from an earlier run and is kept; to replace earlier results, ask for it "
+                       "(--overwrite, overwrite=True, or 'Replace earlier results' in Slicer), or choose another output folder")
+                raise FileExistsError(msg)
             check_fits_in_memory(image_path)
             landmarks = detector.detect(read_image(image_path, spacing=spacing))
-            target = output_folder / f"{output_stem(image_path)}.mrk.json"
+            item.warning = detector.last_warning
             write_mrk_json(landmarks, target, node_name=output_stem(image_path),
                            low_confidence_threshold=low_confidence_threshold, overwrite=overwrite)
             item.output, item.landmarks = target, landmarks

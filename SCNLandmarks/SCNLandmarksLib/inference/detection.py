@@ -18,6 +18,11 @@ place it may be replaced by another peak of its global heatmap that fits them be
 Every point gets an expected error in mm when the model has an error model (see
 :mod:`SCNLandmarksLib.models.quality`), from the signals the detection produces anyway; points above the threshold
 are to be checked. Models without one flag the points of low confidence instead.
+
+Where the model has a shape model, the detector also compares the size of the detected shape
+with the training shapes': an image whose pixel size is wrong (a JPEG or PNG, which carry none,
+read at 1 mm per pixel) gives a shape many times too large or too small, every distance in mm is
+wrong by that factor, and ``Detector.last_warning`` says so.
 """
 
 from __future__ import annotations
@@ -45,7 +50,7 @@ from ..models.refinement import Refinement, prepare_for_refiner, refine_position
 from .shape_choice import heatmap_candidates, replace_implausible_points
 
 __all__ = ["AS_IS", "GLOBAL_WEIGHT", "Detector", "ImageReading", "detect", "detection_grid", "image_readings",
-           "toward_global"]
+           "pixel_size_warning", "toward_global"]
 
 log = logging.getLogger(__name__)
 
@@ -58,6 +63,10 @@ OTHER_READING_MARGIN = 2.0
 # 135 training images (scripts/experiments/stage_blend.py: 0.1 lowered their points > 4 mm off
 # from 91 to 88 and their MRE from 1.120 to 1.115 mm; 0.2 and 0.3 did less).
 GLOBAL_WEIGHT = 0.1
+# A detected shape this many times larger (or smaller) than the training shapes' mean puts the
+# image's pixel size in doubt. The ISBI 2015 cephalograms' annotated shapes span 0.81-1.15 times
+# their mean; a JPEG read at 1 mm instead of 0.1 mm per pixel gives 9-11 times.
+PLAUSIBLE_SIZE_FACTOR = 1.6
 
 
 @dataclasses.dataclass(frozen=True)
@@ -182,6 +191,8 @@ class Detector:
         self.last_reading = ImageReading()
         self.last_signals: dict[str, np.ndarray] = {}
         self.last_global_positions: np.ndarray | None = None
+        self.last_size_ratio = math.nan
+        self.last_warning: str | None = None
         if self.model.refiner is not None:
             self.model.refiner.eval()
 
@@ -230,7 +241,9 @@ class Detector:
         for that landmark: about 1 where the network is as sure as on its training
         targets, near 0 where it sees nothing. The signals behind the expected error are kept
         in ``last_signals`` (name -> ``(N,)``), the global stage's points (LPS mm, after the shape
-        model's choice) in ``last_global_positions``.
+        model's choice) in ``last_global_positions``; the detected shape's size over the training
+        shapes' in ``last_size_ratio`` (NaN without a shape model) and, where that puts the pixel
+        size in doubt, a sentence for the user in ``last_warning`` (else None).
         """
         model = self.model
         prepared = prepare_image(image, grid=model.grid, intensity=model.intensity, dimension=model.dimension)
@@ -272,6 +285,10 @@ class Detector:
         if model.shape_model is not None:
             signals["shape_deviation"] = model.shape_model.deviations(physical) / model.shape_model.spread_mm
         self.last_signals = signals
+        self.last_size_ratio = math.nan if model.shape_model is None else model.shape_model.size_ratio(physical)
+        self.last_warning = pixel_size_warning(self.last_size_ratio, image.geometry.spacing)
+        if self.last_warning is not None:
+            log.warning(self.last_warning)
         expected, check = self._point_quality(signals, physical)
         return Landmarks(
             names=list(self.model.landmark_names),
@@ -326,6 +343,19 @@ class Detector:
             return None, found & (signals["global_confidence"] < self.low_confidence)
         expected = np.where(found, errors.expected_errors(signals), np.nan)
         return expected, found & (expected > self.check_threshold_mm)
+
+
+def pixel_size_warning(size_ratio: float, spacing_mm: Sequence[float]) -> str | None:
+    """A sentence for the user when a detected shape ``size_ratio`` times the training shapes' size
+    (see :meth:`~SCNLandmarksLib.models.shape_model.ShapeModel.size_ratio`) suggests that the
+    image's pixel size ``spacing_mm`` (x, y[, z]) is wrong; None when it is plausible or unknown."""
+    if not math.isfinite(size_ratio) or 1.0 / PLAUSIBLE_SIZE_FACTOR <= size_ratio <= PLAUSIBLE_SIZE_FACTOR:
+        return None
+    pixels = " x ".join(f"{value:g}" for value in spacing_mm)
+    return (f"The landmarks found span {size_ratio:.2g} times the size of the model's training shapes: the "
+            f"image's pixel size ({pixels} mm) is probably wrong, and with it every distance and expected "
+            "error in mm. JPEG, PNG and BMP files carry no pixel size (1 mm is assumed): give it (--spacing on "
+            "the command line, spacing= in Python, Image Spacing in Slicer's Volumes module).")
 
 
 def toward_global(local: np.ndarray, coarse: np.ndarray, weight: float) -> np.ndarray:

@@ -140,6 +140,22 @@ class ShapeModel:
         estimate = self.mean[landmark] + gain @ (aligned - self.mean[others]).reshape(-1)
         return ((estimate - shift) @ rotation) / scale
 
+    def size_ratio(self, positions: np.ndarray) -> float:
+        """How many times larger ``(N, D)`` positions (mm) are than the mean shape.
+
+        The ratio of their root-mean-square distances from their centroids, over the landmarks
+        present in ``positions``; NaN with fewer than :data:`MIN_OTHERS` of them. A detection on an
+        image whose pixel size is wrong (a JPEG read at 1 mm per pixel) is off by that factor.
+        """
+        positions = self._checked(positions)
+        present = np.isfinite(positions).all(axis=1)
+        if present.sum() < MIN_OTHERS:
+            return float("nan")
+        found, mean = positions[present], self.mean[present]
+        size = np.sqrt(((found - found.mean(0)) ** 2).sum(axis=1).mean())
+        reference = np.sqrt(((mean - mean.mean(0)) ** 2).sum(axis=1).mean())
+        return float(size / reference) if reference > 0 else float("nan")
+
     def deviations(self, positions: np.ndarray) -> np.ndarray:
         """``(N,)`` mm between each landmark and where the others place it; NaN where unknown."""
         return np.linalg.norm(np.asarray(positions, dtype=float) - self.predictions(positions), axis=1)

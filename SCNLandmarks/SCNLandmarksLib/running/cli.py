@@ -376,6 +376,8 @@ def _command_detect(args: argparse.Namespace) -> int:
         to_check = [n for n, c in zip(item.landmarks.names, item.landmarks.check) if c] if item.landmarks.check is not None else []
         print(f"  {item.image.name}: {len(item.landmarks)} landmarks in {item.seconds:.2f} s -> {item.output}"
               + (f"; check {len(to_check)}: {', '.join(to_check)}" if to_check else ""))
+        if item.warning:
+            print(f"  WARNING {item.image.name}: {item.warning}")
     if report.summary_csv:
         print(f"Summary: {report.summary_csv}")
     if report.review_csv:
