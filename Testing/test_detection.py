@@ -57,6 +57,16 @@ def test_a_gpu_torch_cannot_compute_on_is_left_for_the_cpu_or_named(monkeypatch,
         device.cuda_problem.cache_clear()
 
 
+def test_heatmaps_that_do_not_fit_in_memory_are_refused_with_the_sizes(detector_2d, monkeypatch):
+    from SCNLandmarksLib.inference import detection
+
+    image, _ = make_synthetic_case(dimension=2, size=48, num_landmarks=2)
+    detector_2d.detect(image)  # fits
+    monkeypatch.setattr(detection, "memory_available_bytes", lambda: 1000)  # 1 kB free
+    with pytest.raises(MemoryError, match=r"2 heatmaps of \d+ x \d+ voxels need about .* GB, 0.0 GB are free"):
+        detector_2d.detect(image)
+
+
 def test_single_slice_volume_is_accepted_by_a_2d_model(detector_2d):
     image, _ = make_synthetic_case(dimension=2, size=48, num_landmarks=2)
     geometry = image.geometry

@@ -39,6 +39,7 @@ import torch
 
 from ..common.device import bfloat16_is_native, describe_device, resolve_device
 from ..imaging.grid import SamplingTransform, padded_size
+from ..imaging.image_io import memory_available_bytes
 from ..imaging.image import Image
 from ..data.landmarks import Landmarks
 from ..models.model import LandmarkModel
@@ -214,6 +215,14 @@ class Detector:
         grid = detection_grid(prepared, model)
         array = prepared.sample(grid)
         tile = tuple(min(t, f) for t, f in zip(model.grid.size[::-1], array.shape))
+        # One float32 heatmap per landmark over the whole grid: for a 3D model with a fixed voxel
+        # size on a large volume this, not the image, is what does not fit.
+        needed, available = 4 * model.config.num_landmarks * int(np.prod(array.shape)), memory_available_bytes()
+        if available is not None and needed > available:
+            grid_size = " x ".join(str(n) for n in array.shape[::-1])
+            msg = (f"This image is too large for the memory available: {model.config.num_landmarks} heatmaps of "
+                   f"{grid_size} voxels need about {needed / 2**30:.1f} GB, {available / 2**30:.1f} GB are free")
+            raise MemoryError(msg)
         merged = np.full((model.config.num_landmarks, *array.shape), -np.inf, dtype=np.float32)
         starts = [_tile_starts(f, t) for f, t in zip(array.shape, tile)]
         with torch.inference_mode(), self._precision():
