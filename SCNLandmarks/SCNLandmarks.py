@@ -136,7 +136,7 @@ class SCNLandmarksParameterNode:
     timeBudgetMinutes - That time, in minutes.
     batchInputFolder - Folder of images for batch detection.
     batchOutputFolder - Folder that receives one .mrk.json per image and a CSV summary.
-    batchPixelSizeMm - Pixel size (mm) of batch images whose files carry none (JPEG, PNG, BMP); 0: as the files say.
+    batchPixelSizeMm - Pixel size (mm) of batch images whose files carry none (JPEG, PNG, BMP, TIFF); 0: 1 mm. Others keep theirs.
     batchOverwrite - Replace the results of an earlier run in the output folder (by default they are kept).
     """
 
@@ -981,6 +981,7 @@ class SCNLandmarksLogic(ScriptedLoadableModuleLogic):
         """
         from SCNLandmarksLib.slicer_side import mrml_adapter
 
+        self.lastWarning = None  # never the previous image's
         if volumeNode is None:
             raise ValueError(_("Select an input volume first."))
         self.setupPythonRequirements()
@@ -1236,8 +1237,9 @@ class SCNLandmarksLogic(ScriptedLoadableModuleLogic):
         A file that cannot be read or processed is reported in the result and skipped.
 
         :param lowConfidenceThreshold, checkAboveMm: which points are to be checked, as in :meth:`detect`.
-        :param pixelSizeMm: pixel size in mm of images whose files carry none (JPEG, PNG, BMP; read
-            at 1 mm otherwise, and an image whose landmarks then span an implausible size gets a warning).
+        :param pixelSizeMm: pixel size in mm of images whose files carry none (JPEG, PNG, BMP, TIFF;
+            read at 1 mm otherwise, and an image whose landmarks then span an implausible size gets a
+            warning); other files keep their own.
         :param overwrite: replace the results of an earlier run in ``outputFolder``; by default an
             image whose ``.mrk.json`` is there already is skipped, saying so, before it is detected.
         :param progressCallback: called with a ``SCNLandmarksLib.common.progress.Progress`` after each image
@@ -1268,7 +1270,7 @@ class SCNLandmarksLogic(ScriptedLoadableModuleLogic):
             if checkAboveMm is not None:
                 arguments += ["--check-above", str(float(checkAboveMm))]
             if pixelSizeMm is not None:
-                arguments += ["--spacing", str(float(pixelSizeMm))]
+                arguments += ["--photo-spacing", str(float(pixelSizeMm))]
             if overwrite:
                 arguments.append("--overwrite")
             environment = slicer.util.startupEnvironment() if in_slicer_application() else None
@@ -1283,7 +1285,7 @@ class SCNLandmarksLogic(ScriptedLoadableModuleLogic):
             device=str(getattr(device, "value", device)),
             low_confidence_threshold=lowConfidenceThreshold,
             check_above_mm=checkAboveMm,
-            spacing=pixelSizeMm,
+            photo_spacing=pixelSizeMm,
             progress=progressCallback,
             should_cancel=shouldCancel,
             overwrite=overwrite,

@@ -45,8 +45,10 @@ def test_detect_folder_writes_markups_summary_and_overlays(annotated_folder, tra
     rows = (output / "landmarks.csv").read_text().splitlines()
     assert rows[0].startswith("image,landmark,x_lps") and len(rows) == 1 + 5 * 4
     assert "cpu" in capsys.readouterr().out
-    # Running again does not overwrite the results silently.
-    assert main(["detect", str(annotated_folder), "--model", str(trained_model), "--output", str(output), "--device", "cpu"]) == 2
+    # Running again keeps the results and says so: nothing new to do is not an error.
+    before = markups[0].read_bytes()
+    assert main(["detect", str(annotated_folder), "--model", str(trained_model), "--output", str(output), "--device", "cpu"]) == 0
+    assert capsys.readouterr().out.count("SKIPPED") == 5 and markups[0].read_bytes() == before
 
 
 def test_evaluate_and_finetune_and_info(annotated_folder, trained_model, tmp_path, capsys):

@@ -46,15 +46,34 @@ def test_a_gpu_torch_cannot_compute_on_is_left_for_the_cpu_or_named(monkeypatch,
         pytest.skip("this machine computes on its GPU")
     # As on such a machine: torch reports a GPU, and the first computation there fails.
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    device.cuda_problem.cache_clear()
-    try:
-        with caplog.at_level("WARNING"):
-            assert Detector(tiny_model(["A"]), device="auto").device == torch.device("cpu")
-        assert "torch cannot compute on it" in caplog.text and "using the CPU" in caplog.text
-        with pytest.raises(ValueError, match="GPU is present but torch cannot compute on it .*choose device 'cpu'"):
-            Detector(tiny_model(["A"]), device="cuda")
-    finally:
-        device.cuda_problem.cache_clear()
+    monkeypatch.setattr(device, "_CUDA_PROBLEMS", {})
+    with caplog.at_level("WARNING"):
+        assert Detector(tiny_model(["A"]), device="auto").device == torch.device("cpu")
+    assert "torch cannot compute on it" in caplog.text and "using the CPU" in caplog.text
+    with pytest.raises(ValueError, match="GPU is present but torch cannot compute on it .*choose device 'cpu'"):
+        Detector(tiny_model(["A"]), device="cuda")
+    with pytest.raises(ValueError, match="torch cannot compute on it"):
+        Detector(tiny_model(["A"]), device="cuda:1")  # the GPU asked for is the one checked
+    assert set(device._CUDA_PROBLEMS) == {"cuda", "cuda:1"}  # checked once per GPU
+
+
+def test_a_full_gpu_is_checked_again_and_named_as_full(monkeypatch):
+    import torch
+
+    from SCNLandmarksLib.common import device
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(device, "_CUDA_PROBLEMS", {})
+    calls = []
+
+    def full(*args, **kwargs):  # noqa: ANN002, ANN003
+        calls.append(1)
+        raise RuntimeError("CUDA error: out of memory\nmore lines")
+
+    monkeypatch.setattr(torch, "ones", full)
+    with pytest.raises(ValueError, match=r"full or busy now \(CUDA error: out of memory\); try again later"):
+        device.resolve_device("cuda")
+    assert device.resolve_device("auto") == torch.device("cpu") and len(calls) == 2  # not remembered
 
 
 def test_heatmaps_that_do_not_fit_in_memory_are_refused_with_the_sizes(detector_2d, monkeypatch):

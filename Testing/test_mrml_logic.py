@@ -252,8 +252,9 @@ def test_detect_folder_writes_files_and_skips_bad_ones(logic, model_path, tmp_pa
 
 
 def test_detect_folder_takes_the_pixel_size_of_photos_and_keeps_earlier_results(logic, model_path, tmp_path):
-    """JPEG/PNG carry no pixel size: the one given reaches the background worker. A rerun into the
-    same folder keeps the earlier results unless asked, and says so before detecting."""
+    """JPEG/PNG carry no pixel size: the one given reaches the background worker, and files with
+    their own keep it. A rerun into the same folder keeps the earlier results unless asked, and says
+    so before detecting."""
     from SCNLandmarksLib.data.landmark_io import read_mrk_json
 
     inputs = tmp_path / "photos"
@@ -262,24 +263,27 @@ def test_detect_folder_takes_the_pixel_size_of_photos_and_keeps_earlier_results(
     import SimpleITK as sitk
 
     sitk.WriteImage(sitk.GetImageFromArray(pixels), str(inputs / "photo.png"))
+    write_image(_case(1)[0], inputs / "scan.nrrd")  # 0.8 x 1.1 mm pixels in its header
     logic.detectFolder(inputs, tmp_path / "at1mm", model=model_path, device="cpu")
     job = logic.detectFolder(inputs, tmp_path / "at02mm", model=model_path, device="cpu", pixelSizeMm=0.2, wait=False)
-    assert job.wait(timeout=120) == tmp_path / "at02mm" and job.report["succeeded"] == 1
+    assert job.wait(timeout=120) == tmp_path / "at02mm" and job.report["succeeded"] == 2
     at_1mm = read_mrk_json(tmp_path / "at1mm" / "photo.mrk.json").positions
     at_02mm = read_mrk_json(tmp_path / "at02mm" / "photo.mrk.json").positions
     np.testing.assert_allclose(at_02mm, 0.2 * at_1mm, rtol=1e-4, atol=1e-4)  # the same pixels, a fifth of the mm
+    np.testing.assert_allclose(read_mrk_json(tmp_path / "at02mm" / "scan.mrk.json").positions,
+                               read_mrk_json(tmp_path / "at1mm" / "scan.mrk.json").positions)  # its own pixel size
 
     before = (tmp_path / "at02mm" / "photo.mrk.json").read_bytes()
     job = logic.detectFolder(inputs, tmp_path / "at02mm", model=model_path, device="cpu", wait=False)
     job.wait(timeout=120)
-    assert job.report["succeeded"] == 0 and "exists from an earlier run and is kept" in job.report["failed"][0]["error"]
+    assert job.report["succeeded"] == 0 and len(job.report["failed"]) == 2
+    assert all("exists from an earlier run and is kept" in item["error"] for item in job.report["failed"])
     assert (tmp_path / "at02mm" / "photo.mrk.json").read_bytes() == before
     job = logic.detectFolder(inputs, tmp_path / "at02mm", model=model_path, device="cpu", overwrite=True, wait=False)
     job.wait(timeout=120)
-    assert job.report["succeeded"] == 1
+    assert job.report["succeeded"] == 2
     replaced = read_mrk_json(tmp_path / "at02mm" / "photo.mrk.json").positions
     np.testing.assert_allclose(replaced, at_1mm, rtol=1e-4, atol=1e-4)  # read at 1 mm this time
-    assert job.report["warnings"] == []  # the tiny model has no shape model: no opinion on the size
 
 
 def test_requirements_are_present_here_and_never_list_slicer_packages(logic):

@@ -85,6 +85,9 @@ def test_size_ratio_is_the_scale_of_a_shape_whatever_its_pose(dimension: int) ->
     assert model.size_ratio(partial) == pytest.approx(10.0)
     partial[2:] = np.nan
     assert np.isnan(model.size_ratio(partial))
+    missed = 3.0 * shape
+    missed[3] += 100.0  # a miss far out does not make the shape look larger
+    assert model.size_ratio(missed) == pytest.approx(3.0)
 
 
 def test_a_size_far_from_the_training_shapes_names_the_pixel_size() -> None:
@@ -243,19 +246,26 @@ def test_detector_gives_each_point_an_expected_error_and_flags_the_doubtful_ones
         Detector(model, device="cpu", check_above_mm=0.0)
 
 
-def test_detector_warns_when_the_shape_found_has_an_implausible_size() -> None:
+def test_detector_warns_when_the_shape_found_has_an_implausible_size(monkeypatch) -> None:
     """A model whose shapes are 20 times as large as anything the image can hold: the pixel size is
-    named; the same detection against shapes like its own points gives no warning."""
+    named; the same detection against shapes like its own points gives no warning; points the
+    global stage is unsure of (an image unlike the training ones) give no opinion."""
     from engine_fixtures import synthetic_cases, tiny_model
-    from SCNLandmarksLib.inference.detection import Detector
+    from SCNLandmarksLib.inference import detection
 
     case = synthetic_cases(1, num_landmarks=4)[0]
     model = tiny_model([f"L{i + 1}" for i in range(4)])
-    detector = Detector(model, device="cpu")
-    found = detector.detect(case.image).positions
+    detector = detection.Detector(model, device="cpu")
+    found = detector.detect(case.image)
     assert detector.last_warning is None and np.isnan(detector.last_size_ratio)  # no shape model: no opinion
     rng = np.random.default_rng(0)
-    like_found = np.stack([found + rng.normal(0, 0.5, found.shape) for _ in range(10)])
+    like_found = np.stack([found.positions + rng.normal(0, 0.5, found.positions.shape) for _ in range(10)])
+    model.shape_model = ShapeModel.fit(20.0 * like_found)
+    assert (found.confidences < detection.SIZE_CONFIDENCE).all()  # an untrained network is unsure everywhere
+    detector.detect(case.image)
+    assert np.isnan(detector.last_size_ratio) and detector.last_warning is None
+    # As if it were sure of every point (a trained one is, on its kind of image):
+    monkeypatch.setattr(detection, "SIZE_CONFIDENCE", 0.0)
     model.shape_model = ShapeModel.fit(like_found)
     detector.detect(case.image)
     assert detector.last_size_ratio == pytest.approx(1.0, abs=0.05) and detector.last_warning is None

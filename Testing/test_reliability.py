@@ -387,3 +387,34 @@ def test_ctrl_c_while_the_cases_load_is_a_message(tmp_path, annotated, capsys, m
     assert main(["train", "--images", str(annotated), "--output", str(tmp_path / "m.scn.pt"), *TINY]) == 130
     _one_line_error(capsys, "interrupted", "nothing was written")
     assert not (tmp_path / "m.scn.pt").exists()
+
+
+def test_a_rerun_keeps_earlier_results_and_two_images_never_share_one(tmp_path, annotated, tiny_model_file, capsys,
+                                                                       monkeypatch):
+    """Results of an earlier run are skipped before detection (exit 0: nothing new to do) unless
+    --overwrite; two images of one name (case00.nrrd, case00.png) never write into one result."""
+    import SimpleITK as sitk
+
+    from SCNLandmarksLib.inference import batch
+
+    images, out = tmp_path / "images", tmp_path / "out"
+    images.mkdir()
+    (images / "case00.nrrd").write_bytes((annotated / "case00.nrrd").read_bytes())
+    arguments = ["detect", str(images), "--model", str(tiny_model_file), "--output", str(out), "--device", "cpu"]
+    assert main(arguments) == 0
+    first = (out / "case00.mrk.json").read_bytes()
+    capsys.readouterr()
+
+    detections = []
+    real_detect = batch.Detector.detect
+    monkeypatch.setattr(batch.Detector, "detect", lambda self, image: detections.append(image) or real_detect(self, image))
+    assert main(arguments) == 0
+    printed = capsys.readouterr().out
+    assert "SKIPPED case00.nrrd:" in printed and "exists from an earlier run and is kept" in printed
+    assert detections == [] and (out / "case00.mrk.json").read_bytes() == first  # not even detected
+
+    sitk.WriteImage(sitk.GetImageFromArray(np.zeros((40, 30), np.uint8) + 9), str(images / "case00.png"))
+    assert main([*arguments, "--overwrite"]) == 2  # the second image of that name failed
+    printed = capsys.readouterr().out
+    assert "FAILED case00.png: case00.png has the same name as case00.nrrd" in printed and "rename one" in printed
+    assert len(detections) == 1  # the NRRD again, replacing its earlier result; the PNG never

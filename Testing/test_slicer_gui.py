@@ -203,7 +203,7 @@ def test_widgets_show_the_defaults_and_the_declared_ranges(bound: types.SimpleNa
     assert w["timeBudgetMinutes"].minimum == pytest.approx(0.5)
     assert w["useTimeBudget"].checked is False
     assert (w["batchPixelSizeMm"].minimum, w["batchPixelSizeMm"].maximum, w["batchPixelSizeMm"].value) == (0.0, 10.0, 0.0)
-    assert w["batchPixelSizeMm"].specialValueText == "as the files say"  # 0 keeps the files' own pixel size
+    assert w["batchPixelSizeMm"].specialValueText == "not given (1 mm)"  # 0: photos are read at 1 mm
     assert w["batchOverwrite"].checked is False  # earlier results are kept unless asked
     labels = [w["device"].itemText(i) for i in range(w["device"].count)]
     assert len(labels) == len(module.ComputeDevice) and w["device"].currentIndex == list(module.ComputeDevice).index(

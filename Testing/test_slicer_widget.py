@@ -244,8 +244,12 @@ def test_detect_add_case_and_fine_tune_then_cancel(panel: types.SimpleNamespace)
 
 
 def test_batch_detection_runs_in_the_background(panel: types.SimpleNamespace, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Two noise images and the bundled cephalogram, a JPEG: no pixel size in the files."""
+    import shutil
+
     import SimpleITK as sitk
     from SCNLandmarksLib.data.landmark_io import read_mrk_json
+    from SCNLandmarksLib.data.sample import SAMPLE_IMAGE, SAMPLE_SPACING_MM
 
     warnings: list[tuple[str, str]] = []
     monkeypatch.setattr(slicer.util, "warningDisplay",
@@ -257,39 +261,42 @@ def test_batch_detection_runs_in_the_background(panel: types.SimpleNamespace, mo
     for index in range(2):
         pixels = (rng.random((200, 160)) * 255).astype(np.uint8)
         sitk.WriteImage(sitk.GetImageFromArray(pixels), str(images / f"image{index}.png"))
+    shutil.copy(SAMPLE_IMAGE, images / "ceph.jpg")
     widget._parameterNode.batchInputFolder = images
     widget._parameterNode.batchOutputFolder = results
     assert ui.batchInputPathLineEdit.currentPath == str(images)
     assert ui.batchRunButton.enabled is True
+    ui.batchPixelSizeSpinBox.value = SAMPLE_SPACING_MM  # as a user who knows the detector's pixel size
 
     ui.batchRunButton.click()
     assert ui.batchCancelButton.enabled is True and ui.batchRunButton.enabled is False
     assert wait_until(lambda: not widget._batchRunning, 180), "batch detection did not finish"
-    assert sorted(p.name for p in results.glob("*.mrk.json")) == ["image0.mrk.json", "image1.mrk.json"]
+    assert sorted(p.name for p in results.glob("*.mrk.json")) == ["ceph.mrk.json", "image0.mrk.json", "image1.mrk.json"]
     assert (results / "landmarks.csv").is_file()
     assert ui.batchProgressBar.value == 100
     assert ui.batchCancelButton.enabled is False and ui.batchRunButton.enabled is True
-    assert warnings == []
+    assert warnings == []  # the cephalogram at its true pixel size spans a plausible size
 
     # Run again into the same folder: the results are kept and the user is told why nothing was done.
     before = (results / "image0.mrk.json").read_bytes()
-    at_1mm = read_mrk_json(results / "image0.mrk.json").positions
-    ui.batchPixelSizeSpinBox.value = 0.25  # PNG files carry no pixel size
+    at_01mm = read_mrk_json(results / "image0.mrk.json").positions
+    ui.batchPixelSizeSpinBox.value = 0.0  # "not given": read at 1 mm
     ui.batchRunButton.click()
     assert wait_until(lambda: not widget._batchRunning, 180), "batch detection did not finish"
-    assert "0 images done, 2 skipped" in ui.batchStatusLabel.text
+    assert "0 images done, 3 skipped" in ui.batchStatusLabel.text
     assert len(warnings) == 1 and "exists from an earlier run and is kept" in warnings[0][1]
     assert (results / "image0.mrk.json").read_bytes() == before
-    # Asked to replace them, it does, at the pixel size given.
+    # Asked to replace them, it does, at 1 mm per pixel now: ten times the distances, and the
+    # cephalogram, which the model knows, is ten times the size of its training shapes.
     ui.batchOverwriteCheckBox.checked = True
     ui.batchRunButton.click()
     assert wait_until(lambda: not widget._batchRunning, 180), "batch detection did not finish"
-    assert "2 images done, 0 skipped" in ui.batchStatusLabel.text
-    # The global stage sees the same pixels; the local stage reads 0.3 mm crops, so not exactly a quarter.
-    ratio = np.linalg.norm(read_mrk_json(results / "image0.mrk.json").positions, axis=1) / np.linalg.norm(at_1mm, axis=1)
-    assert np.median(ratio) == pytest.approx(0.25, rel=0.1)
-    # The first run's shapes were of a plausible size, so a quarter of it is not: the user is told.
-    assert len(warnings) == 2 and "pixel size (0.25 x 0.25 mm) is probably wrong" in warnings[1][1]
+    assert "3 images done, 0 skipped" in ui.batchStatusLabel.text
+    # The global stage sees the same pixels; the local stage reads 0.3 mm crops, so not exactly ten times.
+    ratio = np.linalg.norm(read_mrk_json(results / "image0.mrk.json").positions, axis=1) / np.linalg.norm(at_01mm, axis=1)
+    assert np.median(ratio) == pytest.approx(10.0, rel=0.1)
+    assert len(warnings) == 2 and warnings[1][1].startswith("ceph.jpg: ")
+    assert "pixel size (1 x 1 mm) is probably wrong" in warnings[1][1]
     assert panel.errors == []
 
 
@@ -380,19 +387,46 @@ def test_a_volume_whose_pixel_size_cannot_be_right_is_named(panel: types.SimpleN
                                                              monkeypatch: pytest.MonkeyPatch) -> None:
     """A radiograph loaded from a JPEG gets 1 mm pixels in Slicer: the shape found is then many times
     the training shapes' size, and the panel says what to fix instead of showing distances that are wrong."""
+    from SCNLandmarksLib.data.sample import SAMPLE_IMAGE, SAMPLE_SPACING_MM
+    from SCNLandmarksLib.imaging.image_io import read_image
+    from SCNLandmarksLib.slicer_side import mrml_adapter
+
     warnings: list[str] = []
     monkeypatch.setattr(slicer.util, "warningDisplay", lambda text, **kwargs: warnings.append(text))
     ui, widget = panel.ui, panel.widget
-    volume = radiograph_volume(panel.scene)
+    # As Slicer's ITK reader gives a dropped JPEG: 1 mm pixels, LPS axes (slicer-core reads no JPEG).
+    volume = mrml_adapter.volume_node_from_image(read_image(SAMPLE_IMAGE), scene=panel.scene, name="Ceph151")
+    assert volume.GetSpacing()[:2] == pytest.approx((1.0, 1.0))
     ui.inputVolumeSelector.setCurrentNode(volume)
     ui.detectButton.click()
     assert wait_until(lambda: not widget._detectJob.isRunning(), 120) and widget._detectJob.status == "done"
-    ratio = widget.logic._detector.last_size_ratio
-    assert np.isfinite(ratio)
-    assert (widget.logic.lastWarning is None) == (not warnings)  # shown exactly when there is one
-    volume.SetSpacing(0.5 * 10 / ratio, 0.5 * 10 / ratio, 1.0)  # the same pixels, ten times the plausible size
+    assert widget.logic.lastWarning is not None and "pixel size (1 x 1 mm) is probably wrong" in widget.logic.lastWarning
+    assert warnings == [widget.logic.lastWarning] and widget.logic.lastWarning in ui.detectStatusLabel.text
+    volume.SetSpacing(SAMPLE_SPACING_MM, SAMPLE_SPACING_MM, 1.0)  # the user sets the true pixel size
     ui.detectButton.click()
     assert wait_until(lambda: not widget._detectJob.isRunning(), 120) and widget._detectJob.status == "done"
-    assert widget.logic.lastWarning is not None and "probably wrong" in widget.logic.lastWarning
-    assert warnings[-1] == widget.logic.lastWarning and widget.logic.lastWarning in ui.detectStatusLabel.text
+    assert widget.logic.lastWarning is None and len(warnings) == 1
+    assert widget.logic._detector.last_size_ratio == pytest.approx(1.0, abs=0.15)
     assert panel.errors == []
+
+
+def test_closing_slicer_stops_a_running_batch(panel: types.SimpleNamespace) -> None:
+    """The batch worker runs in a process of its own; closing Slicer (``cleanup``) must not leave it running."""
+    import SimpleITK as sitk
+
+    ui, widget = panel.ui, panel.widget
+    images = panel.tmp / "many"
+    images.mkdir()
+    rng = np.random.default_rng(1)
+    for index in range(30):
+        sitk.WriteImage(sitk.GetImageFromArray((rng.random((300, 240)) * 255).astype(np.uint8)),
+                        str(images / f"image{index:02d}.png"))
+    widget._parameterNode.batchInputFolder = images
+    widget._parameterNode.batchOutputFolder = panel.tmp / "many-results"
+    ui.batchRunButton.click()
+    job = widget._batchJob
+    assert job.isRunning()
+    widget.cleanup()
+    assert wait_until(lambda: not job.isRunning(), 60), "the batch went on after Slicer closed"
+    assert job.status == "cancelled" or (job.status == "done" and job.report["cancelled"])
+    assert len(list((panel.tmp / "many-results").glob("*.mrk.json"))) < 30

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import functools
 import logging
 
 import torch
@@ -14,20 +13,32 @@ DEVICE_CHOICES = ("auto", "cpu", "cuda")
 log = logging.getLogger(__name__)
 
 
-@functools.cache
-def cuda_problem() -> str | None:
-    """Why torch cannot compute on the GPU it sees, or None when a small convolution runs there.
+# What cuda_problem found per device; a problem of the moment (a full or busy GPU) is not kept.
+_CUDA_PROBLEMS: dict[str, str | None] = {}
+_PASSING_PROBLEMS = ("out of memory", "busy or unavailable")
+
+
+def cuda_problem(device: str = "cuda") -> str | None:
+    """Why torch cannot compute on the GPU ``device`` (``"cuda"`` or ``"cuda:N"``), or None when a
+    small convolution runs there.
 
     ``torch.cuda.is_available()`` is not enough: a GPU newer than the torch build ("no kernel
     image is available") or a driver older than it is seen, and fails at the first computation.
-    Checked once per process.
+    Checked once per device and process, except a full or busy GPU, which is checked again next time.
     """
+    if device in _CUDA_PROBLEMS:
+        return _CUDA_PROBLEMS[device]
     try:
-        image = torch.ones(1, 1, 8, 8, device="cuda")
-        torch.nn.functional.conv2d(image, torch.ones(1, 1, 3, 3, device="cuda"))
-        torch.cuda.synchronize()
+        image = torch.ones(1, 1, 8, 8, device=device)
+        torch.nn.functional.conv2d(image, torch.ones(1, 1, 3, 3, device=device))
+        torch.cuda.synchronize(device)
     except (RuntimeError, AssertionError) as error:  # torch raises AssertionError where CUDA is not compiled in
-        return str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        text = str(error).strip()
+        problem = text.splitlines()[0] if text else type(error).__name__
+        if not any(passing in problem.lower() for passing in _PASSING_PROBLEMS):
+            _CUDA_PROBLEMS[device] = problem
+        return problem
+    _CUDA_PROBLEMS[device] = None
     return None
 
 
@@ -44,12 +55,16 @@ def resolve_device(name: str | torch.device = "auto") -> torch.device:
         if not torch.cuda.is_available():
             msg = "A GPU (CUDA) was requested but none is usable here; choose device 'cpu' or 'auto'"
             raise ValueError(msg)
-        problem = cuda_problem()
+        target = "cuda" if choice == "gpu" else choice
+        problem = cuda_problem(target)
         if problem is not None:
-            msg = (f"A GPU is present but torch cannot compute on it ({problem}); install a torch build for this "
-                   "GPU and driver (in Slicer: the PyTorch Utils module) or choose device 'cpu'")
+            if any(passing in problem.lower() for passing in _PASSING_PROBLEMS):
+                msg = f"The GPU is full or busy now ({problem}); try again later or choose device 'cpu'"
+            else:
+                msg = (f"A GPU is present but torch cannot compute on it ({problem}); install a torch build for "
+                       "this GPU and driver (in Slicer: the PyTorch Utils module) or choose device 'cpu'")
             raise ValueError(msg)
-        return torch.device("cuda" if choice == "gpu" else choice)
+        return torch.device(target)
     if choice == "cpu":
         return torch.device("cpu")
     if choice == "auto":

@@ -20,8 +20,8 @@ from ..common.atomic import atomic_path
 from .geometry import ImageGeometry
 from .image import Image
 
-__all__ = ["IMAGE_SUFFIXES", "check_fits_in_memory", "find_images", "image_from_sitk", "image_to_sitk", "is_dicom_folder", "output_stem",
-           "read_image", "write_image"]
+__all__ = ["IMAGE_SUFFIXES", "check_fits_in_memory", "find_images", "image_from_sitk", "image_to_sitk", "is_dicom_folder",
+           "is_photo_file", "output_stem", "read_image", "write_image"]
 
 logger = logging.getLogger(__name__)
 
@@ -36,6 +36,12 @@ _TWO_FILE_SUFFIXES = (".mhd", ".nhdr", ".hdr", ".img")
 def _suffix(path: Path) -> str:
     name = path.name.lower()
     return ".nii.gz" if name.endswith(".nii.gz") else path.suffix.lower()
+
+
+def is_photo_file(path: str | os.PathLike[str]) -> bool:
+    """Whether ``path`` is a PNG, JPEG, BMP or TIFF file: a format without a trustworthy pixel size."""
+    path = Path(path)
+    return path.is_file() and _suffix(path) in _PHOTO_SUFFIXES
 
 
 def _sitk_reason(error: RuntimeError) -> str:
@@ -104,7 +110,6 @@ def _spacing_tuple(spacing: Sequence[float] | float, dimension: int, source: str
         values = (float(spacing),) * dimension
     else:
         values = tuple(float(s) for s in spacing)
-        values = values * dimension if len(values) == 1 else values  # one value: every axis
     if len(values) != dimension:
         msg = f"{source} is {dimension}D but {len(values)} spacing values were given: {values}"
         raise ValueError(msg)
@@ -160,7 +165,7 @@ def read_image(path: str | os.PathLike[str], *, spacing: Sequence[float] | float
 
     Args:
         path: image file, or a folder of DICOM files.
-        spacing: pixel size in mm, x, y[, z] order (a single number, or one value, for all axes). PNG,
+        spacing: pixel size in mm, x, y[, z] order (a single number for all axes). PNG,
             JPEG, BMP and TIFF files carry no trustworthy pixel size: without ``spacing``
             they get 1.0 mm per pixel, origin 0 and identity direction, with a logged
             warning. For other formats it replaces the spacing in the file header.
@@ -197,7 +202,7 @@ def read_image(path: str | os.PathLike[str], *, spacing: Sequence[float] | float
         raise ValueError(msg) from error
 
     image = image_from_sitk(sitk_image, source=source)
-    is_photo = path.is_file() and _suffix(path) in _PHOTO_SUFFIXES
+    is_photo = is_photo_file(path)
     if spacing is None and not is_photo:
         return image
 

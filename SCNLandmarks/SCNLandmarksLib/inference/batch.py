@@ -16,7 +16,8 @@ import torch
 
 from ..common.atomic import atomic_write_text
 from .detection import Detector
-from ..imaging.image_io import IMAGE_SUFFIXES, check_fits_in_memory, find_images, output_stem, read_image  # some re-exported
+from ..imaging.image_io import (IMAGE_SUFFIXES, check_fits_in_memory, find_images, is_photo_file,  # some re-exported
+                                output_stem, read_image)
 from ..data.landmark_io import merge_detection_summary_csv, write_mrk_json
 from ..data.landmarks import Landmarks
 from ..models.model import LandmarkModel
@@ -33,7 +34,8 @@ REVIEW_NAME = "review_order.csv"
 
 @dataclass
 class BatchItem:
-    """The outcome for one image: its landmarks and file, or the reason it failed; ``warning``, a
+    """The outcome for one image: its landmarks and file, or the reason it failed (``skipped``: it
+    was not detected because its results are there from an earlier run and are kept); ``warning``, a
     sentence for the user where the result is doubtful as a whole (see ``Detector.last_warning``)."""
 
     image: Path
@@ -42,6 +44,7 @@ class BatchItem:
     error: str | None = None
     seconds: float = 0.0
     warning: str | None = None
+    skipped: bool = False
 
 
 @dataclass
@@ -74,6 +77,7 @@ def detect_files(
     *,
     device: str | torch.device = "auto",
     spacing: Sequence[float] | None = None,
+    photo_spacing: float | None = None,
     low_confidence_threshold: float | None = LOW_CONFIDENCE,
     check_above_mm: float | None = None,
     overwrite: bool = False,
@@ -91,7 +95,9 @@ def detect_files(
             this run's images ranked for review, the one expected furthest off first.
         model: model file or loaded model.
         device: ``"auto"``, ``"cpu"`` or ``"cuda"``.
-        spacing: pixel size in mm for formats without one (PNG, JPEG, ...).
+        spacing: pixel size in mm for every image (see :func:`read_image`: it replaces a header's).
+        photo_spacing: pixel size in mm of the images whose files carry none (PNG, JPEG, BMP,
+            TIFF; read at 1 mm otherwise); the others keep their own.
         low_confidence_threshold: for a model without an error model, points below this
             confidence are to be checked (None: none).
         check_above_mm: points whose expected error exceeds this (mm) are to be checked
@@ -116,6 +122,7 @@ def detect_files(
     report = BatchReport(device=detector.device_description)
     started = time.monotonic()
     total = len(images)
+    written: dict[Path, Path] = {}  # this run's outputs: two images named alike must not share one
     for number, image_path in enumerate(images):
         if should_cancel is not None and should_cancel():
             log.info("Batch cancelled after %d of %d images", number, total)
@@ -125,16 +132,23 @@ def detect_files(
         began = time.monotonic()
         target = output_folder / f"{output_stem(image_path)}.mrk.json"
         try:
+            if target in written:
+                msg = (f"{image_path.name} has the same name as {written[target].name}, whose results are in {target} "
+                       "already; rename one of them")
+                raise FileExistsError(msg)
             if target.exists() and not overwrite:  # found before the network runs, not after
+                item.skipped = True
                 msg = (f"{target} exists from an earlier run and is kept; to replace earlier results, ask for it "
                        "(--overwrite, overwrite=True, or 'Replace earlier results' in Slicer), or choose another output folder")
                 raise FileExistsError(msg)
             check_fits_in_memory(image_path)
-            landmarks = detector.detect(read_image(image_path, spacing=spacing))
+            pixels = spacing if spacing is not None else photo_spacing if is_photo_file(image_path) else None
+            landmarks = detector.detect(read_image(image_path, spacing=pixels))
             item.warning = detector.last_warning
             write_mrk_json(landmarks, target, node_name=output_stem(image_path),
                            low_confidence_threshold=low_confidence_threshold, overwrite=overwrite)
             item.output, item.landmarks = target, landmarks
+            written[target] = image_path
         except MemoryError as error:
             item.error = (str(error) or "not enough memory to process this image") + "; it was skipped"
             log.warning("Skipped %s: %s", image_path.name, item.error)

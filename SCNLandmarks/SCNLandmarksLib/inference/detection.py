@@ -68,6 +68,11 @@ GLOBAL_WEIGHT = 0.1
 # image's pixel size in doubt. The ISBI 2015 cephalograms' annotated shapes span 0.81-1.15 times
 # their mean; a JPEG read at 1 mm instead of 0.1 mm per pixel gives 9-11 times.
 PLAUSIBLE_SIZE_FACTOR = 1.6
+# The size is judged on the points the global stage found with at least this confidence, and only
+# where at least half of them are: on an image unlike the training ones (another anatomy) the points
+# are guesses, and their spread says nothing about the pixel size. A wrong pixel size leaves the
+# global stage's confidence as it is (its grid spans the image whatever the pixel size).
+SIZE_CONFIDENCE = 0.3
 
 
 @dataclasses.dataclass(frozen=True)
@@ -217,7 +222,10 @@ class Detector:
         tile = tuple(min(t, f) for t, f in zip(model.grid.size[::-1], array.shape))
         # One float32 heatmap per landmark over the whole grid: for a 3D model with a fixed voxel
         # size on a large volume this, not the image, is what does not fit.
-        needed, available = 4 * model.config.num_landmarks * int(np.prod(array.shape)), memory_available_bytes()
+        # Detection keeps the best reading's heatmaps while it tries the next one.
+        copies = 2 if len(self.readings) > 1 else 1
+        needed = copies * 4 * model.config.num_landmarks * int(np.prod(array.shape))
+        available = memory_available_bytes()
         if available is not None and needed > available:
             grid_size = " x ".join(str(n) for n in array.shape[::-1])
             msg = (f"This image is too large for the memory available: {model.config.num_landmarks} heatmaps of "
@@ -294,10 +302,10 @@ class Detector:
         if model.shape_model is not None:
             signals["shape_deviation"] = model.shape_model.deviations(physical) / model.shape_model.spread_mm
         self.last_signals = signals
-        self.last_size_ratio = math.nan if model.shape_model is None else model.shape_model.size_ratio(physical)
+        self.last_size_ratio = self._size_ratio(physical, signals["global_confidence"])
         self.last_warning = pixel_size_warning(self.last_size_ratio, image.geometry.spacing)
-        if self.last_warning is not None:
-            log.warning(self.last_warning)
+        if self.last_warning is not None:  # the callers show it with the image's name
+            log.info(self.last_warning)
         expected, check = self._point_quality(signals, physical)
         return Landmarks(
             names=list(self.model.landmark_names),
@@ -307,6 +315,14 @@ class Detector:
             expected_errors=expected,
             check=check,
         )
+
+    def _size_ratio(self, positions: np.ndarray, confidences: np.ndarray) -> float:
+        """The detected shape's size over the training shapes' (see ``SIZE_CONFIDENCE``); NaN: no opinion."""
+        shape_model = self.model.shape_model
+        confident = np.isfinite(positions).all(axis=1) & (confidences >= SIZE_CONFIDENCE)
+        if shape_model is None or confident.sum() < max(3, len(confident) / 2):
+            return math.nan
+        return shape_model.size_ratio(np.where(confident[:, None], positions, np.nan))
 
     def _plausible_points(self, refined: Refinement, confidences: np.ndarray, heatmaps: np.ndarray,
                           grid: SamplingTransform, fine: PreparedImage, peaks: np.ndarray,
@@ -363,8 +379,9 @@ def pixel_size_warning(size_ratio: float, spacing_mm: Sequence[float]) -> str | 
     pixels = " x ".join(f"{value:g}" for value in spacing_mm)
     return (f"The landmarks found span {size_ratio:.2g} times the size of the model's training shapes: the "
             f"image's pixel size ({pixels} mm) is probably wrong, and with it every distance and expected "
-            "error in mm. JPEG, PNG and BMP files carry no pixel size (1 mm is assumed): give it (--spacing on "
-            "the command line, spacing= in Python, Image Spacing in Slicer's Volumes module).")
+            "error in mm. JPEG, PNG, BMP and TIFF files carry none and are read at 1 mm unless it is given "
+            "(--spacing on the command line, spacing= in Python; in Slicer, Image Spacing in the Volumes "
+            "module, or the batch panel's Pixel size).")
 
 
 def toward_global(local: np.ndarray, coarse: np.ndarray, weight: float) -> np.ndarray:

@@ -143,18 +143,21 @@ class ShapeModel:
     def size_ratio(self, positions: np.ndarray) -> float:
         """How many times larger ``(N, D)`` positions (mm) are than the mean shape.
 
-        The ratio of their root-mean-square distances from their centroids, over the landmarks
-        present in ``positions``; NaN with fewer than :data:`MIN_OTHERS` of them. A detection on an
-        image whose pixel size is wrong (a JPEG read at 1 mm per pixel) is off by that factor.
+        The scale of the similarity transform that maps the mean shape onto the landmarks present
+        in ``positions`` (NaN rows are left out; NaN with fewer than :data:`MIN_OTHERS` of them),
+        fitted again without the quarter of the points that fit worst, so that a few points far off
+        (misses) move it little. A detection on an image whose pixel size is wrong (a JPEG read at
+        1 mm per pixel) is off by that factor.
         """
         positions = self._checked(positions)
-        present = np.isfinite(positions).all(axis=1)
-        if present.sum() < MIN_OTHERS:
+        present = np.flatnonzero(np.isfinite(positions).all(axis=1))
+        if len(present) < MIN_OTHERS:
             return float("nan")
-        found, mean = positions[present], self.mean[present]
-        size = np.sqrt(((found - found.mean(0)) ** 2).sum(axis=1).mean())
-        reference = np.sqrt(((mean - mean.mean(0)) ** 2).sum(axis=1).mean())
-        return float(size / reference) if reference > 0 else float("nan")
+        scale, rotation, shift = similarity_transform(self.mean[present], positions[present])
+        residuals = np.linalg.norm(scale * self.mean[present] @ rotation.T + shift - positions[present], axis=1)
+        kept = present[np.argsort(residuals)[: max(MIN_OTHERS, int(np.ceil(0.75 * len(present))))]]
+        scale, _, _ = similarity_transform(self.mean[kept], positions[kept])
+        return float(scale)
 
     def deviations(self, positions: np.ndarray) -> np.ndarray:
         """``(N,)`` mm between each landmark and where the others place it; NaN where unknown."""

@@ -371,7 +371,7 @@ def _command_detect(args: argparse.Namespace) -> int:
     print(f"Model {model_path.name} on {report.device}")
     for item in report.items:
         if item.error:
-            print(f"  FAILED {item.image.name}: {item.error}")
+            print(f"  {'SKIPPED' if item.skipped else 'FAILED'} {item.image.name}: {item.error}")
             continue
         to_check = [n for n, c in zip(item.landmarks.names, item.landmarks.check) if c] if item.landmarks.check is not None else []
         print(f"  {item.image.name}: {len(item.landmarks)} landmarks in {item.seconds:.2f} s -> {item.output}"
@@ -384,7 +384,8 @@ def _command_detect(args: argparse.Namespace) -> int:
         print(f"Review first (expected error, points to check; all in {report.review_csv}):")
         for image, expected, checks in report.review_order[:10]:
             print(f"  {image}: {expected:.2f} mm, {checks} to check")
-    return 0 if not report.failed else EXIT_ERROR
+    # Results kept from an earlier run are not a failure: a rerun with nothing new to do succeeds.
+    return 0 if all(item.skipped for item in report.failed) else EXIT_ERROR
 
 
 def _command_evaluate(args: argparse.Namespace) -> int:

@@ -7,7 +7,7 @@ Run with Slicer's Python (``PythonSlicer``) or any Python that has torch::
         [--landmarks-from-cases] [--keep-worse] [--case NAME ...] [--seed S]
         [--threads N] [--cancel-file PATH]
     python -m SCNLandmarksLib.running.worker detect --input-folder <images> --output <folder> --model <model.scn.pt>
-        [--device ...] [--check-above MM] [--threshold C] [--spacing MM ...] [--overwrite] [--threads N]
+        [--device ...] [--check-above MM] [--threshold C] [--photo-spacing MM] [--overwrite] [--threads N]
         [--cancel-file PATH]
 
 ``detect`` reports ``started``, one ``progress`` per image and ``done`` with ``succeeded``,
@@ -176,8 +176,8 @@ def _build_parser() -> argparse.ArgumentParser:
                         help="flag points expected further off than this (default: the model's threshold)")
     detect.add_argument("--threshold", type=float, default=LOW_CONFIDENCE,
                         help="for models without expected errors: flag points below this confidence")
-    detect.add_argument("--spacing", type=float, nargs="+", default=None, metavar="MM",
-                        help="pixel size in mm for formats without one (PNG, JPEG, ...): one value, or one per axis")
+    detect.add_argument("--photo-spacing", type=float, default=None, metavar="MM",
+                        help="pixel size in mm of images whose files carry none (PNG, JPEG, BMP, TIFF); others keep theirs")
     detect.add_argument("--overwrite", action="store_true", help="replace existing output files")
     detect.add_argument("--threads", type=int, default=None, help="CPU threads for torch (default: all cores but one)")
     detect.add_argument("--cancel-file", type=Path, default=None, help="stop after the current image when this file appears")
@@ -289,7 +289,7 @@ def _detect(arguments: argparse.Namespace, emit: _Emitter, should_cancel: _Cance
     result = detect_folder(
         arguments.input_folder.expanduser(), arguments.output.expanduser(), arguments.model.expanduser(),
         device=str(device), low_confidence_threshold=arguments.threshold, check_above_mm=arguments.check_above,
-        spacing=arguments.spacing, overwrite=arguments.overwrite, progress=report,
+        photo_spacing=arguments.photo_spacing, overwrite=arguments.overwrite, progress=report,
         should_cancel=should_cancel,
     )
     emit(
