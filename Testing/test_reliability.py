@@ -299,6 +299,27 @@ def test_pixel_coordinates_read_as_millimetres_are_refused_naming_the_case(tmp_p
                                physical, atol=1e-3)
 
 
+def test_several_raters_give_the_mean_of_the_annotations_that_have_each_point(tmp_path):
+    """As the ISBI 2015 figures use both doctors: --landmarks senior.csv junior.csv."""
+    from SCNLandmarksLib.data.dataset import load_cases
+
+    folder = tmp_path / "cases"
+    folder.mkdir()
+    image, _ = make_synthetic_case(dimension=2, size=(80, 60), spacing=(0.1, 0.1), num_landmarks=2)
+    write_image(image, folder / "ceph1.nrrd")
+    first = image.geometry.index_to_physical(np.array([[40.0, 30.0], [70.0, 50.0]]))
+    second = first + [[1.0, -2.0], [0.0, 0.0]]
+    (tmp_path / "a.csv").write_text("ceph1," + ",".join(f"{v:g}" for v in first.ravel()) + "\n")
+    (tmp_path / "b.csv").write_text("ceph1," + ",".join(f"{v:g}" for v in second[0]) + ",,\n")  # L2 not placed
+    (tmp_path / "c.csv").write_text("other," + ",".join(f"{v:g}" for v in first.ravel()) + "\n")
+    mean = load_cases(folder, dimension=2, landmarks=[tmp_path / "a.csv", tmp_path / "b.csv"])[0].landmarks
+    np.testing.assert_allclose(mean.positions, [first[0] + [0.5, -1.0], first[1]], atol=1e-6)
+    with pytest.raises(ValueError, match="c.csv has no row for image ceph1"):
+        load_cases(folder, dimension=2, landmarks=[tmp_path / "a.csv", tmp_path / "c.csv"])
+    assert main(["evaluate", "--images", str(folder), "--landmarks", str(tmp_path / "a.csv"), str(tmp_path / "b.csv"),
+                 "--model", "nowhere.scn.pt", "--output", str(tmp_path / "report")]) == 2  # parsed, then the model
+
+
 def test_model_lists_read_descriptions_without_torch(tmp_path, tiny_model_file):
     """The Slicer module lists models when it opens: that must not import torch (seconds, or broken)."""
     import subprocess

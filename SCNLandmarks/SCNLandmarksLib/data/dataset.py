@@ -37,7 +37,7 @@ def load_cases(
     images: str | Path,
     *,
     dimension: int,
-    landmarks: str | Path | None = None,
+    landmarks: str | Path | Sequence[str | Path] | None = None,
     units: Literal["mm", "pixel"] = "mm",
     ids: Sequence[str] | None = None,
     spacing: Sequence[float] | None = None,
@@ -50,7 +50,9 @@ def load_cases(
         images: folder of images (any format :func:`~SCNLandmarksLib.imaging.image_io.read_image` reads).
         dimension: 2 or 3.
         landmarks: a challenge-style CSV (one row per image id = image file name without
-            extension), or ``None`` to read ``<image name>.mrk.json`` / ``.fcsv`` next to each image.
+            extension), several (several raters: each point is the mean of the annotations that
+            have it, as the ISBI 2015 figures use both doctors'), or ``None`` to read
+            ``<image name>.mrk.json`` / ``.fcsv`` next to each image.
         units: CSV coordinates in physical ``"mm"`` (LPS) or ``"pixel"`` indices (mapped
             through each image's own geometry).
         ids: only these image ids, in this order (a split file).
@@ -68,14 +70,11 @@ def load_cases(
         raise FileNotFoundError(msg)
     table = None
     if landmarks is not None:
-        table = read_landmark_csv(landmarks, dimension=dimension, names=names)
+        table = _mean_annotation(landmarks, wanted, dimension=dimension, names=names)
     cases = []
     for image_id in wanted:
         image = read_image(files[image_id], spacing=spacing)
         if table is not None:
-            if image_id not in table:
-                msg = f"{landmarks} has no row for image {image_id}"
-                raise ValueError(msg)
             points = table[image_id]
             if units == "pixel":
                 geometry = image.as_dimension(dimension).geometry
@@ -87,6 +86,32 @@ def load_cases(
         _refuse_points_outside(image.as_dimension(dimension), points, image_id, units)
         cases.append(TrainingCase(image=image, landmarks=points, name=image_id))
     return cases
+
+
+def _mean_annotation(files: str | Path | Sequence[str | Path], ids: Sequence[str], *, dimension: int,
+                     names: Sequence[str] | None) -> dict[str, Landmarks]:
+    """Image id -> landmarks for ``ids`` from one CSV, or the mean of several (NaN where none has the point)."""
+    files = [files] if isinstance(files, (str, Path)) else list(files)
+    tables = [read_landmark_csv(path, dimension=dimension, names=names) for path in files]
+    mean = {}
+    for image_id in ids:
+        rows = []
+        for path, table in zip(files, tables):
+            if image_id not in table:
+                msg = f"{path} has no row for image {image_id}"
+                raise ValueError(msg)
+            rows.append(table[image_id])
+        if any(len(row) != len(rows[0]) for row in rows):
+            counts = ", ".join(f"{Path(path).name}: {len(row)}" for path, row in zip(files, rows))
+            msg = f"The landmark files disagree on the number of landmarks of image {image_id} ({counts})"
+            raise ValueError(msg)
+        stack = np.stack([row.positions for row in rows])
+        present = np.isfinite(stack).all(axis=2)
+        total = np.where(present[..., None], stack, 0.0).sum(axis=0)
+        count = present.sum(axis=0)[:, None]
+        positions = np.where(count > 0, total / np.maximum(count, 1), np.nan)
+        mean[image_id] = Landmarks(rows[0].names, positions, rows[0].descriptions)
+    return mean
 
 
 # Points may sit a little outside the pixel grid (on the border, or a structure cut off).

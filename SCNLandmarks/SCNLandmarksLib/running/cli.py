@@ -45,9 +45,10 @@ def _device_arg(parser: argparse.ArgumentParser) -> None:
 
 def _data_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--images", required=True, type=Path, help="folder of annotated images")
-    parser.add_argument("--landmarks", type=Path,
+    parser.add_argument("--landmarks", type=Path, nargs="+",
                         help="CSV with one row per image 'id,x1,y1[,z1],...' (id = image file name without "
-                             "extension); without it, <image>.mrk.json or <image>.fcsv next to each image is used")
+                             "extension), or several (raters): each point is then their mean; without it, "
+                             "<image>.mrk.json or <image>.fcsv next to each image is used")
     parser.add_argument("--units", choices=["mm", "pixel"], default="mm",
                         help="coordinates in the CSV: physical mm or pixel indices (default: mm)")
     parser.add_argument("--ids", type=Path, help="file listing the image ids to use, one per line")
@@ -140,7 +141,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     evaluate = commands.add_parser("evaluate", help="measure a model against annotations",
                                    description="Detect on annotated images and report errors in mm (MRE, SDR).")
-    evaluate.add_argument("--model", required=True, help="model file or installed model name")
+    evaluate.add_argument("--model", help="model file (.scn.pt) or the name of an installed model (default: the bundled default)")
     _data_args(evaluate)
     evaluate.add_argument("--output", type=Path, default=Path("scn-evaluation"), help="report folder")
     evaluate.add_argument("--overwrite", action="store_true", help="replace an existing report")
@@ -398,16 +399,21 @@ def _command_evaluate(args: argparse.Namespace) -> int:
     detector = Detector(_resolve_model(args.model), device=args.device)
     references = [named_like_model(case.landmarks, detector.model.landmark_names) for case in cases]
     bar = TextProgressBar()
-    rows = []
+    rows, warned = [], []
     start = time.monotonic()
     for number, (case, reference) in enumerate(zip(cases, references)):
         rows.append((case.name, detector.detect(case.image), reference))
+        if detector.last_warning:
+            warned.append((case.name, detector.last_warning))
         elapsed = time.monotonic() - start
         bar(Progress("evaluate", number + 1, len(cases), elapsed, estimate_eta(number + 1, len(cases), elapsed)))
     report = evaluate(rows)
     write_evaluation(report, args.output, overwrite=args.overwrite)
     print(format_summary(report))
     print(f"Report: {args.output}")
+    if warned:  # errors in mm mean nothing at a wrong pixel size: said last, where it is seen
+        names = ", ".join(name for name, _ in warned[:5]) + (", ..." if len(warned) > 5 else "")
+        print(f"WARNING: {len(warned)} of {len(rows)} images ({names}): {warned[0][1]}")
     return 0
 
 
