@@ -61,10 +61,17 @@ def test_evaluate_and_finetune_and_info(annotated_folder, trained_model, tmp_pat
     assert main(["finetune", "--from-model", str(trained_model), "--images", str(annotated_folder), "--output", str(tuned),
                  "--iterations", "5", "--device", "cpu", "--keep-worse"]) == 0
     capsys.readouterr()
-    assert main(["info", str(tuned)]) == 0
+    assert main(["info", str(tuned), "--json"]) == 0
     info = json.loads(capsys.readouterr().out)
     assert info["landmarks"] == ["L1", "L2", "L3", "L4"] and info["training"]["iterations"] == 5
     assert info["info"]["parent_model"] == trained_model.name
+    # For a person: a summary that says the file is intact, and the installed models by name.
+    assert main(["info", str(tuned)]) == 0
+    text = capsys.readouterr().out
+    assert "checksums of the weights and of the description: intact" in text and "2D, 4 landmarks: L1, L2, L3, L4" in text
+    assert f"fine-tuned from {trained_model.name}" in text and "--json" in text
+    assert main(["info"]) == 0
+    assert "* cephalometric_isbi2015" in capsys.readouterr().out  # the bundled default, by the name --model takes
 
 
 def test_errors_are_one_clear_line_and_exit_code_2(annotated_folder, trained_model, tmp_path, capsys):
@@ -101,7 +108,7 @@ def test_train_with_a_refinement_stage_writes_a_two_stage_model(annotated_folder
     assert main(["train", "--images", str(annotated_folder), "--output", str(output), "--iterations", "3",
                  "--refine-iterations", "2", *TINY]) == 0
     assert "global + refinement stage" in capsys.readouterr().out
-    assert main(["info", str(output)]) == 0
+    assert main(["info", str(output), "--json"]) == 0
     info = json.loads(capsys.readouterr().out)
     assert info["refinement_stage"]["patch_size"] == 128 and info["info"]["refiner_training"]["iterations"] == 2
     # A third of the global grid's pixel (86 mm / 64 / 3 = 0.45 mm) would be finer than the

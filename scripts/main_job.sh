@@ -3,5 +3,5 @@
 # landmarks with the bundled default model, or train-and-detect while none is bundled.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-bash scripts/setup.sh
+bash scripts/setup.sh plots  # the engine and its plots; the test tools are test.sh's
 exec .venv/bin/python scripts/main_job.py "$@"

@@ -14,7 +14,30 @@ import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
-__all__ = ["atomic_path", "atomic_write_bytes", "atomic_write_text", "check_writable", "file_lock"]
+__all__ = ["atomic_path", "atomic_write_bytes", "atomic_write_text", "check_writable", "file_lock", "make_output_folder"]
+
+
+def make_output_folder(folder: str | os.PathLike[str]) -> Path:
+    """Create the folder that receives a run's results (with its parents), before any work is done.
+
+    Raises:
+        NotADirectoryError: ``folder``, or a folder above it, is an existing file.
+        PermissionError: it cannot be created, or it is read-only for this user.
+    """
+    folder = Path(folder).expanduser()
+    blocking = next((part for part in (folder, *folder.parents) if part.exists() and not part.is_dir()), None)
+    if blocking is not None:
+        msg = f"The output must be a folder, but {blocking} is a file; choose a folder"
+        raise NotADirectoryError(msg)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except PermissionError as error:
+        msg = f"Cannot create the output folder {folder}: no permission to write in {error.filename or 'its parent'}"
+        raise PermissionError(msg) from error
+    if not os.access(folder, os.W_OK):
+        msg = f"The output folder {folder} is read-only (no permission to write there)"
+        raise PermissionError(msg)
+    return folder
 
 
 def check_writable(path: str | os.PathLike[str], *, overwrite: bool) -> Path:

@@ -140,6 +140,8 @@ def _read_dicom_folder(folder: Path) -> sitk.Image:
 # End-of-image markers: a file cut short (an interrupted copy or download) lacks them, and the
 # decoders fill the missing rows with grey instead of failing.
 _END_MARKERS = {".jpg": b"\xff\xd9", ".jpeg": b"\xff\xd9", ".png": b"IEND"}
+# How each of those formats begins: a file without it is something else under that name.
+_SIGNATURES = {".jpg": b"\xff\xd8", ".jpeg": b"\xff\xd8", ".png": b"\x89PNG\r\n\x1a\n"}
 
 
 def _refuse_truncated(path: Path) -> None:
@@ -147,8 +149,12 @@ def _refuse_truncated(path: Path) -> None:
     if marker is None:
         return
     with open(path, "rb") as stream:
+        head = stream.read(8)
         stream.seek(max(path.stat().st_size - 4096, 0))
         tail = stream.read()
+    if not head.startswith(_SIGNATURES[path.suffix.lower()]):
+        msg = f"{path} is not a {path.suffix[1:].upper()} file: its content is not such an image (renamed, or another kind of file)"
+        raise ValueError(msg)
     if marker not in tail:
         msg = f"{path} is damaged: the file ends before the image does (truncated {path.suffix[1:].upper()}); copy it again"
         raise ValueError(msg)

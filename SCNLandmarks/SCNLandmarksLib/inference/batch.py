@@ -5,7 +5,6 @@ from __future__ import annotations
 import csv
 import io
 import logging
-import os
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -14,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..common.atomic import atomic_write_text
+from ..common.atomic import atomic_write_text, make_output_folder
 from .detection import Detector
 from ..imaging.image_io import (IMAGE_SUFFIXES, check_fits_in_memory, find_images, is_photo_file,  # some re-exported
                                 output_stem, read_image)
@@ -108,15 +107,7 @@ def detect_files(
         should_cancel: polled between images; the images done so far are kept.
         on_item: called with each finished item (for live display).
     """
-    output_folder = Path(output_folder)
-    try:
-        output_folder.mkdir(parents=True, exist_ok=True)
-    except PermissionError as error:
-        msg = f"Cannot create the output folder {output_folder}: no permission to write in {error.filename or 'its parent'}"
-        raise PermissionError(msg) from error
-    if not os.access(output_folder, os.W_OK):  # found before any image is processed, not after
-        msg = f"The output folder {output_folder} is read-only (no permission to write there)"
-        raise PermissionError(msg)
+    output_folder = make_output_folder(output_folder)  # its problems are found before any image is processed
     detector = Detector(model, device=device, check_above_mm=check_above_mm,
                         low_confidence=-1.0 if low_confidence_threshold is None else low_confidence_threshold)
     report = BatchReport(device=detector.device_description)
@@ -151,10 +142,10 @@ def detect_files(
             written[target] = image_path
         except MemoryError as error:
             item.error = (str(error) or "not enough memory to process this image") + "; it was skipped"
-            log.warning("Skipped %s: %s", image_path.name, item.error)
+            log.info("Skipped %s: %s", image_path.name, item.error)  # in the report; the callers show it
         except (ValueError, OSError, RuntimeError) as error:
             item.error = str(error)
-            log.warning("Skipped %s: %s", image_path.name, error)
+            log.info("Skipped %s: %s", image_path.name, error)
         item.seconds = time.monotonic() - began
         report.items.append(item)
         if on_item is not None:

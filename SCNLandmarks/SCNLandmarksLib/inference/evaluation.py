@@ -23,7 +23,7 @@ from typing import Any
 
 import numpy as np
 
-from ..common.atomic import atomic_path, atomic_write_text, check_writable
+from ..common.atomic import atomic_path, atomic_write_text, check_writable, make_output_folder
 from ..data.landmarks import Landmarks, default_names
 
 __all__ = ["evaluate", "format_summary", "named_like_model", "point_errors", "write_evaluation"]
@@ -299,8 +299,7 @@ def check_evaluation_folder(folder: str | os.PathLike[str], *, overwrite: bool =
         FileExistsError: a report file exists and ``overwrite`` is False.
         PermissionError: the folder is read-only.
     """
-    folder = Path(folder).expanduser()
-    folder.mkdir(parents=True, exist_ok=True)
+    folder = make_output_folder(folder)
     # Checked up front so that a refused overwrite leaves no half-updated set of files.
     for name in _OUTPUT_NAMES:
         check_writable(folder / name, overwrite=overwrite)

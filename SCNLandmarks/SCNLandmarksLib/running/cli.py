@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import math
 import os
 import signal
 import sys
@@ -147,8 +148,9 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--overwrite", action="store_true", help="replace an existing report")
     _device_arg(evaluate)
 
-    info = commands.add_parser("info", help="show what a model file contains")
-    info.add_argument("model", help="model file or installed model name")
+    info = commands.add_parser("info", help="list the installed models, or show what one model file contains")
+    info.add_argument("model", nargs="?", help="model file or installed model name (none: list the installed models)")
+    info.add_argument("--json", action="store_true", help="the model's whole description as JSON (for scripts)")
     return parser
 
 
@@ -163,6 +165,9 @@ def _spacing(values: Sequence[float] | None, dimension: int | None = None) -> tu
     """The ``--spacing`` values: one number means the same size on every axis, whatever the image."""
     if values is None:
         return None
+    if not all(math.isfinite(value) and value > 0 for value in values):
+        msg = f"--spacing takes pixel sizes in mm, positive numbers; got {' '.join(f'{value:g}' for value in values)}"
+        raise ValueError(msg)
     if len(values) == 1:
         return tuple(values) * dimension if dimension is not None else float(values[0])
     return tuple(values)
@@ -422,6 +427,8 @@ def _command_info(args: argparse.Namespace) -> int:
 
     from ..models.model_file import load_model, read_model_description
 
+    if args.model is None:
+        return _list_installed_models()
     path = _resolve_model(args.model)
     load_model(path)  # checks the whole file (weights and description), not only what is shown
     description = read_model_description(path)
@@ -442,7 +449,56 @@ def _command_info(args: argparse.Namespace) -> int:
             "squared_terms": description.error_model.get("squared_weights") is not None},
         "shape_model": bool(description.shape_model),
     }
-    print(json.dumps(summary, indent=2))
+    if args.json:
+        print(json.dumps(summary, indent=2))
+        return 0
+    network, refiner, errors, trained = summary["network"], summary["refinement_stage"], summary["expected_errors"], summary["training"]
+    grid = " x ".join(str(n) for n in summary["grid"]["size"])
+    grid_spacing = summary["grid"]["spacing"]
+    lines = [
+        f"{path.name}  ({path})",
+        "  checksums of the weights and of the description: intact",
+        f"  {network.get('dimension')}D, {len(summary['landmarks'])} landmarks: {', '.join(summary['landmarks'])}",
+        f"  global stage: {network.get('architecture', 'scn').upper()}, {network.get('filters')} filters, grid {grid} "
+        + ("(the whole image fitted into it)" if grid_spacing is None else f"at {' x '.join(f'{v:g}' for v in grid_spacing)} mm"),
+    ]
+    if trained.get("iterations"):
+        minutes = "" if trained.get("seconds") is None else f" in {trained['seconds'] / 60:.1f} min"
+        best = trained.get("best_validation_mre_mm")
+        lines.append(f"    trained {trained['iterations']} steps{minutes} on {trained.get('device') or '?'}"
+                     + ("" if best is None else f", best validation error {best:.2f} mm"))
+    if refiner:
+        members = refiner.get("members", 1)
+        lines.append(f"  local stage: {members} network{'s' if members != 1 else ''}, crops of {refiner.get('patch_size')} "
+                     f"pixels at {refiner.get('spacing_mm'):g} mm")
+    lines.append(f"  shape model: {'yes' if summary['shape_model'] else 'no'}")
+    if errors:
+        lines.append(f"  expected errors: from {', '.join(errors['signals'])}; points above {errors['check_above_mm']:.2f} mm "
+                     "are to be checked")
+        if errors.get("fitted_on"):
+            lines.append(f"    fitted on {errors['fitted_on']}")
+    else:
+        lines.append("  expected errors: none (points of low confidence are flagged instead)")
+    if info.get("parent_model"):
+        lines.append(f"  fine-tuned from {info['parent_model']}")
+    lines.append(f"The whole description: scn-landmarks info {args.model} --json")
+    print("\n".join(lines))
+    return 0
+
+
+def _list_installed_models() -> int:
+    from ..models.catalog import list_models
+
+    entries = list_models()
+    if not entries:
+        print("No models installed; name a model file (.scn.pt) instead")
+        return 0
+    print("Installed models (* the default; give the first word, or the path, to --model):")
+    for entry in entries:
+        what = (f"{entry.dimension}D, {entry.landmark_count} landmarks" if entry.error is None else f"unusable: {entry.error}")
+        stem = entry.path.name.removesuffix(".scn.pt")
+        title = "" if entry.name == stem else f" \"{entry.name}\""
+        print(f"{'*' if entry.default else ' '} {stem}{title}: {what} ({entry.source}, {entry.path})")
     return 0
 
 
