@@ -410,6 +410,7 @@ def test_a_volume_whose_pixel_size_cannot_be_right_is_named(panel: types.SimpleN
     assert panel.errors == []
 
 
+@pytest.mark.filterwarnings("ignore:does not have observer")  # the fixture closes the module again
 def test_closing_slicer_stops_a_running_batch(panel: types.SimpleNamespace) -> None:
     """The batch worker runs in a process of its own; closing Slicer (``cleanup``) must not leave it running."""
     import SimpleITK as sitk
