@@ -291,12 +291,15 @@ class SCNLandmarksWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             else _("Select an input volume and a model first")
         )
         self.ui.addCaseButton.enabled = haveVolume and bool(parameters and parameters.landmarksNode) and not detecting
-        self.ui.fineTuneButton.enabled = haveModel and not running and self.ui.casesTableWidget.rowCount > 0
+        # Fine-tuning and a batch are never run together: each would get half the computer (or
+        # GPU memory), and a fine-tuning's time budget would buy half the steps.
+        self.ui.fineTuneButton.enabled = (haveModel and not running and not self._batchRunning
+                                          and self.ui.casesTableWidget.rowCount > 0)
         self.ui.cancelFineTuneButton.enabled = running
         self.ui.iterationsSpinBox.enabled = bool(parameters) and not parameters.useTimeBudget
         self.ui.timeBudgetMinutesSpinBox.enabled = bool(parameters) and parameters.useTimeBudget
         haveFolders = bool(parameters) and _isSet(parameters.batchInputFolder) and _isSet(parameters.batchOutputFolder)
-        self.ui.batchRunButton.enabled = haveModel and haveFolders and not self._batchRunning
+        self.ui.batchRunButton.enabled = haveModel and haveFolders and not self._batchRunning and not running
 
     # ------------------------------------------------------------------ models
 
@@ -390,6 +393,11 @@ class SCNLandmarksWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                 "{count} landmarks in '{name}' ({seconds:.1f} s); {flagged} to check (orange)."
             ).format(count=node.GetNumberOfControlPoints(), name=node.GetName(), seconds=job.seconds,
                      flagged=self.logic.pointsToCheckCount(node))
+            # The points are corrected on the image they were found on, never over another one.
+            slicer.util.setSliceViewerLayers(background=parameters.inputVolume, fit=True)
+            hidden = self._showOnly(node)
+            if hidden:
+                self.ui.detectStatusLabel.text += " " + _("Hidden, not deleted: {lists}.").format(lists=", ".join(hidden))
             if self.logic.lastWarning:
                 self.ui.detectStatusLabel.text += " " + self.logic.lastWarning
                 slicer.util.warningDisplay(self.logic.lastWarning)
@@ -400,6 +408,24 @@ class SCNLandmarksWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self.ui.detectStatusLabel.text = _("Detection cancelled.")
         self.updateDeviceInfo()
         self._updateButtonStates()
+
+    @staticmethod
+    def _showOnly(node) -> list:
+        """Hide the module's other point lists (those of other volumes, or an edited one a new
+        detection did not replace), so that no point is dragged over the wrong image; their names."""
+        hidden = []
+        others = node.GetScene().GetNodesByClass("vtkMRMLMarkupsFiducialNode")
+        for index in range(others.GetNumberOfItems()):
+            other = others.GetItemAsObject(index)
+            display = other.GetDisplayNode()
+            if other is node or other.GetAttribute("SCNLandmarks.sourceVolumeID") is None or display is None:
+                continue
+            if display.GetVisibility():
+                display.SetVisibility(False)
+                hidden.append(other.GetName())
+        if node.GetDisplayNode() is not None:
+            node.GetDisplayNode().SetVisibility(True)
+        return hidden
 
     def _detecting(self) -> bool:
         return self._detectJob is not None and self._detectJob.isRunning()
@@ -433,9 +459,9 @@ class SCNLandmarksWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         with slicer.util.tryWithErrorDisplay(_("The case could not be stored."), waitCursor=True):
             info = self.logic.addTrainingCase(parameters.inputVolume, parameters.landmarksNode)
             self.updateCasesTable()
-            slicer.util.showStatusMessage(
-                _("Stored case '{name}' with {corrected} corrected points.").format(
-                    name=info.name, corrected=info.num_corrected), 5000)
+            message = _("Stored case '{name}' with {corrected} corrected points.") if not info.replaced else _(
+                "Updated case '{name}' with {corrected} corrected points (this image's earlier case is replaced).")
+            slicer.util.showStatusMessage(message.format(name=info.name, corrected=info.num_corrected), 5000)
 
     def onRemoveCaseButton(self) -> None:
         # selectedIndexes() is protected in C++ (QTableWidget); the selection model's rows are public.
@@ -1003,6 +1029,8 @@ class SCNLandmarksLogic(ScriptedLoadableModuleLogic):
 
         def finish(landmarks):
             existing = outputNode
+            if existing is not None and existing.GetScene() is None:  # deleted while the network ran
+                existing = None
             if existing is not None and existing.GetNumberOfControlPoints() > 0 and self.isEdited(existing):
                 logging.info("'%s' was edited; the new detection goes into a new point list", existing.GetName())
                 existing = None
@@ -1045,10 +1073,13 @@ class SCNLandmarksLogic(ScriptedLoadableModuleLogic):
         """Store the volume and its (corrected) point list as a training case on disk.
 
         Points are read in world coordinates; points marked missing are stored as missing and
-        left out of training; which points the user moved is recorded.
+        left out of training; which points the user moved is recorded. A case stored earlier
+        from the same image is replaced (the latest corrections count; one image twice would be
+        trained on and held out at once by fine-tuning's check).
 
         :param name: case name (default: the volume name; made unique).
-        :return: ``SCNLandmarksLib.data.cases.CaseInfo`` of the stored case.
+        :return: ``SCNLandmarksLib.data.cases.CaseInfo`` of the stored case (``replaced``: the
+            earlier cases of this image it replaced).
         """
         from SCNLandmarksLib.data import cases
         from SCNLandmarksLib.slicer_side import mrml_adapter
@@ -1068,7 +1099,8 @@ class SCNLandmarksLogic(ScriptedLoadableModuleLogic):
             "pointList": markupsNode.GetName(),
             "model": markupsNode.GetAttribute(mrml_adapter.ATTRIBUTE_MODEL) or "",
         }
-        info = cases.write_case(self.casesFolder, name or volumeNode.GetName(), image, landmarks, metadata=metadata)
+        info = cases.write_case(self.casesFolder, name or volumeNode.GetName(), image, landmarks, metadata=metadata,
+                                replace_same_image=True)
         logging.info("Stored training case %s (%d corrected points) in %s", info.name, info.num_corrected, info.folder)
         return info
 
@@ -1135,6 +1167,7 @@ class SCNLandmarksLogic(ScriptedLoadableModuleLogic):
         finishedCallback: Optional[Callable[["SCNLandmarksJob"], None]] = None,
         outputPath: Union[str, Path, None] = None,
         keepWorse: bool = False,
+        newLandmarks: bool = False,
     ):
         """Fine-tune a model on stored training cases, in a background process.
 
@@ -1144,7 +1177,8 @@ class SCNLandmarksLogic(ScriptedLoadableModuleLogic):
         ``-ft002``...) only when it is better than the starting model (or ``keepWorse``); the
         model it starts from is never changed. A failure or cancel writes no model.
 
-        :param cases: case names (see :meth:`trainingCases`) or None for all usable cases.
+        :param cases: case names (see :meth:`trainingCases`) or None for all usable cases: those of
+            the model's dimension whose landmarks the model has (others are left out, with a log line).
         :param fromModel: model to start from (path, name, or None for the default model).
         :param iterations: steps of each training run (default: :meth:`suggestedIterations`, fewer
             where they would not end within the engine's ``DEFAULT_TIME_LIMIT_S`` on this computer).
@@ -1158,6 +1192,9 @@ class SCNLandmarksLogic(ScriptedLoadableModuleLogic):
         :param finishedCallback: called with the job when it ends (any outcome).
         :param outputPath: where to write the new model (default: next version name).
         :param keepWorse: write the new model even when it is not better.
+        :param newLandmarks: learn the cases' landmark set where it differs from the model's (new
+            output heads; the result cannot be checked against the starting model). Without it,
+            cases with landmarks the model lacks are refused (named), never learned silently.
         :return: the new model's path, or None when the starting model was kept (``wait=True``;
             ``job.report`` has both errors), or the running job (``wait=False``).
         :raises SCNLandmarksLib.common.errors.TrainingCancelled: cancelled while waiting.
@@ -1167,19 +1204,37 @@ class SCNLandmarksLogic(ScriptedLoadableModuleLogic):
         from SCNLandmarksLib.running.process import BackgroundProcess, worker_command, worker_environment
 
         self.setupPythonRequirements()
+        if iterations is not None and timeBudgetSeconds is not None:
+            raise ValueError(_("Give either a number of iterations or a time budget, not both."))
+        sourcePath = self.resolveModel(fromModel)
+        description = self.modelDescription(sourcePath)
+        modelNames, modelDimension = set(description.landmark_names), description.network.get("dimension")
         infos = {info.name: info for info in self.trainingCases()}
         if cases is None:
-            names = [name for name, info in infos.items() if info.error is None]
+            names = []
             for name, info in infos.items():
                 if info.error is not None:
                     logging.warning("Training case %s is skipped: %s", name, info.error)
+                elif info.dimension != modelDimension:
+                    logging.warning("Training case %s is skipped: it is %dD, the model %sD", name, info.dimension,
+                                    modelDimension)
+                elif not newLandmarks and set(info.landmark_names) - modelNames:
+                    logging.warning("Training case %s is skipped: it has landmarks the model lacks", name)
+                else:
+                    names.append(name)
+            if not names and infos:
+                raise ValueError(_("None of the training cases fits the model {model} (its dimension and "
+                                   "landmarks).").format(model=sourcePath.name))
         else:
             names = [getattr(case, "name", case) for case in cases]
         if not names:
             raise ValueError(_("There are no training cases yet. Detect, correct and 'Add case' first."))
-        if iterations is not None and timeBudgetSeconds is not None:
-            raise ValueError(_("Give either a number of iterations or a time budget, not both."))
-        sourcePath = self.resolveModel(fromModel)
+        caseNames = {label for name in names if name in infos for label in infos[name].landmark_names}
+        if caseNames - modelNames and not newLandmarks:
+            unknown = ", ".join(sorted(caseNames - modelNames)[:5])
+            raise ValueError(_("The cases name landmarks the model {model} does not have ({unknown}); to teach it "
+                               "the cases' landmark set, ask for it (newLandmarks=True).").format(
+                model=sourcePath.name, unknown=unknown))
         if outputPath is None:
             self.userModelsFolder.mkdir(parents=True, exist_ok=True)
             outputPath = catalog.next_model_version_path(sourcePath, self.userModelsFolder)
@@ -1195,10 +1250,7 @@ class SCNLandmarksLogic(ScriptedLoadableModuleLogic):
             arguments += ["--case", name]
         if keepWorse:
             arguments.append("--keep-worse")
-        modelNames = set(self.modelDescriptionLandmarks(sourcePath))
-        caseNames = {label for name in names if name in infos for label in infos[name].landmark_names}
-        if caseNames - modelNames:
-            # The cases name landmarks the model does not know: learn the cases' landmark set.
+        if newLandmarks and caseNames - modelNames:
             arguments.append("--landmarks-from-cases")
 
         environment = slicer.util.startupEnvironment() if in_slicer_application() else None

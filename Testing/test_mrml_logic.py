@@ -141,8 +141,17 @@ def test_cases_are_stored_on_disk_with_corrections_and_survive_restart(module, l
     info = logic.addTrainingCase(volume, points)
     assert (info.name, info.dimension, info.num_missing, info.corrected_names) == ("ceph", 2, 1, ["L2"])
     assert info.metadata["model"] == "tiny.scn.pt"
+    # The same image added again (corrected further) replaces its case: it is one case, not two
+    # that fine-tuning's folds could train on and hold out at once.
+    points.SetNthControlPointPositionWorld(0, *true_world[0])
     second = logic.addTrainingCase(volume, points)
-    assert second.name == "ceph-2"
+    assert (second.name, second.replaced, second.corrected_names) == ("ceph", ["ceph"], ["L1", "L2"])
+    assert [c.name for c in logic.trainingCases()] == ["ceph"]
+    # Another image of the same name is a case of its own.
+    namesake = _volume(scene, _case(seed=3)[0], shifted=False)
+    assert namesake.GetName() == "ceph"
+    third = logic.addTrainingCase(namesake, logic.detect(namesake, model=model_path, device="cpu"))
+    assert (third.name, third.replaced) == ("ceph-2", [])
 
     # A new Logic (Slicer restarted) sees the same cases; the stored case is in world LPS.
     restarted = module.SCNLandmarksLogic(casesFolder=tmp_path / "cases", userModelsFolder=tmp_path / "models")
@@ -166,11 +175,18 @@ def test_cases_are_stored_on_disk_with_corrections_and_survive_restart(module, l
 
 
 def test_fine_tune_blocking_and_cancel(logic, scene, model_path, tmp_path):
-    image = _case()[0]
-    volume = _volume(scene, image, shifted=False)
+    from SCNLandmarksLib.data import cases
+
     for seed in (1, 2):
+        volume = _volume(scene, _case(seed)[0], shifted=False)
         points = logic.detect(volume, model=model_path, device="cpu")
         logic.addTrainingCase(volume, points, name=f"case{seed}")
+    # A case of another landmark set (stored by another model, or by hand) is left out, never learned silently.
+    image, foreign = _case(3)
+    foreign.names = ["X1", "X2", "X3"]
+    cases.write_case(logic.casesFolder, "foreign", image, foreign)
+    with pytest.raises(ValueError, match=r"landmarks the model tiny.scn.pt does not have \(X1, X2, X3\).*newLandmarks=True"):
+        logic.fineTune(cases=["case1", "foreign"], fromModel=model_path, iterations=3, device="cpu")
     before = model_path.read_bytes()
 
     events = []

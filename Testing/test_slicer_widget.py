@@ -67,6 +67,9 @@ class SlicerApplicationModel:
     def topLevelWidgets(self) -> list[Any]:  # noqa: N802 - no main window: slicer.util.mainWindow() is None
         return []
 
+    def layoutManager(self) -> None:  # noqa: N802 - no main window, so no view layout (Slicer returns None then)
+        return None
+
     def setOverrideCursor(self, cursor: Any) -> None:  # noqa: N802
         pass
 
@@ -230,14 +233,19 @@ def test_detect_add_case_and_fine_tune_then_cancel(panel: types.SimpleNamespace)
     assert (panel.tmp / "cases").is_dir() and any((panel.tmp / "cases").iterdir())
     assert ui.fineTuneButton.enabled is True
 
+    widget._parameterNode.batchInputFolder = panel.tmp / "cases"
+    widget._parameterNode.batchOutputFolder = panel.tmp / "out"
+    assert ui.batchRunButton.enabled is True
     ui.fineTuneButton.click()
     assert widget._fineTuneJob is not None and widget._fineTuneJob.isRunning()
     assert ui.cancelFineTuneButton.enabled is True and ui.fineTuneButton.enabled is False
+    assert ui.batchRunButton.enabled is False  # never both at once: each would get half the computer
     ui.cancelFineTuneButton.click()
     assert wait_until(lambda: not widget._fineTuneJob.isRunning(), 120), "the worker did not stop"
     assert widget._fineTuneJob.status == "cancelled"
     assert "Cancelled" in ui.fineTuneStatusLabel.text
     assert ui.cancelFineTuneButton.enabled is False and ui.fineTuneButton.enabled is True
+    assert ui.batchRunButton.enabled is True
     models = panel.tmp / "models"
     assert not models.exists() or not list(models.glob("*.scn.pt")), "a cancelled fine-tuning wrote a model"
     assert panel.errors == []
@@ -431,3 +439,30 @@ def test_closing_slicer_stops_a_running_batch(panel: types.SimpleNamespace) -> N
     assert wait_until(lambda: not job.isRunning(), 60), "the batch went on after Slicer closed"
     assert job.status == "cancelled" or (job.status == "done" and job.report["cancelled"])
     assert len(list((panel.tmp / "many-results").glob("*.mrk.json"))) < 30
+
+
+def test_points_are_shown_only_over_the_image_they_were_found_on(panel: types.SimpleNamespace) -> None:
+    """Radiographs share one plane: a list left on screen over another image would be corrected
+    against the wrong anatomy. Detection shows its volume and hides the module's other lists."""
+    ui, widget, scene = panel.ui, panel.widget, panel.scene
+    views = scene.AddNewNodeByClass("vtkMRMLSliceCompositeNode")  # what a slice view shows
+    first, second = radiograph_volume(scene, "First"), radiograph_volume(scene, "Second")
+
+    def detect_on(volume: Any) -> Any:
+        ui.inputVolumeSelector.setCurrentNode(volume)
+        ui.detectButton.click()
+        assert wait_until(lambda: not widget._detectJob.isRunning(), 120) and widget._detectJob.status == "done"
+        assert views.GetBackgroundVolumeID() == volume.GetID()
+        return widget._parameterNode.landmarksNode
+
+    on_first = detect_on(first)
+    position = [0.0, 0.0, 0.0]
+    on_first.GetNthControlPointPositionWorld(0, position)
+    on_first.SetNthControlPointPositionWorld(0, position[0] + 5.0, position[1], position[2])  # a correction
+    on_second = detect_on(second)
+    assert not on_first.GetDisplayNode().GetVisibility() and on_second.GetDisplayNode().GetVisibility()
+    assert f"Hidden, not deleted: {on_first.GetName()}" in ui.detectStatusLabel.text
+    again = detect_on(first)  # the edited list is kept, hidden, beside the new one
+    assert again is not on_first and again.GetDisplayNode().GetVisibility()
+    assert not on_first.GetDisplayNode().GetVisibility() and not on_second.GetDisplayNode().GetVisibility()
+    assert panel.errors == []

@@ -22,6 +22,7 @@ SimpleITK is imported only by the functions that read or write images.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -50,6 +51,7 @@ __all__ = [
     "LANDMARKS_FILE",
     "CaseInfo",
     "default_cases_folder",
+    "image_fingerprint",
     "list_cases",
     "read_case",
     "read_case_info",
@@ -106,6 +108,8 @@ class CaseInfo:
         corrected_names: landmarks a person moved after detection.
         created: ISO time the case was stored.
         metadata: provenance (source volume name, model, ...), free form.
+        image_sha256: :func:`image_fingerprint` of its image ("" for cases stored before it was kept).
+        replaced: the cases of the same image this one replaced when it was written.
         error: why the case cannot be read, or None.
     """
 
@@ -118,6 +122,8 @@ class CaseInfo:
     corrected_names: list[str] = field(default_factory=list)
     created: str = ""
     metadata: dict[str, Any] = field(default_factory=dict)
+    image_sha256: str = ""
+    replaced: list[str] = field(default_factory=list)
     error: str | None = None
 
     @property
@@ -139,6 +145,16 @@ class CaseInfo:
         return values
 
 
+def image_fingerprint(image: Image) -> str:
+    """SHA-256 of an image's pixels (as float32) and geometry: equal for the same image stored twice."""
+    geometry = image.geometry
+    digest = hashlib.sha256()
+    digest.update(json.dumps([list(geometry.size), [round(float(v), 6) for v in (*geometry.spacing, *geometry.origin,
+                                                                              *geometry.direction)]]).encode())
+    digest.update(np.ascontiguousarray(image.array, dtype=np.float32).tobytes())
+    return digest.hexdigest()
+
+
 def write_case(
     folder: str | os.PathLike[str],
     name: str,
@@ -147,6 +163,7 @@ def write_case(
     *,
     metadata: dict[str, Any] | None = None,
     unique: bool = True,
+    replace_same_image: bool = False,
 ) -> CaseInfo:
     """Store one training case atomically.
 
@@ -158,6 +175,9 @@ def write_case(
         landmarks: LPS mm, same dimension as ``image``; NaN rows are missing landmarks;
             ``landmarks.corrected`` marks the points a person moved.
         metadata: provenance stored in ``case.json`` (e.g. source volume, model).
+        replace_same_image: remove the stored cases of the same image (:func:`image_fingerprint`)
+            once this one is written, and give it the first one's name: the same image stored twice
+            would be trained on and held out at once when fine-tuning checks itself on the folds.
 
     Returns:
         The stored case's info.
@@ -177,6 +197,8 @@ def write_case(
         raise ValueError(msg)
     folder = Path(folder).expanduser()
     folder.mkdir(parents=True, exist_ok=True)
+    fingerprint = image_fingerprint(image)
+    same_image = [info for info in list_cases(folder) if info.image_sha256 == fingerprint] if replace_same_image else []
     case_name = unique_case_name(folder, name) if unique else safe_case_name(name)
     final = folder / case_name
     if final.exists():
@@ -193,6 +215,7 @@ def write_case(
         "corrected": corrected_names,
         "missing": [n for n, m in zip(landmarks.names, landmarks.missing) if m],
         "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
+        "image_sha256": fingerprint,
         "metadata": dict(metadata or {}),
     }
     temporary = folder / f".tmp-{uuid.uuid4().hex}-{case_name}"
@@ -205,7 +228,17 @@ def write_case(
     except BaseException:
         shutil.rmtree(temporary, ignore_errors=True)
         raise
-    return read_case_info(final)
+    # Only now that the new case is complete do the earlier ones of the same image go.
+    for old in same_image:
+        remove_case(folder, old.name)
+    if same_image and not (folder / same_image[0].name).exists():
+        os.rename(final, folder / same_image[0].name)
+        final = folder / same_image[0].name
+        document["name"] = final.name
+        atomic_write_text(final / CASE_FILE, json.dumps(document, indent=2) + "\n", overwrite=True)
+    info = read_case_info(final)
+    info.replaced = [old.name for old in same_image]
+    return info
 
 
 def _read_document(case_folder: Path) -> dict[str, Any]:
@@ -256,6 +289,7 @@ def read_case_info(case_folder: str | os.PathLike[str]) -> CaseInfo:
     info.corrected_names = [n for n, c, m in zip(landmarks.names, corrected, landmarks.missing) if c and not m]
     info.created = str(document.get("created", ""))
     info.metadata = dict(document.get("metadata") or {})
+    info.image_sha256 = str(document.get("image_sha256", ""))
     return info
 
 

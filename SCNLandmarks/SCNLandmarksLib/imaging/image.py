@@ -41,8 +41,13 @@ class Image:
         """This image as a ``dimension``-D image.
 
         A 3D volume with a single slice (how Slicer holds a radiograph) becomes 2D, keeping
-        the in-plane part of its geometry. Any other change of dimension is an error.
+        the in-plane part of its geometry. Any other change of dimension is an error, and so is a
+        3D volume of a single slice asked for as 3D (a radiograph given to a model of volumes).
         """
+        if dimension == 3 and self.dimension == 3 and 1 in self.geometry.size:
+            msg = (f"The model expects a 3D volume but this image is a single slice, size {self.geometry.size} "
+                   "(x, y, z): a 2D image; choose a model for 2D images")
+            raise ValueError(msg)
         if dimension == self.dimension:
             return self
         geometry = self.geometry
