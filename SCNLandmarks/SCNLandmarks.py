@@ -189,6 +189,7 @@ class SCNLandmarksWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._batchJob = None
         self._batchRunning = False
         self._detectJob = None
+        self._followedPoints = None  # the point list whose drags are watched
 
     def setup(self) -> None:
         """Called when the user opens the module the first time and the widget is initialized."""
@@ -280,6 +281,7 @@ class SCNLandmarksWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     def _updateButtonStates(self, caller=None, event=None) -> None:
         parameters = self._parameterNode
+        self._followPoints(parameters.landmarksNode if parameters else None)
         haveVolume = bool(parameters and parameters.inputVolume)
         haveModel = bool(self.selectedModelPath())
         running = self._fineTuneJob is not None and self._fineTuneJob.isRunning()
@@ -408,6 +410,22 @@ class SCNLandmarksWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self.ui.detectStatusLabel.text = _("Detection cancelled.")
         self.updateDeviceInfo()
         self._updateButtonStates()
+
+    def _followPoints(self, node) -> None:
+        """Watch the shown point list: a point the user drags is shown as corrected at once."""
+        if node is self._followedPoints:
+            return
+        event = slicer.vtkMRMLMarkupsNode.PointEndInteractionEvent
+        if self._followedPoints is not None:
+            self.removeObserver(self._followedPoints, event, self._onPointDragged)
+        self._followedPoints = node
+        if node is not None:
+            self.addObserver(node, event, self._onPointDragged)
+
+    def _onPointDragged(self, caller, event) -> None:
+        corrected = self.logic.markCorrectedPoints(caller)
+        if corrected:
+            slicer.util.showStatusMessage(_("Corrected: {points}.").format(points=", ".join(corrected)), 3000)
 
     @staticmethod
     def _showOnly(node) -> list:
@@ -1054,6 +1072,13 @@ class SCNLandmarksLogic(ScriptedLoadableModuleLogic):
         from SCNLandmarksLib.slicer_side import mrml_adapter
 
         return mrml_adapter.markups_edited(markupsNode)
+
+    def markCorrectedPoints(self, markupsNode: vtkMRMLMarkupsFiducialNode) -> list[str]:
+        """Show the points moved since detection as corrected: no longer "please check" nor orange,
+        described "corrected=yes" (the GUI calls this after each drag). Returns their labels."""
+        from SCNLandmarksLib.slicer_side import mrml_adapter
+
+        return mrml_adapter.mark_corrected_points(markupsNode)
 
     def pointsToCheckCount(self, markupsNode: vtkMRMLMarkupsFiducialNode) -> int:
         """How many points of a detection result the detector asked to check (described "please check")."""

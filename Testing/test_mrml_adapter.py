@@ -217,6 +217,22 @@ def test_moving_a_point_in_world_coordinates_is_a_correction(mrml_scene):
     assert adapter.landmarks_from_markups(tiny).corrected.tolist() == [False, False, False]
 
 
+def test_a_dragged_point_is_shown_as_corrected_and_no_longer_to_check(mrml_scene):
+    scene = mrml_scene["scene"]
+    node = adapter.markups_from_landmarks(_predictions(), scene=scene, name="preds", low_confidence_threshold=0.3)
+    assert not node.GetNthControlPointSelected(1) and LOW_CONFIDENCE_NOTE in node.GetNthControlPointDescription(1)
+    assert adapter.mark_corrected_points(node) == []  # nothing moved yet
+    node.SetNthControlPointPositionWorld(1, -15.0, 19.0, 32.5)
+    assert adapter.mark_corrected_points(node) == ["Nasion"]
+    text = node.GetNthControlPointDescription(1)
+    assert text.endswith("corrected=yes") and LOW_CONFIDENCE_NOTE not in text and "confidence=0.120" in text
+    assert node.GetNthControlPointSelected(1)  # drawn in the normal colour
+    assert not node.GetNthControlPointSelected(2)  # the point not touched keeps its flag
+    back = adapter.landmarks_from_markups(node)
+    assert back.descriptions == _predictions().descriptions and back.corrected.tolist() == [False, True, False]
+    assert adapter.mark_corrected_points(node) == []  # once only
+
+
 def test_hand_placed_list_counts_as_user_annotation(mrml_scene):
     scene = mrml_scene["scene"]
     node = scene.AddNewNodeByClass("vtkMRMLMarkupsFiducialNode", "manual")

@@ -466,3 +466,23 @@ def test_points_are_shown_only_over_the_image_they_were_found_on(panel: types.Si
     assert again is not on_first and again.GetDisplayNode().GetVisibility()
     assert not on_first.GetDisplayNode().GetVisibility() and not on_second.GetDisplayNode().GetVisibility()
     assert panel.errors == []
+
+
+def test_a_dragged_point_stops_asking_to_be_checked(panel: types.SimpleNamespace) -> None:
+    ui, widget = panel.ui, panel.widget
+    volume = radiograph_volume(panel.scene)
+    ui.inputVolumeSelector.setCurrentNode(volume)
+    ui.detectButton.click()
+    assert wait_until(lambda: not widget._detectJob.isRunning(), 120) and widget._detectJob.status == "done"
+    points = widget._parameterNode.landmarksNode
+    flagged = [i for i in range(points.GetNumberOfControlPoints()) if not points.GetNthControlPointSelected(i)]
+    before = widget.logic.pointsToCheckCount(points)
+    assert flagged and before == len(flagged)
+    position = [0.0, 0.0, 0.0]
+    points.GetNthControlPointPositionWorld(flagged[0], position)
+    points.SetNthControlPointPositionWorld(flagged[0], position[0] + 4.0, position[1], position[2])
+    points.InvokeEvent(slicer.vtkMRMLMarkupsNode.PointEndInteractionEvent)  # the end of a drag in a view
+    assert points.GetNthControlPointSelected(flagged[0])
+    assert points.GetNthControlPointDescription(flagged[0]).endswith("corrected=yes")
+    assert widget.logic.pointsToCheckCount(points) == before - 1
+    assert panel.errors == []

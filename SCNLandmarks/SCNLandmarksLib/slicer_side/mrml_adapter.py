@@ -47,6 +47,7 @@ __all__ = [
     "is_detection_result",
     "landmarks_from_markups",
     "load_markups_json",
+    "mark_corrected_points",
     "markups_edited",
     "markups_from_landmarks",
     "save_markups_json",
@@ -407,6 +408,36 @@ def markups_edited(node) -> bool:  # noqa: ANN001
     except ValueError:
         return True
     return bool(landmarks.corrected is not None and landmarks.corrected.any())
+
+
+def mark_corrected_points(node) -> list[str]:  # noqa: ANN001
+    """Show the points the user moved as corrected: no longer "please check" nor in the warning
+    colour, described ``corrected=yes`` (which a saved ``.mrk.json`` keeps). Returns their labels.
+
+    Points moved back to where they were detected, or not moved, keep their flag. Nothing
+    happens to a point list without a detection record.
+    """
+    if _json_attribute(node, ATTRIBUTE_DETECTED) is None:
+        return []
+    try:
+        landmarks = landmarks_from_markups(node)
+    except ValueError:
+        return []
+    updated = []
+    was_modifying = node.StartModify()
+    try:
+        for index, moved in enumerate(landmarks.corrected if landmarks.corrected is not None else []):
+            text = node.GetNthControlPointDescription(index)
+            description, confidence, already = parse_point_description(text)
+            if not moved or already:
+                continue
+            node.SetNthControlPointDescription(index, compose_point_description(
+                description, None if math.isnan(confidence) else confidence, low=False, corrected=True))
+            node.SetNthControlPointSelected(index, True)
+            updated.append(node.GetNthControlPointLabel(index))
+    finally:
+        node.EndModify(was_modifying)
+    return updated
 
 
 # --------------------------------------------------------------------------- files
