@@ -369,9 +369,7 @@ class SCNLandmarksWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             volume = parameters.inputVolume
             # The selected list is offered for reuse only when it is not another volume's result;
             # the Logic still refuses to overwrite it if the user edited it.
-            if outputNode is not None and outputNode.GetAttribute("SCNLandmarks.sourceVolumeID") not in (
-                None, volume.GetID()
-            ):
+            if outputNode is not None and sourceVolumeID(outputNode) not in (None, volume.GetID()):
                 outputNode = None
             self._detectJob = self.logic.detect(
                 volume,
@@ -436,7 +434,7 @@ class SCNLandmarksWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         for index in range(others.GetNumberOfItems()):
             other = others.GetItemAsObject(index)
             display = other.GetDisplayNode()
-            if other is node or other.GetAttribute("SCNLandmarks.sourceVolumeID") is None or display is None:
+            if other is node or sourceVolumeID(other) is None or display is None:
                 continue
             if display.GetVisibility():
                 display.SetVisibility(False)
@@ -466,11 +464,30 @@ class SCNLandmarksWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                 item.setToolTip(info.error or _("Stored {created} from '{volume}'").format(
                     created=info.created, volume=info.metadata.get("volume", "?")))
                 table.setItem(row, column, item)
-        self.ui.fineTunePresetComboBox.clear()
-        for label, _iterations, _minutes in self.logic.fineTunePresets(len(infos)):
-            self.ui.fineTunePresetComboBox.addItem(label)
+        # Refilled for the new number of cases without choosing a preset: the combo shows the one
+        # the settings are (blank where they were set by hand), and the settings stay as they are.
+        combo = self.ui.fineTunePresetComboBox
+        presets = self.logic.fineTunePresets(len(infos))
+        wasBlocked = combo.blockSignals(True)
+        combo.clear()
+        for label, _iterations, _minutes in presets:
+            combo.addItem(label)
+        combo.setCurrentIndex(self._currentPreset(presets))
+        combo.blockSignals(wasBlocked)
         if self._parameterNode:
             self._updateButtonStates()
+
+    def _currentPreset(self, presets: list) -> int:
+        """The index of the preset the fine-tune settings are, or -1."""
+        parameters = self._parameterNode
+        if parameters is None:
+            return 0
+        for index, (_label, iterations, minutes) in enumerate(presets):
+            if minutes is None and not parameters.useTimeBudget and (iterations or 0) == parameters.fineTuneIterations:
+                return index
+            if minutes is not None and parameters.useTimeBudget and abs(minutes - parameters.timeBudgetMinutes) < 1e-6:
+                return index
+        return -1
 
     def onAddCaseButton(self) -> None:
         parameters = self._parameterNode
@@ -644,6 +661,20 @@ class SCNLandmarksWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         if self._batchJob is not None:
             self._batchJob.cancel()
             self.ui.batchStatusLabel.text = _("Stopping after the current image...")
+
+
+# The volume a point list was detected on. A node reference, not an attribute: references follow
+# the nodes when a scene is imported into one whose IDs clash (Slicer renames the IDs).
+SOURCE_VOLUME_REFERENCE = "SCNLandmarksSourceVolume"
+
+
+def sourceVolumeID(markupsNode) -> Optional[str]:
+    """The ID of the volume ``markupsNode`` was detected on, or None (a list the user made).
+
+    Scenes saved by earlier versions hold it in the attribute ``SCNLandmarks.sourceVolumeID``.
+    """
+    return markupsNode.GetNodeReferenceID(SOURCE_VOLUME_REFERENCE) or markupsNode.GetAttribute(
+        "SCNLandmarks.sourceVolumeID") or None
 
 
 def _isSet(path: Optional[Path]) -> bool:
@@ -1061,7 +1092,7 @@ class SCNLandmarksLogic(ScriptedLoadableModuleLogic):
                 reference_geometry=image.geometry,
                 model_name=modelPath.name,
             )
-            node.SetAttribute("SCNLandmarks.sourceVolumeID", volumeNode.GetID())
+            node.SetNodeReferenceID(SOURCE_VOLUME_REFERENCE, volumeNode.GetID())
             return node
 
         job = SCNLandmarksDetection(compute, finish, finishedCallback).start()
@@ -1111,7 +1142,7 @@ class SCNLandmarksLogic(ScriptedLoadableModuleLogic):
 
         if volumeNode is None or markupsNode is None:
             raise ValueError(_("Select the volume and its point list first."))
-        source = markupsNode.GetAttribute("SCNLandmarks.sourceVolumeID")
+        source = sourceVolumeID(markupsNode)
         if source and source != volumeNode.GetID():
             other = volumeNode.GetScene().GetNodeByID(source) if volumeNode.GetScene() is not None else None
             raise ValueError(_("The point list '{points}' was detected on '{other}', not on '{volume}': select the "

@@ -119,6 +119,19 @@ def test_detect_never_overwrites_an_edited_list(logic, scene, model_path):
         logic.detect(None, model=model_path)
 
 
+def test_a_point_list_knows_its_volume_by_a_node_reference(module, logic, scene, model_path):
+    """A reference follows the volume when Slicer renames IDs (a scene imported into another);
+    lists saved by earlier versions, with the ID in an attribute, are still recognised."""
+    volume = _volume(scene, _case()[0], shifted=False)
+    points = logic.detect(volume, model=model_path, device="cpu")
+    assert points.GetNodeReference(module.SOURCE_VOLUME_REFERENCE) is volume
+    assert module.sourceVolumeID(points) == volume.GetID()
+    older = scene.AddNewNodeByClass("vtkMRMLMarkupsFiducialNode", "older")
+    older.SetAttribute("SCNLandmarks.sourceVolumeID", volume.GetID())
+    assert module.sourceVolumeID(older) == volume.GetID()
+    assert module.sourceVolumeID(scene.AddNewNodeByClass("vtkMRMLMarkupsFiducialNode", "mine")) is None
+
+
 def test_2d_model_on_a_multi_slice_volume_is_explained(logic, scene, model_path):
     from SCNLandmarksLib.imaging.image import Image
 

@@ -223,7 +223,7 @@ def test_detect_add_case_and_fine_tune_then_cancel(panel: types.SimpleNamespace)
     points = widget._parameterNode.landmarksNode
     assert points is not None and ui.landmarksSelector.currentNode() is points
     assert points.GetNumberOfControlPoints() == 19
-    assert points.GetAttribute("SCNLandmarks.sourceVolumeID") == volume.GetID()
+    assert panel.module.sourceVolumeID(points) == volume.GetID()
     assert "19" in ui.detectStatusLabel.text
     assert ui.addCaseButton.enabled is True
 
@@ -485,4 +485,22 @@ def test_a_dragged_point_stops_asking_to_be_checked(panel: types.SimpleNamespace
     assert points.GetNthControlPointSelected(flagged[0])
     assert points.GetNthControlPointDescription(flagged[0]).endswith("corrected=yes")
     assert widget.logic.pointsToCheckCount(points) == before - 1
+    assert panel.errors == []
+
+
+def test_adding_a_case_keeps_the_chosen_fine_tune_preset(panel: types.SimpleNamespace) -> None:
+    """The preset list is rebuilt for the new number of cases; the user's choice must survive it."""
+    ui, widget = panel.ui, panel.widget
+    combo, parameters = ui.fineTunePresetComboBox, widget._parameterNode
+    combo.setCurrentIndex(3)  # "Time budget: 5 minutes", as a user picks it (Qt then emits activated(3))
+    widget.onFineTunePreset(3)
+    assert parameters.useTimeBudget is True and parameters.timeBudgetMinutes == pytest.approx(5.0)
+    widget.updateCasesTable()  # what Add case and Remove case do
+    assert combo.currentIndex == 3 and parameters.useTimeBudget is True
+    parameters.useTimeBudget, parameters.fineTuneIterations = False, 777  # set by hand
+    widget.updateCasesTable()
+    assert combo.currentIndex == -1 and parameters.fineTuneIterations == 777  # no preset claims it
+    parameters.fineTuneIterations = 0
+    widget.updateCasesTable()
+    assert combo.currentIndex == 0  # "Recommended"
     assert panel.errors == []
