@@ -251,6 +251,7 @@ class SCNLandmarksWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     def onSceneStartClose(self, caller, event) -> None:
         """Called just before the scene is closed."""
+        self._followPoints(None)
         if self._detecting():
             self._detectJob.cancel()  # its volume and point list are going away
         self.setParameterNode(None)
@@ -388,14 +389,13 @@ class SCNLandmarksWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         parameters = self._parameterNode
         if job.status == "done" and parameters is not None:
             node = job.node
+            # The points are corrected on the image they were found on, never over another one.
+            hidden = self._showOnly(node)
             parameters.landmarksNode = node
             self.ui.detectStatusLabel.text = _(
                 "{count} landmarks in '{name}' ({seconds:.1f} s); {flagged} to check (orange)."
             ).format(count=node.GetNumberOfControlPoints(), name=node.GetName(), seconds=job.seconds,
                      flagged=self.logic.pointsToCheckCount(node))
-            # The points are corrected on the image they were found on, never over another one.
-            slicer.util.setSliceViewerLayers(background=parameters.inputVolume, fit=True)
-            hidden = self._showOnly(node)
             if hidden:
                 self.ui.detectStatusLabel.text += " " + _("Hidden, not deleted: {lists}.").format(lists=", ".join(hidden))
             if self.logic.lastWarning:
@@ -410,7 +410,8 @@ class SCNLandmarksWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._updateButtonStates()
 
     def _followPoints(self, node) -> None:
-        """Watch the shown point list: a point the user drags is shown as corrected at once."""
+        """Show the chosen point list over its volume, and watch it: a point the user drags is
+        shown as corrected at once."""
         if node is self._followedPoints:
             return
         event = slicer.vtkMRMLMarkupsNode.PointEndInteractionEvent
@@ -419,6 +420,8 @@ class SCNLandmarksWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._followedPoints = node
         if node is not None:
             self.addObserver(node, event, self._onPointDragged)
+            if sourceVolumeID(node) is not None:
+                self._showOnly(node)
 
     def _onPointDragged(self, caller, event) -> None:
         corrected = self.logic.markCorrectedPoints(caller)
@@ -427,8 +430,12 @@ class SCNLandmarksWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     @staticmethod
     def _showOnly(node) -> list:
-        """Hide the module's other point lists (those of other volumes, or an edited one a new
-        detection did not replace), so that no point is dragged over the wrong image; their names."""
+        """Show ``node`` over the volume it was detected on and hide the module's other point lists
+        (those of other volumes, or an edited one a new detection did not replace), so that no
+        point is dragged over the wrong image; their names."""
+        volume = node.GetNodeReference(SOURCE_VOLUME_REFERENCE)
+        if volume is not None:
+            slicer.util.setSliceViewerLayers(background=volume, fit=True)
         hidden = []
         others = node.GetScene().GetNodesByClass("vtkMRMLMarkupsFiducialNode")
         for index in range(others.GetNumberOfItems()):
@@ -663,18 +670,17 @@ class SCNLandmarksWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self.ui.batchStatusLabel.text = _("Stopping after the current image...")
 
 
-# The volume a point list was detected on. A node reference, not an attribute: references follow
-# the nodes when a scene is imported into one whose IDs clash (Slicer renames the IDs).
+# The volume a point list was detected on. A node reference first: references follow the nodes
+# when a scene is imported into one whose IDs clash (Slicer renames the IDs). The attribute as
+# well: a reference disappears with its volume, and the list must still not count as user-made.
 SOURCE_VOLUME_REFERENCE = "SCNLandmarksSourceVolume"
+SOURCE_VOLUME_ATTRIBUTE = "SCNLandmarks.sourceVolumeID"
 
 
 def sourceVolumeID(markupsNode) -> Optional[str]:
-    """The ID of the volume ``markupsNode`` was detected on, or None (a list the user made).
-
-    Scenes saved by earlier versions hold it in the attribute ``SCNLandmarks.sourceVolumeID``.
-    """
+    """The ID of the volume ``markupsNode`` was detected on, or None (a list the user made)."""
     return markupsNode.GetNodeReferenceID(SOURCE_VOLUME_REFERENCE) or markupsNode.GetAttribute(
-        "SCNLandmarks.sourceVolumeID") or None
+        SOURCE_VOLUME_ATTRIBUTE) or None
 
 
 def _isSet(path: Optional[Path]) -> bool:
@@ -1093,6 +1099,7 @@ class SCNLandmarksLogic(ScriptedLoadableModuleLogic):
                 model_name=modelPath.name,
             )
             node.SetNodeReferenceID(SOURCE_VOLUME_REFERENCE, volumeNode.GetID())
+            node.SetAttribute(SOURCE_VOLUME_ATTRIBUTE, volumeNode.GetID())  # outlives a deleted volume
             return node
 
         job = SCNLandmarksDetection(compute, finish, finishedCallback).start()
@@ -1266,23 +1273,36 @@ class SCNLandmarksLogic(ScriptedLoadableModuleLogic):
         description = self.modelDescription(sourcePath)
         modelNames, modelDimension = set(description.landmark_names), description.network.get("dimension")
         infos = {info.name: info for info in self.trainingCases()}
+
+        def unusable(info) -> Optional[str]:
+            if info.error is not None:
+                return info.error
+            if info.dimension != modelDimension:
+                return _("it is {case}D, the model {model}D").format(case=info.dimension, model=modelDimension)
+            return None
+
         if cases is None:
-            names = []
+            names, reasons = [], []
             for name, info in infos.items():
-                if info.error is not None:
-                    logging.warning("Training case %s is skipped: %s", name, info.error)
-                elif info.dimension != modelDimension:
-                    logging.warning("Training case %s is skipped: it is %dD, the model %sD", name, info.dimension,
-                                    modelDimension)
-                elif not newLandmarks and set(info.landmark_names) - modelNames:
-                    logging.warning("Training case %s is skipped: it has landmarks the model lacks", name)
-                else:
+                reason = unusable(info) or (None if newLandmarks or not set(info.landmark_names) - modelNames
+                                            else _("it has landmarks the model lacks"))
+                if reason is None:
                     names.append(name)
+                else:
+                    logging.warning("Training case %s is left out: %s", name, reason)
+                    reasons.append(f"{name}: {reason}")
             if not names and infos:
-                raise ValueError(_("None of the training cases fits the model {model} (its dimension and "
-                                   "landmarks).").format(model=sourcePath.name))
+                raise ValueError(_("None of the training cases can be used with the model {model} ({reasons}).").format(
+                    model=sourcePath.name, reasons="; ".join(reasons[:3])))
         else:
             names = [getattr(case, "name", case) for case in cases]
+            for name in names:
+                if name not in infos:
+                    raise ValueError(_("There is no training case named '{name}'.").format(name=name))
+                reason = unusable(infos[name])
+                if reason is not None:
+                    raise ValueError(_("The training case '{name}' cannot be used: {reason}.").format(
+                        name=name, reason=reason))
         if not names:
             raise ValueError(_("There are no training cases yet. Detect, correct and 'Add case' first."))
         caseNames = {label for name in names if name in infos for label in infos[name].landmark_names}

@@ -160,6 +160,11 @@ def test_cases_are_stored_on_disk_with_corrections_and_survive_restart(module, l
     second = logic.addTrainingCase(volume, points)
     assert (second.name, second.replaced, second.corrected_names) == ("ceph", ["ceph"], ["L1", "L2"])
     assert [c.name for c in logic.trainingCases()] == ["ceph"]
+    # A new detection of that image (after fine-tuning, say) never wipes out a person's corrections.
+    fresh = logic.detect(volume, model=model_path, device="cpu")
+    with pytest.raises(FileExistsError, match="stored already as the training case 'ceph'.*corrections of L1, L2.*remove"):
+        logic.addTrainingCase(volume, fresh)
+    assert [(c.name, c.corrected_names) for c in logic.trainingCases()] == [("ceph", ["L1", "L2"])]
     # Another image of the same name is a case of its own.
     namesake = _volume(scene, _case(seed=3)[0], shifted=False)
     assert namesake.GetName() == "ceph"

@@ -313,7 +313,7 @@ def test_pixel_coordinates_read_as_millimetres_are_refused_naming_the_case(tmp_p
                                physical, atol=1e-3)
 
 
-def test_several_raters_give_the_mean_of_the_annotations_that_have_each_point(tmp_path):
+def test_several_raters_give_the_mean_of_the_annotations_that_have_each_point(tmp_path, capsys):
     """As the ISBI 2015 figures use both doctors: --landmarks senior.csv junior.csv."""
     from SCNLandmarksLib.data.dataset import load_cases
 
@@ -330,8 +330,15 @@ def test_several_raters_give_the_mean_of_the_annotations_that_have_each_point(tm
     np.testing.assert_allclose(mean.positions, [first[0] + [0.5, -1.0], first[1]], atol=1e-6)
     with pytest.raises(ValueError, match="c.csv has no row for image ceph1"):
         load_cases(folder, dimension=2, landmarks=[tmp_path / "a.csv", tmp_path / "c.csv"])
+    # Columns are read by position: files that name them in another order are refused, not averaged across.
+    (tmp_path / "ha.csv").write_text("id,L1_x,L1_y,L2_x,L2_y\n" + (tmp_path / "a.csv").read_text())
+    (tmp_path / "hb.csv").write_text("id,L2_x,L2_y,L1_x,L1_y\n" + (tmp_path / "a.csv").read_text())
+    with pytest.raises(ValueError, match="name their columns differently"):
+        load_cases(folder, dimension=2, landmarks=[tmp_path / "ha.csv", tmp_path / "hb.csv"])
+    # The command line takes both files: it gets as far as the model, which is not there.
     assert main(["evaluate", "--images", str(folder), "--landmarks", str(tmp_path / "a.csv"), str(tmp_path / "b.csv"),
-                 "--model", "nowhere.scn.pt", "--output", str(tmp_path / "report")]) == 2  # parsed, then the model
+                 "--model", "nowhere.scn.pt", "--output", str(tmp_path / "report")]) == 2
+    _one_line_error(capsys, "nowhere.scn.pt")
 
 
 def test_model_lists_read_descriptions_without_torch(tmp_path, tiny_model_file):

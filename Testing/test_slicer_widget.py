@@ -465,6 +465,10 @@ def test_points_are_shown_only_over_the_image_they_were_found_on(panel: types.Si
     again = detect_on(first)  # the edited list is kept, hidden, beside the new one
     assert again is not on_first and again.GetDisplayNode().GetVisibility()
     assert not on_first.GetDisplayNode().GetVisibility() and not on_second.GetDisplayNode().GetVisibility()
+    # Choosing a hidden list again shows it, over its own image.
+    ui.landmarksSelector.setCurrentNode(on_second)
+    assert on_second.GetDisplayNode().GetVisibility() and not again.GetDisplayNode().GetVisibility()
+    assert views.GetBackgroundVolumeID() == second.GetID()
     assert panel.errors == []
 
 

@@ -175,16 +175,20 @@ def write_case(
         landmarks: LPS mm, same dimension as ``image``; NaN rows are missing landmarks;
             ``landmarks.corrected`` marks the points a person moved.
         metadata: provenance stored in ``case.json`` (e.g. source volume, model).
-        replace_same_image: remove the stored cases of the same image (:func:`image_fingerprint`)
-            once this one is written, and give it the first one's name: the same image stored twice
-            would be trained on and held out at once when fine-tuning checks itself on the folds.
+        replace_same_image: the same image stored twice would be trained on and held out at once
+            when fine-tuning checks itself on the folds, so a stored case of the same image
+            (:func:`image_fingerprint`) is replaced by this one (which takes its name), but only
+            where this one continues it: the same landmarks, and every point corrected there
+            corrected here too. Otherwise nothing is written (a newer detection must not wipe out
+            a person's corrections).
 
     Returns:
         The stored case's info.
 
     Raises:
         ValueError: image and landmarks disagree in dimension, or no landmark is placed.
-        FileExistsError: ``unique`` is False and the case exists.
+        FileExistsError: ``unique`` is False and the case exists, or ``replace_same_image`` finds
+            a case of this image that this one does not continue (the message says which).
     """
     from ..imaging.image_io import write_image  # SimpleITK
     from .landmark_io import write_mrk_json
@@ -199,12 +203,21 @@ def write_case(
     folder.mkdir(parents=True, exist_ok=True)
     fingerprint = image_fingerprint(image)
     same_image = [info for info in list_cases(folder) if info.image_sha256 == fingerprint] if replace_same_image else []
+    corrected = landmarks.corrected if landmarks.corrected is not None else np.zeros(len(landmarks), bool)
+    corrected_here = {n for n, c, m in zip(landmarks.names, corrected, landmarks.missing) if c and not m}
+    for old in same_image:
+        lost = sorted(set(old.corrected_names) - corrected_here)
+        if old.landmark_names != list(landmarks.names) or lost:
+            why = (f"its corrections of {', '.join(lost)} are not in this point list" if lost
+                   else "it has other landmarks")
+            msg = (f"This image is stored already as the training case {old.name!r}, and {why}: it is kept. To "
+                   f"replace it, remove the case {old.name!r} first")
+            raise FileExistsError(msg)
     case_name = unique_case_name(folder, name) if unique else safe_case_name(name)
     final = folder / case_name
     if final.exists():
         msg = f"A training case named {case_name!r} already exists in {folder}"
         raise FileExistsError(msg)
-    corrected = landmarks.corrected if landmarks.corrected is not None else np.zeros(len(landmarks), bool)
     corrected_names = [n for n, c, m in zip(landmarks.names, corrected, landmarks.missing) if c and not m]
     document = {
         "format": _FORMAT,
@@ -230,7 +243,10 @@ def write_case(
         raise
     # Only now that the new case is complete do the earlier ones of the same image go.
     for old in same_image:
-        remove_case(folder, old.name)
+        try:
+            remove_case(folder, old.name)
+        except OSError as error:  # the new case is stored; the old one stays beside it, said so
+            log.warning("The earlier case %s of this image could not be removed: %s", old.name, error)
     if same_image and not (folder / same_image[0].name).exists():
         os.rename(final, folder / same_image[0].name)
         final = folder / same_image[0].name

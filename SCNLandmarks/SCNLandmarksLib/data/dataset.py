@@ -92,6 +92,12 @@ def _mean_annotation(files: str | Path | Sequence[str | Path], ids: Sequence[str
                      names: Sequence[str] | None) -> dict[str, Landmarks]:
     """Image id -> landmarks for ``ids`` from one CSV, or the mean of several (NaN where none has the point)."""
     files = [files] if isinstance(files, (str, Path)) else list(files)
+    headers = [(path, _csv_header(path)) for path in files]
+    headed = [(path, header) for path, header in headers if header is not None]
+    for path, header in headed[1:]:  # columns are read by position: named ones must agree
+        if header[1:] != headed[0][1][1:]:
+            msg = f"{path} and {headed[0][0]} name their columns differently; give files with the same column order"
+            raise ValueError(msg)
     tables = [read_landmark_csv(path, dimension=dimension, names=names) for path in files]
     mean = {}
     for image_id in ids:
@@ -105,6 +111,11 @@ def _mean_annotation(files: str | Path | Sequence[str | Path], ids: Sequence[str
             counts = ", ".join(f"{Path(path).name}: {len(row)}" for path, row in zip(files, rows))
             msg = f"The landmark files disagree on the number of landmarks of image {image_id} ({counts})"
             raise ValueError(msg)
+        for path, row in zip(files[1:], rows[1:]):  # files with headers may order their columns differently
+            if set(row.names) != set(rows[0].names):
+                msg = f"{path} names other landmarks than {files[0]} ({', '.join(sorted(set(row.names) - set(rows[0].names))[:3])})"
+                raise ValueError(msg)
+        rows = [row.reordered(rows[0].names) for row in rows]
         stack = np.stack([row.positions for row in rows])
         present = np.isfinite(stack).all(axis=2)
         total = np.where(present[..., None], stack, 0.0).sum(axis=0)
@@ -112,6 +123,17 @@ def _mean_annotation(files: str | Path | Sequence[str | Path], ids: Sequence[str
         positions = np.where(count > 0, total / np.maximum(count, 1), np.nan)
         mean[image_id] = Landmarks(rows[0].names, positions, rows[0].descriptions)
     return mean
+
+
+def _csv_header(path: str | Path) -> list[str] | None:
+    """The first row of a landmark CSV when it names the columns (a coordinate that is not a number)."""
+    with open(path, encoding="utf-8-sig") as stream:
+        cells = [cell.strip() for cell in stream.readline().split(",")]
+    try:
+        [float(cell) for cell in cells[1:] if cell]
+    except ValueError:
+        return cells
+    return None
 
 
 # Points may sit a little outside the pixel grid (on the border, or a structure cut off).

@@ -150,7 +150,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     info = commands.add_parser("info", help="list the installed models, or show what one model file contains")
     info.add_argument("model", nargs="?", help="model file or installed model name (none: list the installed models)")
-    info.add_argument("--json", action="store_true", help="the model's whole description as JSON (for scripts)")
+    info.add_argument("--json", action="store_true", help="the summary as JSON (for scripts): stages, grid, landmarks, training, error model")
     return parser
 
 
@@ -481,7 +481,7 @@ def _command_info(args: argparse.Namespace) -> int:
         lines.append("  expected errors: none (points of low confidence are flagged instead)")
     if info.get("parent_model"):
         lines.append(f"  fine-tuned from {info['parent_model']}")
-    lines.append(f"The whole description: scn-landmarks info {args.model} --json")
+    lines.append(f"As JSON: scn-landmarks info {args.model} --json")
     print("\n".join(lines))
     return 0
 
