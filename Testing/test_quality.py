@@ -273,3 +273,14 @@ def test_detector_warns_when_the_shape_found_has_an_implausible_size(monkeypatch
     detector.detect(case.image)
     assert detector.last_size_ratio == pytest.approx(0.05, rel=0.05)
     assert "pixel size (0.9 x 1.2 mm) is probably wrong" in detector.last_warning
+
+
+def test_an_error_model_from_very_few_validation_cases_says_so_and_names_them() -> None:
+    from engine_fixtures import synthetic_cases, tiny_model
+    from SCNLandmarksLib.learning.quality_fitting import fit_point_quality
+
+    cases = synthetic_cases(8, num_landmarks=12)
+    model = tiny_model([f"L{i + 1}" for i in range(12)])
+    line = fit_point_quality(model, cases[:6], cases[6:], device="cpu")
+    assert model.error_model is not None  # 24 points: enough to fit, too few to trust
+    assert "learned on 2 validation cases (case06, case07)" in line and "rough" in line and "--validation-ids" in line

@@ -92,6 +92,12 @@ def _mean_annotation(files: str | Path | Sequence[str | Path], ids: Sequence[str
                      names: Sequence[str] | None) -> dict[str, Landmarks]:
     """Image id -> landmarks for ``ids`` from one CSV, or the mean of several (NaN where none has the point)."""
     files = [files] if isinstance(files, (str, Path)) else list(files)
+    for path in files:
+        if str(path).lower().endswith((".fcsv", ".json")):
+            msg = (f"{path} is a point file of one image; the landmark table takes one CSV row per image "
+                   "('id,x1,y1[,z1],...'). A point file belongs beside its image, named like it (T1w.fcsv next to "
+                   "T1w.nii.gz), and is then read without a table")
+            raise ValueError(msg)
     headers = [(path, _csv_header(path)) for path in files]
     headed = [(path, header) for path, header in headers if header is not None]
     for path, header in headed[1:]:  # columns are read by position: named ones must agree

@@ -80,6 +80,8 @@ def render_overlay(image: Image, landmarks: Landmarks, *, low_confidence_thresho
     confidence below ``low_confidence_threshold``) get an orange ring. A legend panel on the
     right lists number, name and expected error, the points to check in orange.
     """
+    if image.dimension == 3 and landmarks.dimension == 2:
+        image = image.as_dimension(2)  # a radiograph stored as a volume of one slice (.mha, .nrrd)
     if image.dimension == 3:
         index = image.geometry.physical_to_index(landmarks.positions)
         valid = np.isfinite(index).all(axis=1)

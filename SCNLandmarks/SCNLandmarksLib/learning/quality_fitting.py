@@ -34,6 +34,8 @@ log = logging.getLogger(__name__)
 # instead of the width; a model fitted on a few validation cases keeps the smaller set.
 QUALITY_SIGNALS = ("local_width_mm", "global_confidence", "shape_deviation")
 DEFAULT_FLAG_FRACTION = 0.15
+# Fewer validation cases than this give an error model and threshold worth a warning.
+FEW_VALIDATION_CASES = 3
 
 
 def fit_point_quality(
@@ -85,5 +87,9 @@ def fit_point_quality(
         )
     except ValueError as error:
         return f"Expected errors: none ({error}); points of low confidence will be flagged instead."
-    return (f"Expected errors learned on {len(validation_cases)} validation cases; points expected more than "
-            f"{model.error_model.check_above_mm:.2f} mm off will be flagged for checking.")
+    held_out = ", ".join(case.name for case in validation_cases[:5]) + (", ..." if len(validation_cases) > 5 else "")
+    few = (f" With only {len(validation_cases)} validation case{'s' if len(validation_cases) != 1 else ''} the expected "
+           "errors and this threshold are rough: hold out more cases (--validation-ids) where you can."
+           if len(validation_cases) < FEW_VALIDATION_CASES else "")
+    return (f"Expected errors learned on {len(validation_cases)} validation cases ({held_out}); points expected more "
+            f"than {model.error_model.check_above_mm:.2f} mm off will be flagged for checking.{few}")

@@ -120,8 +120,9 @@ def restore(saved: dict[str, object] | None, parts: dict[str, object], checkpoin
 
 def foreign_checkpoint(checkpoint: Path, error: BaseException) -> ValueError:
     """The error for a checkpoint whose tensors do not fit the model being trained."""
-    return ValueError(f"The checkpoint {checkpoint} belongs to another model or training: its weights do not fit "
-                      f"this one ({type(error).__name__}); give this training's own checkpoint, or start afresh")
+    return ValueError(f"The checkpoint {checkpoint} does not fit the network these options make: it belongs to "
+                      "another training, or this one was started with other options (for example --filters or "
+                      "--grid-size); repeat the first command exactly, with --resume, or start afresh")
 
 
 def write_trained_model(model: object, output: Path, *, overwrite: bool) -> Path:

@@ -6,6 +6,7 @@ import argparse
 import logging
 import math
 import os
+import shlex
 import signal
 import sys
 import time
@@ -367,8 +368,9 @@ def _command_detect(args: argparse.Namespace) -> int:
             write_overlay_png(read_image(item.image, spacing=spacing), item.landmarks,
                               args.output / f"{output_stem(item.image)}.png", overwrite=args.overwrite,
                               low_confidence_threshold=args.threshold)
-        except (OSError, ValueError) as error:  # like the other outputs: this image fails, the batch goes on
-            item.error = f"overlay not written: {error}"
+        except (OSError, ValueError) as error:  # the landmarks are written and summarised all the same
+            note = f"overlay not written: {error}"
+            item.warning = note if item.warning is None else f"{item.warning}; {note}"
 
     report = detect_files(images, args.output, model_path, device=args.device, spacing=spacing,
                           low_confidence_threshold=args.threshold, check_above_mm=args.check_above,
@@ -510,12 +512,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``scn-landmarks`` command; returns the exit code."""
     from ..common.errors import ModelFileError, TrainingCancelled
 
-    args = build_parser().parse_args(argv)
+    arguments = list(sys.argv[1:] if argv is None else argv)
+    args = build_parser().parse_args(arguments)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s: %(message)s")
     try:
         return COMMANDS[args.command](args)
     except TrainingCancelled as cancelled:
         print(str(cancelled), file=sys.stderr)
+        if args.command == "train" and "checkpoint" in str(cancelled) and "is kept" in str(cancelled):
+            # The network is rebuilt from the options: resuming needs every one of them again.
+            again = arguments if "--resume" in arguments else [*arguments, "--resume"]
+            print(f"To resume: scn-landmarks {shlex.join(again)}", file=sys.stderr)
         return EXIT_CANCELLED
     except KeyboardInterrupt:  # before training started (for example while the cases load)
         print(f"scn-landmarks {args.command}: interrupted; nothing was written", file=sys.stderr)
