@@ -67,6 +67,19 @@ def test_a_radiograph_stored_as_one_slice_gets_its_overlay(tmp_path, annotated, 
     assert "overlay not written" not in capsys.readouterr().out
 
 
+def test_a_table_with_a_column_too_few_is_not_matched_by_number(tmp_path, annotated, tiny_model_file, capsys):
+    """The tiny model's landmarks are numbered (L1..L4), as a table's columns are: a table of 3 would
+    pair them by number, whatever the file holds."""
+    from SCNLandmarksLib.data.dataset import load_cases
+
+    rows = [f"{case.name}," + ",".join(f"{v:g}" for v in case.landmarks.positions[:3].ravel())
+            for case in load_cases(annotated, dimension=2)]
+    (tmp_path / "three.csv").write_text("\n".join(rows) + "\n")
+    assert main(["evaluate", "--images", str(annotated), "--landmarks", str(tmp_path / "three.csv"), "--model",
+                 str(tiny_model_file), "--output", str(tmp_path / "report"), "--device", "cpu"]) == 2
+    _one_line_error(capsys, "3 landmarks per image and the model 4", "cannot be matched")
+
+
 def test_a_missing_input_file_is_named_as_missing_not_as_a_folder(tmp_path, tiny_model_file, capsys):
     assert main(["detect", str(tmp_path / "nothing.png"), "--model", str(tiny_model_file)]) == 2
     _one_line_error(capsys, "Input not found", "nothing.png")

@@ -10,4 +10,11 @@ class ModelFileError(ValueError):
 
 
 class TrainingCancelled(Exception):
-    """Training stopped because the user asked; the previous model file is untouched."""
+    """Training stopped because the user asked; the previous model file is untouched.
+
+    ``checkpoint``: the checkpoint written on the way out, to resume from (None: none kept).
+    """
+
+    def __init__(self, message: str = "", *, checkpoint: object = None) -> None:
+        super().__init__(message)
+        self.checkpoint = checkpoint

@@ -71,13 +71,6 @@ def named_like_model(reference: Landmarks, model_names: Sequence[str]) -> Landma
     """
     model_names = list(model_names)
     unnamed = reference.names == default_names(len(reference))
-    if unnamed and model_names == default_names(len(model_names)) and len(reference) != len(model_names):
-        # Both sides are numbered columns: matching L1..LN by number would pair unrelated points
-        # as soon as a column is missing or extra.
-        msg = (f"The reference has {len(reference)} landmarks and the model {len(model_names)}, all unnamed "
-               "(L1, L2, ...): their columns cannot be matched. Give the reference's landmark names with --names, "
-               "or check that the file is the right one")
-        raise ValueError(msg)
     if set(reference.names) & set(model_names):
         return reference
     if unnamed and len(reference) == len(model_names):

@@ -91,5 +91,6 @@ def fit_point_quality(
     few = (f" With only {len(validation_cases)} validation case{'s' if len(validation_cases) != 1 else ''} the expected "
            "errors and this threshold are rough: hold out more cases (--validation-ids) where you can."
            if len(validation_cases) < FEW_VALIDATION_CASES else "")
-    return (f"Expected errors learned on {len(validation_cases)} validation cases ({held_out}); points expected more "
+    cases = f"{len(validation_cases)} validation case{'s' if len(validation_cases) != 1 else ''}"
+    return (f"Expected errors learned on {cases} ({held_out}); points expected more "
             f"than {model.error_model.check_above_mm:.2f} mm off will be flagged for checking.{few}")

@@ -120,9 +120,10 @@ def restore(saved: dict[str, object] | None, parts: dict[str, object], checkpoin
 
 def foreign_checkpoint(checkpoint: Path, error: BaseException) -> ValueError:
     """The error for a checkpoint whose tensors do not fit the model being trained."""
-    return ValueError(f"The checkpoint {checkpoint} does not fit the network these options make: it belongs to "
-                      "another training, or this one was started with other options (for example --filters or "
-                      "--grid-size); repeat the first command exactly, with --resume, or start afresh")
+    return ValueError(f"The checkpoint {checkpoint} does not fit the network these options make ({type(error).__name__}): "
+                      "it belongs to another training, or this one was started with other network options (--filters, "
+                      "--levels, --architecture, --spatial-kernel) or another landmark set; repeat the first command "
+                      "exactly, with --resume, or start afresh")
 
 
 def write_trained_model(model: object, output: Path, *, overwrite: bool) -> Path:
@@ -211,9 +212,9 @@ class StepLoop:
         kept = ""
         if self.checkpoint is not None and self.distributed.is_main:
             save_checkpoint(self.checkpoint, state())
-            kept = f"; the checkpoint {self.checkpoint} is kept (resume with --checkpoint {self.checkpoint} --resume)"
+            kept = f"; the checkpoint {self.checkpoint} is kept to resume from"
         msg = f"Training cancelled at iteration {iteration} of {self.total}; no model file was written{kept}"
-        raise TrainingCancelled(msg)
+        raise TrainingCancelled(msg, checkpoint=self.checkpoint if kept else None)
 
     def after_step(
         self,

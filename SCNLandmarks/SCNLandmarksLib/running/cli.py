@@ -8,6 +8,7 @@ import math
 import os
 import shlex
 import signal
+import subprocess
 import sys
 import time
 from collections.abc import Sequence
@@ -400,11 +401,21 @@ def _command_evaluate(args: argparse.Namespace) -> int:
     from ..inference.detection import Detector
     from ..inference.evaluation import check_evaluation_folder, evaluate, format_summary, named_like_model, write_evaluation
     from ..common.progress import Progress, TextProgressBar, estimate_eta
+    from ..data.landmarks import default_names
 
     check_evaluation_folder(args.output, overwrite=args.overwrite)  # before the work, not after it
     cases = _load_data(args)
     detector = Detector(_resolve_model(args.model), device=args.device)
-    references = [named_like_model(case.landmarks, detector.model.landmark_names) for case in cases]
+    model_names = list(detector.model.landmark_names)
+    columns = len(cases[0].landmarks) if cases else 0
+    if args.landmarks and args.names is None and model_names == default_names(len(model_names)) and columns != len(model_names):
+        # A table's columns are numbered like the model's landmarks (L1, L2, ...): one column more or
+        # less would pair unrelated points by number.
+        msg = (f"The landmark table has {columns} landmarks per image and the model {len(model_names)}, all "
+               "unnamed (L1, L2, ...): the columns cannot be matched. Check that the table is the right one, or "
+               "give --names with the model's name (L1, L2, ...) of each column")
+        raise ValueError(msg)
+    references = [named_like_model(case.landmarks, model_names) for case in cases]
     bar = TextProgressBar()
     rows, warned = [], []
     start = time.monotonic()
@@ -519,10 +530,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         return COMMANDS[args.command](args)
     except TrainingCancelled as cancelled:
         print(str(cancelled), file=sys.stderr)
-        if args.command == "train" and "checkpoint" in str(cancelled) and "is kept" in str(cancelled):
+        if cancelled.checkpoint is not None and args.command == "train":  # the command that takes --resume
             # The network is rebuilt from the options: resuming needs every one of them again.
             again = arguments if "--resume" in arguments else [*arguments, "--resume"]
-            print(f"To resume: scn-landmarks {shlex.join(again)}", file=sys.stderr)
+            command = subprocess.list2cmdline(again) if os.name == "nt" else shlex.join(again)
+            print(f"To resume: scn-landmarks {command}", file=sys.stderr)
         return EXIT_CANCELLED
     except KeyboardInterrupt:  # before training started (for example while the cases load)
         print(f"scn-landmarks {args.command}: interrupted; nothing was written", file=sys.stderr)
