@@ -98,6 +98,9 @@ PROBE_STEPS = 8
 # EPYC: 0.24 -> 0.30 s per global step, 0.30 -> 0.41 s per local step from the first to the last
 # run), so the steps are fitted to this share of the time left.
 SPEED_MARGIN = 0.8
+# A training run stops at this many times the time its fitted steps should take: a slower spell
+# (another program taking the cores) must not run on unbounded.
+RUN_CEILING = 1.5
 # On the same machine the probe also judged steps a quarter slower than the runs then went (0.37
 # and 0.39 s against 0.27 and 0.33 s; a 10-case fine-tune used 181 s of its 270): the whole first
 # run is the better measure. The runs after it still went up to a sixth slower than it (fitted to
@@ -574,7 +577,7 @@ def _fine_tune(  # noqa: PLR0913 - the arguments of fine_tune, checked
         # Under torchrun each process measured its own speed; all must run the same steps.
         fitted = distributed.smallest(fitted if most_steps is None else min(most_steps, fitted))
         for stage, (setup_s, step_s) in measured.items():
-            ceilings[stage] = 1.5 * (setup_s + fitted * step_s)  # a slower spell must not run on unbounded
+            ceilings[stage] = RUN_CEILING * (setup_s + fitted * step_s)
         return fitted
 
     def train_stage(stage: str, model: LandmarkModel, train_cases: Sequence[TrainingCase], target: Path, count: int,
