@@ -4,7 +4,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from SCNLandmarksLib.imaging.geometry import ImageGeometry
 from SCNLandmarksLib.imaging.grid import GridSpec
+from SCNLandmarksLib.imaging.image import Image
 from SCNLandmarksLib.models.model import LandmarkModel, create_model
 from SCNLandmarksLib.models.network import NetworkConfig
 from SCNLandmarksLib.data.synthetic import make_synthetic_dataset
@@ -16,6 +18,14 @@ TINY_TRAIN_ARGS = ["--grid-size", "64", "64", "--filters", "8", "--levels", "3",
 
 # An oblique, anisotropic 2D grid with a non-zero origin.
 GEOMETRY_2D = {"dimension": 2, "size": (80, 72), "spacing": (0.9, 1.2), "origin": (12.0, -30.0), "direction": 0.3}
+
+
+def as_single_slice(image: Image, *, thickness_mm: float = 1.0, z_mm: float = 0.0) -> Image:
+    """A 2D image as a 3D volume of one slice (how Slicer and .mha files hold a radiograph)."""
+    g = image.geometry
+    return Image(image.array[None], ImageGeometry(size=(*g.size, 1), spacing=(*g.spacing, thickness_mm),
+                                                 origin=(*g.origin, z_mm),
+                                                 direction=(*g.direction[:2], 0.0, *g.direction[2:], 0.0, 0.0, 0.0, 1.0)))
 
 
 def tiny_config(num_landmarks: int, dimension: int = 2, **overrides: object) -> NetworkConfig:

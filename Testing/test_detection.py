@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from engine_fixtures import tiny_model
+from engine_fixtures import as_single_slice, tiny_model
 from SCNLandmarksLib.inference.detection import Detector, _tile_starts
 from SCNLandmarksLib.imaging.geometry import ImageGeometry
 from SCNLandmarksLib.imaging.grid import GridSpec
@@ -88,21 +88,14 @@ def test_heatmaps_that_do_not_fit_in_memory_are_refused_with_the_sizes(detector_
 
 def test_a_single_slice_is_refused_by_a_3d_model():
     """A radiograph (a volume of one slice in Slicer) given to a model of volumes: said, not detected on."""
-    image, _ = make_synthetic_case(dimension=2, size=48, num_landmarks=2)
-    geometry = image.geometry
-    slab = Image(image.array[None], ImageGeometry(size=(*geometry.size, 1), spacing=(*geometry.spacing, 1.0),
-                                                 origin=(*geometry.origin, 0.0),
-                                                 direction=(*geometry.direction[:2], 0.0, *geometry.direction[2:], 0.0, 0.0, 0.0, 1.0)))
+    slab = as_single_slice(make_synthetic_case(dimension=2, size=48, num_landmarks=2)[0])
     with pytest.raises(ValueError, match="expects a 3D volume but this image is a single slice.*choose a model for 2D"):
         Detector(tiny_model(["A", "B"], dimension=3, grid=GridSpec(size=(16, 16, 16))), device="cpu").detect(slab)
 
 
 def test_single_slice_volume_is_accepted_by_a_2d_model(detector_2d):
     image, _ = make_synthetic_case(dimension=2, size=48, num_landmarks=2)
-    geometry = image.geometry
-    volume = Image(image.array[None], ImageGeometry(size=(*geometry.size, 1), spacing=(*geometry.spacing, 3.0),
-                                                   origin=(*geometry.origin, 5.0),
-                                                   direction=(*geometry.direction[:2], 0.0, *geometry.direction[2:], 0.0, 0.0, 0.0, 1.0)))
+    volume = as_single_slice(image, thickness_mm=3.0, z_mm=5.0)
     flat = detector_2d.detect(image)
     from_volume = detector_2d.detect(volume)
     np.testing.assert_allclose(from_volume.positions, flat.positions, atol=1e-6)

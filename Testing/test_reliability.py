@@ -50,14 +50,10 @@ def test_an_output_that_is_a_file_is_named_before_any_work(tmp_path, annotated, 
 
 def test_a_radiograph_stored_as_one_slice_gets_its_overlay(tmp_path, annotated, tiny_model_file, capsys):
     """hand9's .mha files are volumes of one slice: the 2D model reads them, and so must the overlay."""
-    from SCNLandmarksLib.imaging.geometry import ImageGeometry
-    from SCNLandmarksLib.imaging.image import Image
+    from engine_fixtures import as_single_slice
     from SCNLandmarksLib.imaging.image_io import read_image
 
-    flat = read_image(annotated / "case00.nrrd")
-    g = flat.geometry
-    slab = Image(flat.array[None], ImageGeometry(size=(*g.size, 1), spacing=(*g.spacing, 1.0), origin=(*g.origin, 0.0),
-                                                direction=(*g.direction[:2], 0.0, *g.direction[2:], 0.0, 0.0, 0.0, 1.0)))
+    slab = as_single_slice(read_image(annotated / "case00.nrrd"))
     images = tmp_path / "images"
     images.mkdir()
     write_image(slab, images / "hand.mha")
