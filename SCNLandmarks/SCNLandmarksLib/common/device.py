@@ -18,6 +18,11 @@ _CUDA_PROBLEMS: dict[str, str | None] = {}
 _PASSING_PROBLEMS = ("out of memory", "busy or unavailable")
 
 
+def _passing(problem: str) -> bool:
+    """Whether a GPU problem is of the moment (full or busy) rather than of the installation."""
+    return any(passing in problem.lower() for passing in _PASSING_PROBLEMS)
+
+
 def cuda_problem(device: str = "cuda") -> str | None:
     """Why torch cannot compute on the GPU ``device`` (``"cuda"`` or ``"cuda:N"``), or None when a
     small convolution runs there.
@@ -35,7 +40,7 @@ def cuda_problem(device: str = "cuda") -> str | None:
     except (RuntimeError, AssertionError) as error:  # torch raises AssertionError where CUDA is not compiled in
         text = str(error).strip()
         problem = text.splitlines()[0] if text else type(error).__name__
-        if not any(passing in problem.lower() for passing in _PASSING_PROBLEMS):
+        if not _passing(problem):
             _CUDA_PROBLEMS[device] = problem
         return problem
     _CUDA_PROBLEMS[device] = None
@@ -58,7 +63,7 @@ def resolve_device(name: str | torch.device = "auto") -> torch.device:
         target = "cuda" if choice == "gpu" else choice
         problem = cuda_problem(target)
         if problem is not None:
-            if any(passing in problem.lower() for passing in _PASSING_PROBLEMS):
+            if _passing(problem):
                 msg = f"The GPU is full or busy now ({problem}); try again later or choose device 'cpu'"
             else:
                 msg = (f"A GPU is present but torch cannot compute on it ({problem}); install a torch build for "

@@ -117,11 +117,6 @@ def _mean_annotation(files: str | Path | Sequence[str | Path], ids: Sequence[str
             counts = ", ".join(f"{Path(path).name}: {len(row)}" for path, row in zip(files, rows))
             msg = f"The landmark files disagree on the number of landmarks of image {image_id} ({counts})"
             raise ValueError(msg)
-        for path, row in zip(files[1:], rows[1:]):  # files with headers may order their columns differently
-            if set(row.names) != set(rows[0].names):
-                msg = f"{path} names other landmarks than {files[0]} ({', '.join(sorted(set(row.names) - set(rows[0].names))[:3])})"
-                raise ValueError(msg)
-        rows = [row.reordered(rows[0].names) for row in rows]
         stack = np.stack([row.positions for row in rows])
         present = np.isfinite(stack).all(axis=2)
         total = np.where(present[..., None], stack, 0.0).sum(axis=0)

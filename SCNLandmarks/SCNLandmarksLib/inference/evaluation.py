@@ -70,10 +70,9 @@ def named_like_model(reference: Landmarks, model_names: Sequence[str]) -> Landma
             be matched by position: every point would count as "not detected".
     """
     model_names = list(model_names)
-    unnamed = reference.names == default_names(len(reference))
     if set(reference.names) & set(model_names):
         return reference
-    if unnamed and len(reference) == len(model_names):
+    if reference.names == default_names(len(reference)) and len(reference) == len(model_names):
         return Landmarks(names=model_names, positions=reference.positions.copy(),
                          descriptions=list(reference.descriptions))
     msg = (

@@ -88,9 +88,8 @@ def fit_point_quality(
     except ValueError as error:
         return f"Expected errors: none ({error}); points of low confidence will be flagged instead."
     held_out = ", ".join(case.name for case in validation_cases[:5]) + (", ..." if len(validation_cases) > 5 else "")
-    few = (f" With only {len(validation_cases)} validation case{'s' if len(validation_cases) != 1 else ''} the expected "
-           "errors and this threshold are rough: hold out more cases (--validation-ids) where you can."
-           if len(validation_cases) < FEW_VALIDATION_CASES else "")
     cases = f"{len(validation_cases)} validation case{'s' if len(validation_cases) != 1 else ''}"
+    few = (f" With only {cases} the expected errors and this threshold are rough: hold out more cases "
+           "(--validation-ids) where you can." if len(validation_cases) < FEW_VALIDATION_CASES else "")
     return (f"Expected errors learned on {cases} ({held_out}); points expected more "
             f"than {model.error_model.check_above_mm:.2f} mm off will be flagged for checking.{few}")
