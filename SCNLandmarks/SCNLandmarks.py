@@ -247,7 +247,7 @@ class SCNLandmarksWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         if self._parameterNode:
             self._parameterNode.disconnectGui(self._parameterNodeGuiTag)
             self._parameterNodeGuiTag = None
-            self.removeObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self._updateButtonStates)
+            self.removeObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self._onParameterNodeModified)
 
     def onSceneStartClose(self, caller, event) -> None:
         """Called just before the scene is closed."""
@@ -273,16 +273,20 @@ class SCNLandmarksWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         """Set and observe the parameter node; the GUI follows it through connectGui."""
         if self._parameterNode:
             self._parameterNode.disconnectGui(self._parameterNodeGuiTag)
-            self.removeObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self._updateButtonStates)
+            self.removeObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self._onParameterNodeModified)
         self._parameterNode = inputParameterNode
         if self._parameterNode:
             self._parameterNodeGuiTag = connectParameterNodeToGui(self._parameterNode, self.ui)
-            self.addObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self._updateButtonStates)
-            self._updateButtonStates()
+            self.addObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self._onParameterNodeModified)
+            self._onParameterNodeModified()
+
+    def _onParameterNodeModified(self, caller=None, event=None) -> None:
+        parameters = self._parameterNode
+        self._followPoints(parameters.landmarksNode if parameters else None)
+        self._updateButtonStates()
 
     def _updateButtonStates(self, caller=None, event=None) -> None:
         parameters = self._parameterNode
-        self._followPoints(parameters.landmarksNode if parameters else None)
         haveVolume = bool(parameters and parameters.inputVolume)
         haveModel = bool(self.selectedModelPath())
         running = self._fineTuneJob is not None and self._fineTuneJob.isRunning()
@@ -389,8 +393,10 @@ class SCNLandmarksWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         parameters = self._parameterNode
         if job.status == "done" and parameters is not None:
             node = job.node
-            # The points are corrected on the image they were found on, never over another one.
-            hidden = self._showOnly(node)
+            # The points are corrected on the image they were found on, never over another one: a
+            # list refilled in place is shown again, a new one followed (and shown once, not again
+            # when the parameter node then names it).
+            hidden = self._showOnly(node) if node is self._followedPoints else self._followPoints(node)
             parameters.landmarksNode = node
             self.ui.detectStatusLabel.text = _(
                 "{count} landmarks in '{name}' ({seconds:.1f} s); {flagged} to check (orange)."
@@ -409,19 +415,19 @@ class SCNLandmarksWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.updateDeviceInfo()
         self._updateButtonStates()
 
-    def _followPoints(self, node) -> None:
+    def _followPoints(self, node) -> list:
         """Show the chosen point list over its volume, and watch it: a point the user drags is
-        shown as corrected at once."""
+        shown as corrected at once. Returns the names of the lists it hid (see :meth:`_showOnly`)."""
         if node is self._followedPoints:
-            return
+            return []
         event = slicer.vtkMRMLMarkupsNode.PointEndInteractionEvent
         if self._followedPoints is not None:
             self.removeObserver(self._followedPoints, event, self._onPointDragged)
         self._followedPoints = node
-        if node is not None:
-            self.addObserver(node, event, self._onPointDragged)
-            if sourceVolumeID(node) is not None:
-                self._showOnly(node)
+        if node is None:
+            return []
+        self.addObserver(node, event, self._onPointDragged)
+        return self._showOnly(node) if sourceVolumeID(node) is not None else []
 
     def _onPointDragged(self, caller, event) -> None:
         corrected = self.logic.markCorrectedPoints(caller)
@@ -1137,8 +1143,9 @@ class SCNLandmarksLogic(ScriptedLoadableModuleLogic):
 
         Points are read in world coordinates; points marked missing are stored as missing and
         left out of training; which points the user moved is recorded. A case stored earlier
-        from the same image is replaced (the latest corrections count; one image twice would be
-        trained on and held out at once by fine-tuning's check).
+        from the same image is replaced where this list keeps all its corrections and landmarks
+        (one image twice would be trained on and held out at once by fine-tuning's check);
+        otherwise nothing is stored and ``FileExistsError`` names that case.
 
         :param name: case name (default: the volume name; made unique).
         :return: ``SCNLandmarksLib.data.cases.CaseInfo`` of the stored case (``replaced``: the
