@@ -17,6 +17,7 @@ import numpy as np
 import SimpleITK as sitk
 
 from ..common.atomic import atomic_path
+from ..common.system_memory import memory_available_bytes
 from .geometry import ImageGeometry
 from .image import Image
 
@@ -340,18 +341,6 @@ def memory_needed_bytes(path: str | os.PathLike[str]) -> int | None:
         return None  # read_image will say what is wrong with it
     voxels = int(np.prod(reader.GetSize(), dtype=np.int64)) * max(1, reader.GetNumberOfComponents())
     return voxels * 4 * _WORKING_COPIES
-
-
-def memory_available_bytes() -> int | None:
-    """Memory the system can give now (Linux ``MemAvailable``), or None where unknown."""
-    try:
-        with open("/proc/meminfo", encoding="ascii") as stream:
-            for line in stream:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except (OSError, ValueError, IndexError):
-        return None
-    return None
 
 
 def check_fits_in_memory(path: str | os.PathLike[str]) -> None:

@@ -39,7 +39,7 @@ import torch
 
 from ..common.device import bfloat16_is_native, describe_device, resolve_device
 from ..imaging.grid import SamplingTransform, padded_size
-from ..imaging.image_io import memory_available_bytes
+from ..common.system_memory import memory_available_bytes
 from ..imaging.image import Image
 from ..data.landmarks import Landmarks
 from ..models.model import LandmarkModel
