@@ -165,6 +165,8 @@ def test_distributed_shards_cover_every_image_exactly_once():
     for bad in ("0/3", "4/3", "a/b", "3"):
         with pytest.raises(ValueError, match="K/N"):
             shard(images, bad)
+    with pytest.raises(ValueError, match=r"job array numbered from 0, pass \$\(\(TASK_ID \+ 1\)\)/3"):
+        shard(images, "0/3")
 
 
 def test_distributed_shards_merge_into_one_summary(annotated_folder, trained_model, tmp_path):

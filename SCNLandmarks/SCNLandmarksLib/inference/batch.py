@@ -6,14 +6,14 @@ import csv
 import io
 import logging
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from ..common.atomic import atomic_write_text, make_output_folder
+from ..common.atomic import atomic_write_text, file_lock, make_output_folder
 from .detection import Detector
 from ..imaging.image_io import (IMAGE_SUFFIXES, check_fits_in_memory, find_images, is_photo_file,  # some re-exported
                                 output_stem, read_image)
@@ -21,7 +21,7 @@ from ..data.landmark_io import merge_detection_summary_csv, write_mrk_json
 from ..data.landmarks import Landmarks
 from ..models.model import LandmarkModel
 from ..common.progress import Progress, ProgressCallback, estimate_eta
-from ..models.quality import LOW_CONFIDENCE, review_order
+from ..models.quality import LOW_CONFIDENCE, rank_for_review
 
 __all__ = ["BatchItem", "BatchReport", "detect_files", "detect_folder", "find_images", "output_stem"]
 
@@ -90,8 +90,9 @@ def detect_files(
         images: image files (or DICOM folders).
         output_folder: receives ``<image name>.mrk.json`` per image and ``landmarks.csv`` (rows
             of earlier runs into the same folder are kept; an image detected again replaces its rows);
-            with a model that gives expected errors and more than one image, also ``review_order.csv``:
-            this run's images ranked for review, the one expected furthest off first.
+            with expected errors for more than one image there, also ``review_order.csv``: all
+            the folder's images ranked for review, the one expected furthest off first, with any
+            warning (see :func:`update_review_order_csv`).
         model: model file or loaded model.
         device: ``"auto"``, ``"cpu"`` or ``"cuda"``.
         spacing: pixel size in mm for every image (see :func:`read_image`: it replaces a header's).
@@ -153,28 +154,61 @@ def detect_files(
         if progress is not None:
             elapsed = time.monotonic() - started
             progress(Progress("detect", number + 1, total, elapsed, estimate_eta(number + 1, total, elapsed),
-                              message=image_path.name + (" failed" if item.error else "")))
+                              message=image_path.name + (" skipped" if item.skipped else " failed" if item.error else "")))
     results = [(output_stem(item.image), item.landmarks) for item in report.succeeded if item.landmarks is not None]
     if results:
         # Earlier runs into this folder keep their rows: the summary is merged, never replaced.
         report.summary_csv = merge_detection_summary_csv(results, output_folder / SUMMARY_NAME)
-    report.review_order = review_order(results)
-    if len(results) > 1 and any(landmarks.expected_errors is not None for _, landmarks in results):
-        report.review_csv = write_review_order_csv(report.review_order, output_folder / REVIEW_NAME)
+        warnings = {output_stem(item.image): item.warning for item in report.succeeded}
+        report.review_order, report.review_csv = update_review_order_csv(
+            report.summary_csv, output_folder / REVIEW_NAME, warnings=warnings)
     return report
 
 
-def write_review_order_csv(order: Sequence[tuple[str, float, int]], path: Path) -> Path:
-    """``image,rank,mean_expected_error_mm,points_to_check``, the first row the first to review.
+def update_review_order_csv(
+    summary_csv: Path, path: Path, *, warnings: Mapping[str, str | None]
+) -> tuple[list[tuple[str, float, int]], Path | None]:
+    """Rank every image of a folder's ``landmarks.csv`` for review and write ``review_order.csv``.
 
-    Written for each run (the previous run's ranking is replaced: it ranked other images).
+    Columns ``image,rank,mean_expected_error_mm,points_to_check,warning``, the first row the first
+    to review (see :func:`~SCNLandmarksLib.models.quality.rank_for_review`). All images of the
+    summary are ranked, so runs into the same folder one after another, or as shards at the same
+    time, end with one ranking of them all. ``warnings`` holds this run's images (None: no warning);
+    the other images keep the warning the previous ranking gave them.
+
+    Returns:
+        The ranking, and the file; the file is not written (None) unless at least two images
+        are ranked and some have expected errors.
     """
-    buffer = io.StringIO()
-    writer = csv.writer(buffer, lineterminator="\n")
-    writer.writerow(["image", "rank", "mean_expected_error_mm", "points_to_check"])
-    for rank, (image, expected, checks) in enumerate(order, start=1):
-        writer.writerow([image, rank, f"{expected:.2f}" if np.isfinite(expected) else "", checks])
-    return atomic_write_text(path, buffer.getvalue(), overwrite=True)
+    with file_lock(summary_csv):  # the summary read whole, and rankings written one after another
+        with open(summary_csv, newline="", encoding="utf-8") as stream:
+            points = list(csv.DictReader(stream))
+        per_image: dict[str, tuple[list[float], int]] = {}
+        for point in points:
+            expected, checks = per_image.setdefault(point["image"], ([], 0))
+            if point["expected_error_mm"] and point["missing"] != "true":
+                expected.append(float(point["expected_error_mm"]))
+            per_image[point["image"]] = (expected, checks + (point["check"] == "true"))
+        order = rank_for_review((image, float(np.mean(expected)) if expected else float("nan"), checks)
+                                for image, (expected, checks) in per_image.items())
+        if len(order) < 2 or not any(np.isfinite(expected) for _, expected, _ in order):
+            return order, None
+        earlier = _earlier_warnings(path)
+        buffer = io.StringIO()
+        writer = csv.writer(buffer, lineterminator="\n")
+        writer.writerow(["image", "rank", "mean_expected_error_mm", "points_to_check", "warning"])
+        for rank, (image, expected, checks) in enumerate(order, start=1):
+            warning = warnings[image] if image in warnings else earlier.get(image)
+            writer.writerow([image, rank, f"{expected:.2f}" if np.isfinite(expected) else "", checks, warning or ""])
+        return order, atomic_write_text(path, buffer.getvalue(), overwrite=True)
+
+
+def _earlier_warnings(path: Path) -> dict[str, str]:
+    try:
+        with open(path, newline="", encoding="utf-8") as stream:
+            return {row["image"]: row["warning"] for row in csv.DictReader(stream) if row.get("warning")}
+    except (OSError, KeyError, csv.Error):
+        return {}  # no earlier ranking, or one of a version without warnings
 
 
 def detect_folder(

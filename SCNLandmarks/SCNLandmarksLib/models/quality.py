@@ -18,14 +18,14 @@ default is chosen on the same validation images; the CLI, the API and Slicer can
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
 
 from ..data.landmarks import Landmarks
 
-__all__ = ["LOW_CONFIDENCE", "SIGNALS", "ErrorModel", "review_order"]
+__all__ = ["LOW_CONFIDENCE", "SIGNALS", "ErrorModel", "rank_for_review", "review_order"]
 
 # Points below this confidence are to be checked when the model has no error model (the one
 # default of the CLI, the API, the overlay and Slicer).
@@ -209,8 +209,7 @@ def review_order(results: Sequence[tuple[str, Landmarks]]) -> list[tuple[str, fl
     """Images ranked for a person's review: ``(image, mean expected error in mm, points to check)``.
 
     The image whose points are expected furthest off comes first (the most to correct, and
-    the most for a fine-tuning to learn from); images without expected errors come last, those
-    with more points to check first.
+    the most for a fine-tuning to learn from); see :func:`rank_for_review`.
     """
     rows = []
     for image, landmarks in results:
@@ -218,5 +217,14 @@ def review_order(results: Sequence[tuple[str, Landmarks]]) -> list[tuple[str, fl
         finite = values[np.isfinite(values)]
         checks = int(landmarks.check.sum()) if landmarks.check is not None else 0
         rows.append((image, float(finite.mean()) if finite.size else float("nan"), checks))
-    rows.sort(key=lambda row: (0 if np.isfinite(row[1]) else 1, -row[1] if np.isfinite(row[1]) else 0.0, -row[2], row[0]))
-    return rows
+    return rank_for_review(rows)
+
+
+def rank_for_review(rows: Iterable[tuple[str, float, int]]) -> list[tuple[str, float, int]]:
+    """Sort ``(image, mean expected error in mm or NaN, points to check)`` rows for review.
+
+    Highest expected error first; images without expected errors come last, those with more
+    points to check first; ties by image name.
+    """
+    return sorted(rows, key=lambda row: (0 if np.isfinite(row[1]) else 1, -row[1] if np.isfinite(row[1]) else 0.0,
+                                         -row[2], row[0]))

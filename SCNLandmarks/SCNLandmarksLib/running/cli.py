@@ -99,7 +99,7 @@ def build_parser() -> argparse.ArgumentParser:
     detect.add_argument("--overwrite", action="store_true", help="replace existing output files")
     detect.add_argument("--shard", metavar="K/N", help="process only the K-th of N equal shares of the images "
                         "(1 <= K <= N; for a job array: every image is in exactly one share, and the runs' "
-                        "landmarks.csv rows merge into one file)")
+                        "landmarks.csv rows merge into one file, ranked together in review_order.csv)")
     _spacing_arg(detect)
     _device_arg(detect)
 
@@ -335,6 +335,8 @@ def shard(images: Sequence[Path], spec: str) -> list[Path]:
         number = count = 0
     if not 1 <= number <= count:
         msg = f"--shard must be K/N with 1 <= K <= N, for example 2/8; got {spec!r}"
+        if number == 0 and count > 0:
+            msg += f" (K counts from 1: for a job array numbered from 0, pass $((TASK_ID + 1))/{count})"
         raise ValueError(msg)
     ordered = sorted(images, key=lambda path: str(path))
     return ordered[number - 1 :: count]
