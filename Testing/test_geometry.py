@@ -46,5 +46,19 @@ def test_bad_geometry_and_points_are_rejected_with_reason():
         ImageGeometry(size=(4, 4), spacing=(0.0, 1.0), origin=(0.0, 0.0), direction=(1.0, 0.0, 0.0, 1.0))
     with pytest.raises(ValueError, match="orthonormal"):
         ImageGeometry(size=(4, 4), spacing=(1.0, 1.0), origin=(0.0, 0.0), direction=(2.0, 0.0, 0.0, 1.0))
+    # A 1 % shear keeps the determinant at 1 but is no rotation: refused, not mapped 7 voxels off.
+    with pytest.raises(ValueError, match="right angles.*resampled"):
+        ImageGeometry(size=(512, 512, 300), spacing=(0.7, 0.7, 1.0), origin=(0.0, 0.0, 0.0),
+                      direction=(1.0, 0.01, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0, 1.0))
     with pytest.raises(ValueError, match="3 coordinates"):
         oblique_geometry().index_to_physical([1.0, 2.0])
+
+
+def test_a_direction_stored_to_a_few_decimals_is_accepted_and_inverted_exactly():
+    angle = np.deg2rad(17.0)
+    rotation = np.array([[np.cos(angle), -np.sin(angle), 0.0], [np.sin(angle), np.cos(angle), 0.0], [0.0, 0.0, 1.0]])
+    stored = np.round(rotation, 4)  # as a DICOM header with 4 decimals gives it: not exactly orthonormal
+    geometry = ImageGeometry(size=(512, 512, 300), spacing=(0.45, 0.6, 2.5), origin=(-120.0, 80.5, -33.0),
+                             direction=tuple(stored.reshape(-1)))
+    far_corner = np.array([511.0, 511.0, 299.0])
+    np.testing.assert_allclose(geometry.physical_to_index(geometry.index_to_physical(far_corner)), far_corner, atol=1e-9)

@@ -117,6 +117,17 @@ def test_non_linear_transform_is_refused_with_advice(mrml_scene, sitk_volume):
         adapter.image_from_volume_node(volume)
 
 
+def test_a_transform_with_shear_is_refused_with_advice(mrml_scene, sitk_volume):
+    """A small shear (1 %, as an affine registration leaves) keeps the determinant near 1: still refused."""
+    scene = mrml_scene["scene"]
+    volume = _load_volume(scene, sitk_volume[1])
+    sheared = np.eye(4)
+    sheared[0, 1] = 0.01
+    volume.SetAndObserveTransformNodeID(_add_transform(scene, sheared).GetID())
+    with pytest.raises(ValueError, match="shearing.*harden and resample"):
+        adapter.image_from_volume_node(volume)
+
+
 def test_volume_without_image_data_is_explained(mrml_scene):
     empty = mrml_scene["scene"].AddNewNodeByClass("vtkMRMLScalarVolumeNode", "empty")
     with pytest.raises(ValueError, match="no image data"):

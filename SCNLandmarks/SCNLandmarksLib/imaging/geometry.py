@@ -26,6 +26,9 @@ __all__ = [
     "ras_to_lps",
 ]
 
+# Largest departure of direction^T @ direction from the identity still read as rounding.
+_ORTHONORMAL_TOLERANCE = 1e-3
+
 
 def _flip_xy(points: npt.ArrayLike) -> np.ndarray:
     flipped = np.array(points, dtype=float, copy=True)
@@ -86,8 +89,11 @@ class ImageGeometry:
             msg = f"Image size must be at least 1 voxel per axis, got {self.size}"
             raise ValueError(msg)
         matrix = self.direction_matrix
-        if abs(abs(np.linalg.det(matrix)) - 1.0) > 1e-3:
-            msg = f"Image direction matrix is not orthonormal: {matrix.tolist()}"
+        # Files store directions to a few decimals, so a tiny departure is their rounding; a
+        # larger one is a shear or scale, which no rotation of a regular grid can represent.
+        if np.abs(matrix.T @ matrix - np.eye(dim)).max() > _ORTHONORMAL_TOLERANCE:
+            msg = (f"Image direction matrix is not orthonormal (its axes are not of unit length and at right angles: "
+                   f"{np.round(matrix, 4).tolist()}); a sheared or scaled grid must be resampled onto a regular one first")
             raise ValueError(msg)
 
     @property
@@ -142,8 +148,16 @@ class ImageGeometry:
         """LPS mm to continuous index (x, y[, z]); shapes ``(D,)`` or ``(N, D)``."""
         points = np.asarray(points, dtype=float)
         self._check_points(points)
-        inverse = np.diag(1.0 / np.asarray(self.spacing)) @ self.direction_matrix.T
-        return (points - np.asarray(self.origin)) @ inverse.T
+        return (points - np.asarray(self.origin)) @ self.physical_to_index_matrix.T
+
+    @property
+    def physical_to_index_matrix(self) -> np.ndarray:
+        """``(D, D)`` matrix taking an LPS offset from the origin (mm) to a continuous index offset.
+
+        The exact inverse, not the transpose, so the last decimals of a stored direction do not
+        move a point far from the origin.
+        """
+        return np.linalg.inv(self.direction_matrix @ np.diag(self.spacing))
 
     def _check_points(self, points: np.ndarray) -> None:
         if points.shape[-1] != self.dimension:

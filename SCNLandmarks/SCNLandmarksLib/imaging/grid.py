@@ -192,7 +192,7 @@ class SamplingTransform:
         """
         dim = len(self.size)
         shape = tuple(self.size)[::-1]
-        to_index = np.diag(1.0 / np.asarray(geometry.spacing)) @ geometry.direction_matrix.T
+        to_index = geometry.physical_to_index_matrix
         matrix = to_index @ self.rotation @ self.linear
         offset = to_index @ (self.rotation @ self.translation + self.centre - np.asarray(geometry.origin))
 
