@@ -11,7 +11,7 @@ import SimpleITK as sitk
 
 from SCNLandmarksLib.imaging.geometry import ImageGeometry
 from SCNLandmarksLib.imaging.image import Image
-from SCNLandmarksLib.imaging.image_io import image_from_sitk, image_to_sitk, read_image, write_image
+from SCNLandmarksLib.imaging.image_io import find_images, image_from_sitk, image_to_sitk, read_image, write_image
 from SCNLandmarksLib.data.synthetic import make_bright_point_image, rotation_matrix
 
 OBLIQUE = tuple(float(v) for v in rotation_matrix((0.2, -0.1, 0.3), 3).reshape(-1))
@@ -106,20 +106,19 @@ def test_write_png_needs_whole_numbers(tmp_path: Path) -> None:
         write_image(image, tmp_path / "c.mhd")
 
 
-def test_dicom_series_folder(tmp_path: Path) -> None:
-    volume = make_bright_point_image(
-        (4, 5, 2), size=(10, 12, 4), spacing=(0.7, 0.7, 2.5), origin=(-5.0, 3.0, 40.0)
-    )
+def _write_dicom_series(folder: Path, volume, *, series_uid: str, name: str = "slice{k:03d}.dcm") -> None:
+    """Write ``volume`` as one DICOM file per slice, all of series ``series_uid``."""
     sitk_volume = sitk.Cast(image_to_sitk(volume), sitk.sitkInt16)
-    folder = tmp_path / "series"
-    folder.mkdir()
+    folder.mkdir(exist_ok=True)
     writer = sitk.ImageFileWriter()
+    writer.SetImageIO("GDCMImageIO")  # also where the file name has no .dcm to tell
     writer.KeepOriginalImageUIDOn()
-    for k in range(4):
+    for k in range(volume.geometry.size[2]):
         slice_image = sitk_volume[:, :, k]
         origin = volume.geometry.index_to_physical([0, 0, k])
         for tag, value in (
-            ("0020|000e", "1.2.826.0.1.3680043.2.1125.1"),  # same series for every slice
+            ("0020|000e", series_uid),  # same series for every slice
+            ("0008|0018", f"{series_uid}.{k + 1}"),
             ("0020|0032", "\\".join(f"{v:.4f}" for v in origin)),
             ("0020|0037", "1\\0\\0\\0\\1\\0"),
             ("0020|0013", str(k + 1)),
@@ -127,13 +126,44 @@ def test_dicom_series_folder(tmp_path: Path) -> None:
             ("0018|0050", "2.5"),
         ):
             slice_image.SetMetaData(tag, value)
-        writer.SetFileName(str(folder / f"slice{k:03d}.dcm"))
+        writer.SetFileName(str(folder / name.format(k=k)))
         writer.Execute(slice_image)
+
+
+def _dicom_volume(slices: int = 4):
+    return make_bright_point_image((4, 5, min(2, slices - 1)), size=(10, 12, slices), spacing=(0.7, 0.7, 2.5),
+                                   origin=(-5.0, 3.0, 40.0))
+
+
+def test_dicom_series_folder(tmp_path: Path) -> None:
+    volume = _dicom_volume()
+    folder = tmp_path / "series"
+    _write_dicom_series(folder, volume, series_uid="1.2.826.0.1.3680043.2.1125.1")
     image = read_image(folder)
     assert image.geometry.size == (10, 12, 4)
     np.testing.assert_allclose(image.geometry.spacing, (0.7, 0.7, 2.5), rtol=1e-4)
     np.testing.assert_allclose(image.geometry.origin, (-5.0, 3.0, 40.0), atol=1e-3)
     np.testing.assert_array_equal(np.argwhere(image.array == image.array.max())[0], [2, 5, 4])
+
+
+def test_a_scanner_export_without_file_extensions_is_found_as_a_dicom_series(tmp_path: Path) -> None:
+    _write_dicom_series(tmp_path / "patient1", _dicom_volume(), series_uid="1.2.826.0.1.3680043.2.1125.2",
+                        name="IM{k:04d}")
+    (tmp_path / "notes").mkdir()
+    (tmp_path / "notes" / "README").write_text("not an image, though it has no extension either")
+    assert find_images(tmp_path) == [tmp_path / "patient1"]
+    assert read_image(tmp_path / "patient1").geometry.size == (10, 12, 4)
+
+
+def test_a_folder_with_a_scout_beside_the_volume_reads_the_volume_and_says_so(tmp_path: Path, caplog) -> None:
+    folder = tmp_path / "export"
+    # GDCM lists series by their UID as text, so this scout ("...10") comes before the volume ("...2").
+    _write_dicom_series(folder, _dicom_volume(2), series_uid="1.2.840.9.9.10", name="scout{k}.dcm")
+    _write_dicom_series(folder, _dicom_volume(5), series_uid="1.2.840.9.9.2")
+    with caplog.at_level("WARNING"):
+        image = read_image(folder)
+    assert image.geometry.size == (10, 12, 5)
+    assert "2 DICOM series" in caplog.text and "1.2.840.9.9.10 (2 files)" in caplog.text
 
 
 def test_errors_name_the_problem(tmp_path: Path) -> None:

@@ -6,6 +6,7 @@ Every reader returns an :class:`~SCNLandmarksLib.imaging.image.Image`: float32 p
 
 from __future__ import annotations
 
+import itertools
 import logging
 import numbers
 import os
@@ -125,14 +126,15 @@ def _read_dicom_folder(folder: Path) -> sitk.Image:
     if not series_ids:
         msg = f"No DICOM series found in the folder {folder}; choose an image file or a folder of DICOM files"
         raise ValueError(msg)
+    # A scanner's export often holds a scout or a dose report beside the volume: the series with
+    # the most slices is the volume (the first of equals, in GDCM's order).
+    files_per_series = {series: sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(folder), series) for series in series_ids}
+    chosen = max(series_ids, key=lambda series: len(files_per_series[series]))
     if len(series_ids) > 1:
-        logger.warning(
-            "The folder %s holds %d DICOM series; reading the first one (%s)",
-            folder,
-            len(series_ids),
-            series_ids[0],
-        )
-    file_names = sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(folder), series_ids[0])
+        others = ", ".join(f"{series} ({len(files_per_series[series])} files)" for series in series_ids if series != chosen)
+        logger.warning("The folder %s holds %d DICOM series; reading the largest, %s (%d files); not read: %s",
+                       folder, len(series_ids), chosen, len(files_per_series[chosen]), others)
+    file_names = files_per_series[chosen]
     reader = sitk.ImageSeriesReader()
     reader.SetFileNames(file_names)
     return reader.Execute()
@@ -162,7 +164,7 @@ def _refuse_truncated(path: Path) -> None:
 
 
 def read_image(path: str | os.PathLike[str], *, spacing: Sequence[float] | float | None = None) -> Image:
-    """Read a 2D or 3D image, or the first DICOM series in a folder.
+    """Read a 2D or 3D image, or the DICOM series in a folder (the largest, where it holds several).
 
     Any format SimpleITK reads works (NRRD, NIfTI, MHA, DICOM, PNG, JPEG, BMP, TIFF...).
     Colour pixels become grey. A single-slice 3D volume stays 3D here. A DICOM image whose
@@ -303,8 +305,24 @@ def output_stem(path: Path) -> str:
 
 
 def is_dicom_folder(path: Path) -> bool:
-    """True for a folder holding ``.dcm`` files (read as one DICOM series)."""
-    return path.is_dir() and any(p.suffix.lower() == ".dcm" for p in path.iterdir())
+    """True for a folder holding DICOM files (read as one DICOM series).
+
+    A file counts by its ``.dcm`` name or, as scanners export them (``IM0001``, ``1.2.840...``),
+    by the ``DICM`` marker that follows the 128-byte preamble of a DICOM file; a few of the
+    folder's files are looked at, not all.
+    """
+    if not path.is_dir():
+        return False
+    files = (entry for entry in path.iterdir() if entry.is_file() and not entry.name.startswith("."))
+    return any(entry.suffix.lower() == ".dcm" or _has_dicom_marker(entry) for entry in itertools.islice(files, 20))
+
+
+def _has_dicom_marker(path: Path) -> bool:
+    try:
+        with open(path, "rb") as stream:
+            return stream.read(132)[128:] == b"DICM"
+    except OSError:
+        return False
 
 
 def find_images(folder: str | Path) -> list[Path]:
