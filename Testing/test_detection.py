@@ -124,6 +124,18 @@ def test_large_3d_volume_is_processed_in_tiles_on_the_full_grid():
 
 
 
+def test_a_thin_slab_is_padded_to_the_training_field_of_view_of_a_fixed_spacing_model():
+    """A 12-slice slab at 2 mm gives 6 grid voxels along z, fewer than reflect padding allows."""
+    model = tiny_model(["A", "B"], dimension=3, grid=GridSpec(size=(32, 32, 32), spacing=(2.0, 2.0, 2.0)),
+                       padding_mode="reflect")
+    slab, _ = make_synthetic_case(dimension=3, size=(40, 36, 12), spacing=(1.5, 1.5, 1.0), origin=(-20.0, 5.0, 40.0),
+                                  direction=(0.2, 0.1, -0.3), num_landmarks=2)
+    detector = Detector(model, device="cpu")
+    heatmaps, grid = detector.heatmaps(slab)
+    assert min(grid.size) >= 32 and heatmaps.shape[1:] == tuple(grid.size)[::-1]
+    assert np.isfinite(detector.detect(slab).positions).all()
+
+
 @pytest.mark.parametrize("requested", [True, False, None])
 def test_bfloat16_runs_both_stages_in_bfloat16_and_defaults_to_what_the_hardware_does(requested, monkeypatch):
     import torch

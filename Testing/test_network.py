@@ -75,6 +75,25 @@ def test_wrong_input_shapes_are_explained():
         NetworkConfig(dimension=2, num_landmarks=2, architecture="resnet")
 
 
+def test_the_smallest_input_is_known_and_a_smaller_one_is_explained():
+    # Reflect padding (3D) needs the coarsest grids wider than the padding: 32 // 8 = 4 > 7 // 2.
+    assert NetworkConfig.paper_3d(2).minimum_size == 32
+    assert NetworkConfig.paper_2d(2).minimum_size == NetworkConfig.paper_2d(2).size_divisor == 16  # zero padding
+    network = build_network(NetworkConfig.paper_3d(2, filters=4))
+    with torch.no_grad():
+        assert network(torch.zeros(1, 1, 32, 32, 32)).shape == (1, 2, 32, 32, 32)
+        with pytest.raises(ValueError, match=r"\(16, 32, 32\) is too small: every axis needs at least 32 voxels"):
+            network(torch.zeros(1, 1, 16, 32, 32))
+
+
+def test_a_model_grid_too_small_for_its_network_is_refused_in_words():
+    from SCNLandmarksLib.imaging.grid import GridSpec
+    from SCNLandmarksLib.models.model import create_model
+
+    with pytest.raises(ValueError, match=r"\(64, 64, 16\) is too small .* at least 32 voxels .*reflect padding"):
+        create_model(NetworkConfig.paper_3d(2, filters=4), grid=GridSpec(size=(64, 64, 16)), landmark_names=["A", "B"])
+
+
 def test_an_ensemble_reads_its_members_as_one_network():
     from SCNLandmarksLib.models.network import NetworkEnsemble, ensemble_of
 

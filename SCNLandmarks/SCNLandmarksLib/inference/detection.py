@@ -115,15 +115,17 @@ def detection_grid(prepared: PreparedImage, model: LandmarkModel) -> SamplingTra
     """The grid to run the network on for this image.
 
     A fit-to-size model sees the whole image in one grid of its training size. A model with
-    a fixed spacing gets a grid that covers the whole image at that spacing; when that grid
-    is larger than the training field of view it is processed in overlapping tiles.
+    a fixed spacing gets a grid that covers the whole image at that spacing, and at least its
+    training field of view along every axis (a thin slab is padded with the fill value, as
+    training crops are); when that grid is larger than the training field of view it is
+    processed in overlapping tiles.
     """
     base = prepared.base
     if model.grid.spacing is None:
         return base
     extent_voxels = prepared.extent_along_grid_mm / base.spacing
     size = padded_size(extent_voxels, model.config.size_divisor)
-    return base.with_size(size)
+    return base.with_size(tuple(max(n, trained) for n, trained in zip(size, model.grid.size)))
 
 
 def _tile_starts(full: int, tile: int) -> list[int]:

@@ -92,6 +92,10 @@ def create_model(
     if any(s % config.size_divisor for s in grid.size):
         msg = f"Input grid size {grid.size} must be a multiple of {config.size_divisor} on every axis"
         raise ValueError(msg)
+    if any(s < config.minimum_size for s in grid.size):
+        msg = (f"Input grid size {grid.size} is too small for this network: every axis needs at least "
+               f"{config.minimum_size} voxels (its pooling and its {config.padding_mode} padding); choose a larger grid")
+        raise ValueError(msg)
     defaults = default_target_settings(config.dimension)
     targets = HeatmapTargets(
         config.num_landmarks,

@@ -113,6 +113,28 @@ class NetworkConfig:
             return local
         return math.lcm(local, self.spatial_downsample)
 
+    @property
+    def minimum_size(self) -> int:
+        """The smallest input size, in voxels along any axis, that the network runs on.
+
+        A multiple of :attr:`size_divisor`; with reflect or replicate padding also large enough
+        that the coarsest local level and the spatial part's pooled grid are wider than their
+        convolutions' padding (zero padding has no such limit).
+        """
+        size = self.size_divisor
+        if self.padding_mode == "zeros":
+            return size
+
+        def fits(length: int) -> bool:
+            coarsest = length // 2 ** (self.levels - 1) > self.local_kernel // 2
+            if self.architecture == "unet":
+                return coarsest
+            return coarsest and length // self.spatial_downsample > self.spatial_kernel // 2
+
+        while not fits(size):
+            size += self.size_divisor
+        return size
+
     def to_dict(self) -> dict[str, object]:
         values = asdict(self)
         if self.members == 1:
@@ -292,6 +314,10 @@ class LandmarkNetwork(nn.Module):
         divisor = self.config.size_divisor
         if any(s % divisor for s in image.shape[2:]):
             msg = f"Network input size {tuple(image.shape[2:])} must be a multiple of {divisor} on every axis"
+            raise ValueError(msg)
+        if any(s < self.config.minimum_size for s in image.shape[2:]):
+            msg = (f"Network input size {tuple(image.shape[2:])} is too small: every axis needs at least "
+                   f"{self.config.minimum_size} voxels")
             raise ValueError(msg)
         local = self.local(image)
         if self.spatial is None:
