@@ -83,6 +83,27 @@ def test_errors_are_one_clear_line_and_exit_code_2(annotated_folder, trained_mod
     assert "No images found" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize(("raised", "said"), [
+    (lambda: __import__("torch").OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB"),
+     "The GPU ran out of memory; choose the CPU device"),
+    (lambda: MemoryError("scan.nrrd is too large for the memory available"), "scan.nrrd is too large"),
+    (lambda: RuntimeError("Padding size should be less than the corresponding input dimension"),
+     "The info run failed unexpectedly: RuntimeError: Padding size"),
+])
+def test_errors_from_torch_or_memory_are_one_line_not_a_traceback(raised, said, monkeypatch, capsys):
+    from SCNLandmarksLib.running import cli
+
+    def fail(args):  # noqa: ANN001, ANN202
+        raise raised()
+
+    monkeypatch.setitem(cli.COMMANDS, "info", fail)
+    assert main(["info"]) == 2
+    err = capsys.readouterr().err
+    assert said in err and "(--verbose shows where)" in err and "Traceback" not in err
+    assert main(["--verbose", "info"]) == 2
+    assert "Traceback" in capsys.readouterr().err
+
+
 def test_progress_bar_in_a_log_is_throttled_but_keeps_validation_results():
     import io
 

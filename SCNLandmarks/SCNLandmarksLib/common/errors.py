@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-__all__ = ["ModelFileError", "TrainingCancelled"]
+__all__ = ["ModelFileError", "TrainingCancelled", "unexpected_error_message"]
 
 
 class ModelFileError(ValueError):
@@ -18,3 +18,16 @@ class TrainingCancelled(Exception):
     def __init__(self, message: str = "", *, checkpoint: object = None) -> None:
         super().__init__(message)
         self.checkpoint = checkpoint
+
+
+def unexpected_error_message(error: BaseException, command: str) -> str:
+    """One sentence for the user about an error nobody raised for them (torch, memory, a bug).
+
+    ``command``: what was running, as the user named it (``"train"``, ``"detect"``...).
+    """
+    text = str(error)
+    if isinstance(error, MemoryError):
+        return text or "Not enough memory; use fewer or smaller cases or images, or the CPU"
+    if "out of memory" in text.lower():
+        return "The GPU ran out of memory; choose the CPU device, or use fewer cases or smaller images"
+    return f"The {command} run failed unexpectedly: {type(error).__name__}: {text}"

@@ -11,6 +11,7 @@ import signal
 import subprocess
 import sys
 import time
+import traceback
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -523,7 +524,7 @@ COMMANDS = {"detect": _command_detect, "train": _command_train, "finetune": _com
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``scn-landmarks`` command; returns the exit code."""
-    from ..common.errors import ModelFileError, TrainingCancelled
+    from ..common.errors import ModelFileError, TrainingCancelled, unexpected_error_message
 
     arguments = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(arguments)
@@ -543,6 +544,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_CANCELLED
     except (ValueError, OSError, ModelFileError, FloatingPointError) as error:  # OSError: files, disks, permissions
         print(f"scn-landmarks {args.command}: error: {error}", file=sys.stderr)
+        return EXIT_ERROR
+    except (MemoryError, RuntimeError) as error:  # from torch (out of memory, a failed kernel) or a bug of ours
+        if args.verbose:
+            traceback.print_exc()
+        hint = "" if args.verbose else " (--verbose shows where)"
+        print(f"scn-landmarks {args.command}: error: {unexpected_error_message(error, args.command)}{hint}", file=sys.stderr)
         return EXIT_ERROR
 
 

@@ -320,7 +320,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _run(argv: Sequence[str] | None, emit: _Emitter) -> int:
-    from ..common.errors import TrainingCancelled
+    from ..common.errors import TrainingCancelled, unexpected_error_message
 
     logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(levelname)s %(name)s: %(message)s")
     try:
@@ -344,23 +344,14 @@ def _run(argv: Sequence[str] | None, emit: _Emitter) -> int:
         traceback.print_exc()
         emit("error", message=f"A required package is missing ({error.name or error}); install it and try again")
         return EXIT_ERROR
-    except MemoryError:
-        traceback.print_exc()
-        emit("error", message="Not enough memory; use fewer or smaller cases or images, or the CPU")
-        return EXIT_ERROR
     except (ValueError, OSError, FloatingPointError) as error:
         # Our own errors (ModelFileError, bad cases, existing output...) carry a readable message.
         traceback.print_exc()
         emit("error", message=str(error) or type(error).__name__)
         return EXIT_ERROR
-    except Exception as error:  # noqa: BLE001 - the user must always get an error line
+    except Exception as error:  # noqa: BLE001 - the user must always get an error line (MemoryError included)
         traceback.print_exc()
-        text = str(error)
-        if "out of memory" in text.lower():
-            message = "The GPU ran out of memory; choose the CPU device, or use fewer cases or smaller images"
-        else:
-            message = f"The {arguments.command} run failed unexpectedly: {type(error).__name__}: {text}"
-        emit("error", message=message)
+        emit("error", message=unexpected_error_message(error, arguments.command))
         return EXIT_ERROR
     finally:
         # Matters when main() is called in-process (tests, scripts): leave signals as they were.
