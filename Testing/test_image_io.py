@@ -243,3 +243,15 @@ def test_monochrome1_dicom_reads_bright_where_dense_as_the_standard_says(tmp_pat
     np.testing.assert_array_equal(read_usual, raw)
     assert read_inverted[12, 15] < read_inverted[0, 0]  # the stored-high block is dark
     np.testing.assert_allclose(np.corrcoef(read_inverted.ravel(), raw.ravel())[0, 1], -1.0, atol=1e-6)
+
+
+def test_a_given_pixel_size_replaces_a_header_s_own_and_says_so(tmp_path: Path, caplog) -> None:
+    volume = _dicom_volume()
+    path = write_image(volume, tmp_path / "scan.nii.gz")
+    with caplog.at_level("WARNING"):
+        same = read_image(path, spacing=(0.7, 0.7, 2.5))
+    assert caplog.text == "" and same.geometry.spacing == pytest.approx((0.7, 0.7, 2.5))
+    with caplog.at_level("WARNING"):
+        replaced = read_image(path, spacing=2.0)
+    assert replaced.geometry.spacing == (2.0, 2.0, 2.0)
+    assert "the pixel size given, 2 x 2 x 2 mm, replaces the file's own, 0.7 x 0.7 x 2.5 mm" in caplog.text

@@ -226,7 +226,8 @@ def read_image(path: str | os.PathLike[str], *, spacing: Sequence[float] | float
     else:
         new_spacing = _spacing_tuple(spacing, geometry.dimension, source)
         if not is_photo and not np.allclose(new_spacing, geometry.spacing):
-            logger.info("Replacing the spacing %s in %s by %s", geometry.spacing, path, new_spacing)
+            logger.warning("%s: the pixel size given, %s mm, replaces the file's own, %s mm",
+                           path, " x ".join(f"{v:g}" for v in new_spacing), " x ".join(f"{v:g}" for v in geometry.spacing))
     if is_photo:
         origin = (0.0,) * geometry.dimension
         direction = tuple(np.eye(geometry.dimension).reshape(-1))

@@ -39,7 +39,9 @@ load in 3D Slicer). Run 'scn-landmarks COMMAND --help' for the options of a comm
 
 def _spacing_arg(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--spacing", type=float, nargs="+", metavar="MM",
-                        help="pixel size in mm for images that carry none (PNG, JPEG, BMP): one value or one per axis")
+                        help="pixel size in mm, one value or one per axis: needed for images that carry none (PNG, JPEG, "
+                             "BMP, TIFF, read at 1 mm without it); it also replaces the pixel size in other files' headers, "
+                             "with a warning where they differ")
 
 
 def _device_arg(parser: argparse.ArgumentParser) -> None:
