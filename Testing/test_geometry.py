@@ -62,3 +62,30 @@ def test_a_direction_stored_to_a_few_decimals_is_accepted_and_inverted_exactly()
                              direction=tuple(stored.reshape(-1)))
     far_corner = np.array([511.0, 511.0, 299.0])
     np.testing.assert_allclose(geometry.physical_to_index(geometry.index_to_physical(far_corner)), far_corner, atol=1e-9)
+
+
+def test_a_single_slice_has_a_plane_axial_exactly_as_before_and_tilted_on_the_slice():
+    from SCNLandmarksLib.data.synthetic import rotation_matrix
+
+    axial = ImageGeometry(size=(20, 16, 1), spacing=(0.3, 0.4, 2.0), origin=(5.0, 6.0, -42.0),
+                          direction=(0.0, -1.0, 0.0, 1.0, 0.0, 0.0, 0.0, 0.0, 1.0))
+    plane = axial.slice_plane()
+    assert plane == ImageGeometry(size=(20, 16), spacing=(0.3, 0.4), origin=(5.0, 6.0), direction=(0.0, -1.0, 1.0, 0.0))
+    np.testing.assert_allclose(axial.plane_to_volume([[4.0, 7.0]]), [[4.0, 7.0, -42.0]], atol=1e-12)
+
+    tilted = ImageGeometry(size=(300, 240, 1), spacing=(0.5, 0.5, 1.0), origin=(-60.0, 40.0, 12.0),
+                           direction=tuple(rotation_matrix((np.deg2rad(2.0), 0.0, 0.3), 3).reshape(-1)))
+    points = tilted.slice_plane().index_to_physical(np.array([[0.0, 0.0], [299.0, 239.0], [150.0, 17.5]]))
+    on_slice = tilted.plane_to_volume(points)
+    np.testing.assert_allclose(tilted.physical_to_index(on_slice)[:, 2], 0.0, atol=1e-9)
+    np.testing.assert_allclose(tilted.volume_to_plane(on_slice), points, atol=1e-9)
+    normal = tilted.direction_matrix[:, 2]
+    np.testing.assert_allclose(tilted.volume_to_plane(on_slice + 3.0 * normal), points, atol=1e-9)  # projected
+
+    steep = ImageGeometry(size=(30, 24, 1), spacing=(0.5, 0.5, 1.0), origin=(0.0, 0.0, 0.0),
+                          direction=tuple(rotation_matrix((np.deg2rad(5.0), 0.0, 0.0), 3).reshape(-1)))
+    with pytest.raises(ValueError, match="not in an axial plane"):
+        steep.slice_plane()
+    with pytest.raises(ValueError, match="one slice"):
+        ImageGeometry(size=(30, 24, 2), spacing=(0.5, 0.5, 1.0), origin=(0.0, 0.0, 0.0),
+                      direction=steep.direction).slice_plane()

@@ -291,6 +291,29 @@ def test_a_case_takes_the_dimension_its_points_were_made_for(mrml_scene):
     assert image.dimension == 3 and landmarks.dimension == 3
 
 
+def test_points_of_a_slightly_tilted_slice_lie_on_it_and_come_back_where_they_were(mrml_scene):
+    """A radiograph slice tilted by 2 degrees about x: points are not put at the origin's z, 10 mm off."""
+    from SCNLandmarksLib.data.synthetic import rotation_matrix
+    from SCNLandmarksLib.imaging.image import Image
+
+    scene = mrml_scene["scene"]
+    tilt = rotation_matrix((np.deg2rad(2.0), 0.0, np.deg2rad(10.0)), 3)
+    geometry = ImageGeometry(size=(300, 240, 1), spacing=(0.5, 0.5, 1.0), origin=(-60.0, 40.0, 12.0),
+                             direction=tuple(tilt.reshape(-1)))
+    slice_node = adapter.volume_node_from_image(Image(np.zeros((1, 240, 300), np.float32), geometry), scene=scene,
+                                                name="tilted")
+    plane = geometry.slice_plane()
+    found = Landmarks(names=["P", "Q"], positions=plane.index_to_physical(np.array([[10.0, 20.0], [290.0, 230.0]])))
+    detected = adapter.markups_from_landmarks(found, scene=scene, reference_geometry=geometry)
+    for row, index in enumerate([[10.0, 20.0], [290.0, 230.0]]):
+        world_lps = ras_to_lps(_world(detected, row))
+        np.testing.assert_allclose(geometry.physical_to_index(world_lps), [*index, 0.0], atol=1e-6)
+    image, landmarks = adapter.case_from_nodes(slice_node, detected)
+    for part in ("size", "spacing", "origin", "direction"):
+        np.testing.assert_allclose(getattr(image.geometry, part), getattr(plane, part), atol=1e-9)
+    np.testing.assert_allclose(landmarks.positions, found.positions, atol=1e-6)
+
+
 def test_volume_node_from_image_round_trip(mrml_scene):
     from SCNLandmarksLib.data.synthetic import make_bright_point_image
 

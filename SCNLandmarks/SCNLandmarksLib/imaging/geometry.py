@@ -159,6 +159,41 @@ class ImageGeometry:
         """
         return np.linalg.inv(self.direction_matrix @ np.diag(self.spacing))
 
+    def slice_plane(self) -> ImageGeometry:
+        """The 2D geometry of a volume of one slice, in that slice's plane.
+
+        For an axial slice it is the in-plane part of this geometry, so 2D LPS positions are the
+        3D ones without z. A slice tilted by up to about 2.5 degrees (as scanners and
+        registrations leave them) gets the nearest orthonormal in-plane directions; its points
+        go between the frames through the voxel index (:meth:`plane_to_volume`), never by
+        dropping or adding z, so they stay on the slice.
+
+        Raises:
+            ValueError: not a volume of one slice, or a slice not near the axial plane.
+        """
+        if self.dimension != 3 or self.size[2] != 1:
+            msg = f"Only a 3D volume of one slice has a slice plane; this grid is {self.size} (x, y, z)"
+            raise ValueError(msg)
+        in_plane = self.direction_matrix[:2, :2]
+        if abs(abs(np.linalg.det(in_plane)) - 1.0) > _ORTHONORMAL_TOLERANCE:
+            msg = "This single-slice volume is not in an axial plane; it cannot be used as a 2D image"
+            raise ValueError(msg)
+        left, _, right = np.linalg.svd(in_plane)
+        nearest = left @ right  # the orthonormal matrix closest to the in-plane block
+        direction = in_plane if np.allclose(in_plane, nearest, atol=1e-12) else nearest
+        return ImageGeometry(size=self.size[:2], spacing=self.spacing[:2], origin=self.origin[:2],
+                             direction=tuple(float(v) for v in direction.reshape(-1)))
+
+    def plane_to_volume(self, points: npt.ArrayLike) -> np.ndarray:
+        """2D positions in :meth:`slice_plane` to LPS mm on this one-slice volume; ``(N, 2)`` -> ``(N, 3)``."""
+        index = self.slice_plane().physical_to_index(points)
+        return self.index_to_physical(np.concatenate([index, np.zeros((*index.shape[:-1], 1))], axis=-1))
+
+    def volume_to_plane(self, points: npt.ArrayLike) -> np.ndarray:
+        """LPS mm near this one-slice volume to 2D positions in :meth:`slice_plane` (projected onto the slice)."""
+        index = self.physical_to_index(points)
+        return self.slice_plane().index_to_physical(index[..., :2])
+
     def _check_points(self, points: np.ndarray) -> None:
         if points.shape[-1] != self.dimension:
             msg = (

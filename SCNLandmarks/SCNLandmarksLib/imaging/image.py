@@ -40,8 +40,8 @@ class Image:
     def as_dimension(self, dimension: int) -> Image:
         """This image as a ``dimension``-D image.
 
-        A 3D volume with a single slice (how Slicer holds a radiograph) becomes 2D, keeping
-        the in-plane part of its geometry. Any other change of dimension is an error, and so is a
+        A 3D volume with a single slice (how Slicer holds a radiograph) becomes 2D in the
+        slice's plane (:meth:`ImageGeometry.slice_plane`). Any other change of dimension is an error, and so is a
         3D volume of a single slice asked for as 3D (a radiograph given to a model of volumes).
         """
         if dimension == 3 and self.dimension == 3 and 1 in self.geometry.size:
@@ -52,20 +52,7 @@ class Image:
             return self
         geometry = self.geometry
         if dimension == 2 and self.dimension == 3 and geometry.size[2] == 1:
-            direction3 = geometry.direction_matrix
-            direction2 = direction3[:2, :2]
-            if abs(abs(np.linalg.det(direction2)) - 1.0) > 1e-3:
-                msg = "This single-slice volume is not in an axial plane; it cannot be used as a 2D image"
-                raise ValueError(msg)
-            return Image(
-                self.array[0],
-                ImageGeometry(
-                    size=geometry.size[:2],
-                    spacing=geometry.spacing[:2],
-                    origin=geometry.origin[:2],
-                    direction=tuple(direction2.reshape(-1)),
-                ),
-            )
+            return Image(self.array[0], geometry.slice_plane())
         msg = (
             f"The model expects a {dimension}D image but this image is {self.dimension}D "
             f"with size {geometry.size} (x, y, z)"

@@ -18,6 +18,8 @@ Kept out of ``SCNLandmarksLib.__init__`` so that the engine imports without Slic
 
 from __future__ import annotations
 
+import dataclasses
+
 import json
 import math
 import os
@@ -191,12 +193,14 @@ def _json_attribute(node, name: str) -> dict | None:  # noqa: ANN001
 def _world_lps_positions(landmarks: Landmarks, reference_geometry: ImageGeometry | None) -> np.ndarray:
     """``(N, 3)`` world LPS positions; 2D landmarks lie in the plane of the single-slice volume."""
     positions = np.full((len(landmarks), 3), np.nan)
-    positions[:, : landmarks.dimension] = landmarks.positions
-    if landmarks.dimension == 2:
-        # Image.as_dimension(2) only accepts axial single slices, whose in-plane LPS x, y do
-        # not depend on z; the slice lies at the z of its origin.
-        plane_z = reference_geometry.origin[2] if reference_geometry is not None and reference_geometry.dimension == 3 else 0.0
-        positions[:, 2] = plane_z
+    if landmarks.dimension == 3:
+        positions[:] = landmarks.positions
+    elif reference_geometry is not None and reference_geometry.dimension == 3:
+        # Through the voxel index, so a slightly tilted slice's points lie on the slice.
+        positions[:] = reference_geometry.plane_to_volume(landmarks.positions)
+    else:
+        positions[:, :2] = landmarks.positions
+        positions[:, 2] = 0.0
     positions[landmarks.missing] = np.nan
     return positions
 
@@ -314,8 +318,11 @@ def case_from_nodes(volume_node, markups_node):  # noqa: ANN001, ANN201 - (Image
     image = image_from_volume_node(volume_node)
     recorded = markups_node.GetAttribute(ATTRIBUTE_DIMENSION)
     dimension = int(recorded) if recorded in ("2", "3") else (2 if image.geometry.size[2] == 1 else 3)
-    landmarks = landmarks_from_markups(markups_node, dimension=dimension)
-    return image.as_dimension(dimension), landmarks
+    flat = image.as_dimension(dimension)
+    landmarks = landmarks_from_markups(markups_node, dimension=3)
+    if dimension == 2:  # into the slice's plane through the voxel index, as detection put them out
+        landmarks = dataclasses.replace(landmarks, positions=image.geometry.volume_to_plane(landmarks.positions))
+    return flat, landmarks
 
 
 def landmarks_from_markups(
