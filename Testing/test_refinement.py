@@ -12,6 +12,7 @@ from engine_fixtures import synthetic_cases, tiny_model
 from SCNLandmarksLib.inference.detection import AS_IS, Detector, ImageReading
 from SCNLandmarksLib.common.errors import ModelFileError, TrainingCancelled
 from SCNLandmarksLib.inference.evaluation import point_errors
+from SCNLandmarksLib.imaging.grid import GridSpec
 from SCNLandmarksLib.imaging.image import Image
 from SCNLandmarksLib.imaging.image_io import read_image
 from SCNLandmarksLib.data.landmarks import Landmarks
@@ -326,3 +327,49 @@ def test_local_stage_trains_in_bfloat16_only_where_the_hardware_computes_it(tmp_
     config = RefinerTrainingConfig(iterations=2, batch_size=4, device="cpu", validate_every=0, validation_fraction=0.0)
     train_refiner(cases, model, output=tmp_path / "m.scn.pt", config=config)
     assert seen == ({torch.bfloat16} if native else {torch.float32})
+
+
+def test_crops_go_through_the_local_stage_in_chunks_with_the_same_result(two_stage, monkeypatch):
+    """A 3D stage with many landmarks must not hold every crop's logits at once; chunks change nothing."""
+    import copy
+
+    from SCNLandmarksLib.models import refinement
+    from SCNLandmarksLib.models.refinement import RefinementEnsemble, prepare_for_refiner, refine_positions
+
+    model = load_model(two_stage["result"].output)
+    single = model.refiner.eval()
+    ensemble = RefinementEnsemble(refinement.replace(single.config, members=2)).eval()
+    for member in ensemble.members:
+        member.load_state_dict(copy.deepcopy(single.state_dict()))
+    case = two_stage["test"][0]
+    prepared = prepare_for_refiner(case.image, single.config, model.intensity)
+    estimates = case.landmarks.positions + np.array([1.0, -0.5])
+    estimates[1] = np.nan  # a missing point stays missing and out of the chunks
+    cpu = torch.device("cpu")
+    whole = [refine_positions(network, prepared, estimates, device=cpu) for network in (single, ensemble)]
+    assert single.config.crops_at_once >= len(estimates)  # 2D crops: all in one chunk, as before
+    monkeypatch.setattr(refinement, "CROP_VOXELS_AT_ONCE", 2 * single.config.patch_size**2)
+    assert single.config.crops_at_once == 2
+    for network, reference in zip((single, ensemble), whole):
+        chunked = refine_positions(network, prepared, estimates, device=cpu)
+        for got, expected in zip(chunked, reference):
+            np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-6)
+        assert np.isnan(chunked.positions[1]).all()
+
+
+def test_3d_crops_default_to_a_size_and_a_batch_that_fit_in_memory(tmp_path):
+    assert RefinerConfig(dimension=2, num_landmarks=3).patch_size == 128
+    assert RefinerConfig(dimension=3, num_landmarks=3).patch_size == 64
+    assert RefinerConfig(dimension=2, num_landmarks=3).crops_at_once == 128
+    assert RefinerConfig(dimension=3, num_landmarks=3).crops_at_once == 8
+    assert RefinerConfig(dimension=3, num_landmarks=3, patch_size=128).crops_at_once == 1
+    assert RefinerConfig.from_dict(RefinerConfig(dimension=3, num_landmarks=3).to_dict()).patch_size == 64
+
+    cases = synthetic_cases(3, dimension=3, size=(24, 20, 16), spacing=(2.0, 2.2, 2.5), origin=(-10.0, 4.0, 30.0),
+                            direction=(0.1, -0.2, 0.3))
+    model = attach_refiner(tiny_model(cases[0].landmarks.names, dimension=3, grid=GridSpec(size=(32, 32, 32))),
+                           filters=(4, 8), spacing_mm=1.0, patch_size=128, target_sigma_mm=2.0)
+    settings = RefinerTrainingConfig(iterations=1, device="cpu", validate_every=0, validation_fraction=0.0)
+    result = train_refiner(cases, model, output=tmp_path / "m.scn.pt", config=settings)
+    assert result.model.info["refiner_training"]["config"]["batch_size"] == 1  # one 128-voxel 3D crop per step
+    assert settings.batch_size is None  # the caller's settings are left as they were

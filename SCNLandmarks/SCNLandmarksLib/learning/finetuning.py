@@ -592,7 +592,8 @@ def _fine_tune(  # noqa: PLR0913 - the arguments of fine_tune, checked
                                progress=report, should_cancel=should_cancel).model
         config = RefinerTrainingConfig(
             iterations=count, learning_rate=local_rate, freeze_batch_norm=keep_statistics,
-            batch_size=max(1, LOCAL_BATCH_SIZE // model.refiner.config.members),  # type: ignore[union-attr]
+            batch_size=max(1, min(LOCAL_BATCH_SIZE, model.refiner.config.crops_at_once)  # type: ignore[union-attr]
+                           // model.refiner.config.members),  # type: ignore[union-attr]
             device=device, seed=seed, validate_every=0, checkpoint_every=0, time_budget_s=ceilings[stage],
             progress_every=1,
         )

@@ -19,7 +19,7 @@ import copy
 import json
 import logging
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -52,6 +52,9 @@ __all__ = ["RefinerTrainingConfig", "RefinerTrainingResult", "attach_refiner", "
 
 log = logging.getLogger(__name__)
 
+# Crops per training step where the crops are small enough (2D).
+DEFAULT_BATCH_SIZE = 32
+
 
 @dataclass
 class RefinerTrainingConfig:
@@ -59,7 +62,8 @@ class RefinerTrainingConfig:
 
     Attributes:
         iterations: optimiser steps.
-        batch_size: crops per step.
+        batch_size: crops per step (default: 32, or fewer where the crops are large, see
+            :attr:`~SCNLandmarksLib.models.refinement.RefinerConfig.crops_at_once`: 8 for 3D crops of 64 voxels a side).
         learning_rate: peak AdamW learning rate (warm-up, then cosine decay).
         final_learning_rate_fraction: learning rate at the end, relative to the peak.
         weight_decay: decoupled weight decay of conv weights.
@@ -87,7 +91,7 @@ class RefinerTrainingConfig:
     """
 
     iterations: int = 6000
-    batch_size: int = 32
+    batch_size: int | None = None
     learning_rate: float = 2e-3
     final_learning_rate_fraction: float = 0.02
     weight_decay: float = 1e-4
@@ -111,7 +115,7 @@ class RefinerTrainingConfig:
     progress_every: int = 10
 
     def __post_init__(self) -> None:
-        if self.iterations < 1 or self.batch_size < 1:
+        if self.iterations < 1 or (self.batch_size is not None and self.batch_size < 1):
             msg = f"Refiner training needs at least one step and one crop per step, got {self.iterations} and {self.batch_size}"
             raise ValueError(msg)
         if not 0 <= self.far_offset_share <= 1:
@@ -269,6 +273,8 @@ def train_refiner(
     crop_cases = _crop_cases(training_cases, model, settings.corrected_weight)
     network = model.refiner
     refiner_config = network.config
+    if settings.batch_size is None:
+        settings = replace(settings, batch_size=min(DEFAULT_BATCH_SIZE, refiner_config.crops_at_once))
     model.to(device)
     model.network.eval()
     run = distributed_from_environment(device)
