@@ -347,6 +347,20 @@ def test_pixel_coordinates_read_as_millimetres_are_refused_naming_the_case(tmp_p
                                physical, atol=1e-3)
 
 
+def test_volumes_given_to_a_2d_training_are_refused_with_the_option_that_fixes_it(tmp_path):
+    from SCNLandmarksLib.data.dataset import load_cases
+    from SCNLandmarksLib.data.landmark_io import write_landmarks
+
+    folder = tmp_path / "cases"
+    folder.mkdir()
+    volume, points = make_synthetic_case(dimension=3, size=(20, 18, 16), spacing=(1.0, 1.0, 2.0), num_landmarks=2)
+    write_image(volume, folder / "head.nii.gz")
+    write_landmarks(points, folder / "head.fcsv")
+    with pytest.raises(ValueError, match=r"head.nii.gz is a 3D volume \(20 x 18 x 16 voxels\).*--dimension 3"):
+        load_cases(folder, dimension=2)
+    assert load_cases(folder, dimension=3)[0].landmarks.dimension == 3
+
+
 def test_several_raters_give_the_mean_of_the_annotations_that_have_each_point(tmp_path, capsys):
     """As the ISBI 2015 figures use both doctors: --landmarks senior.csv junior.csv."""
     from SCNLandmarksLib.data.dataset import load_cases

@@ -74,6 +74,10 @@ def load_cases(
     cases = []
     for image_id in wanted:
         image = read_image(files[image_id], spacing=spacing)
+        if image.dimension == 3 and min(image.geometry.size) > 1 and dimension == 2:
+            msg = (f"{files[image_id].name} is a 3D volume ({' x '.join(map(str, image.geometry.size))} voxels), but 2D "
+                   "images were asked for; for volumes ask for 3D (--dimension 3, dimension=3)")
+            raise ValueError(msg)
         if table is not None:
             points = table[image_id]
             if units == "pixel":
