@@ -17,7 +17,7 @@ from ..imaging.image import Image
 from ..data.landmarks import Landmarks
 from ..models.quality import LOW_CONFIDENCE
 
-__all__ = ["render_overlay", "write_overlay_png"]
+__all__ = ["legend_lines", "render_overlay", "write_overlay_png"]
 
 _COLOURS = np.array([[230, 25, 75], [60, 180, 75], [255, 225, 25], [0, 130, 200], [245, 130, 48],
                      [145, 30, 180], [70, 240, 240], [240, 50, 230], [210, 245, 60], [250, 190, 190]], dtype=np.uint8)
@@ -75,23 +75,32 @@ def _draw_ring(picture: np.ndarray, cx: int, cy: int, radius: int, width: int, c
 def render_overlay(image: Image, landmarks: Landmarks, *, low_confidence_threshold: float = LOW_CONFIDENCE) -> np.ndarray:
     """RGB ``(rows, columns + legend, 3)`` uint8 picture of the image with its landmarks.
 
-    The image (the slice through the landmarks' mean for 3D) gets a numbered cross per
-    landmark; points to check (``landmarks.check``, or for landmarks without that decision a
-    confidence below ``low_confidence_threshold``) get an orange ring. A legend panel on the
-    right lists number, name and expected error, the points to check in orange.
+    The image gets a numbered cross per landmark; points to check (``landmarks.check``, or for
+    landmarks without that decision a confidence below ``low_confidence_threshold``) get an
+    orange ring. A legend panel on the right lists number, name and expected error, the points
+    to check in orange; where it is taller than the image the picture grows below. Pixels are
+    drawn square (an image with unequal pixel sizes is stretched to its true proportions).
+
+    A 3D volume is shown by the slice (along its third index axis) nearest most landmarks; a
+    point off that slice is drawn as a small square where it projects, and the legend gives
+    the slice it lies on.
     """
     if image.dimension == 3 and landmarks.dimension == 2:
         image = image.as_dimension(2)  # a radiograph stored as a volume of one slice (.mha, .nrrd)
+    index = image.geometry.physical_to_index(landmarks.positions)
+    slices = None
     if image.dimension == 3:
-        index = image.geometry.physical_to_index(landmarks.positions)
-        valid = np.isfinite(index).all(axis=1)
-        slice_k = int(np.clip(np.round(np.nanmean(index[valid, 2])) if valid.any() else image.array.shape[0] // 2,
-                              0, image.array.shape[0] - 1))
-        picture = _grey_to_rgb(image.array[slice_k])
+        slices = np.round(index[:, 2])
+        shown = int(np.clip(np.nanmedian(slices), 0, image.array.shape[0] - 1)) if np.isfinite(slices).any() \
+            else image.array.shape[0] // 2
+        plane, spacing = image.array[shown], image.geometry.spacing[:2]
         index = index[:, :2]
+        off_slice = np.isfinite(slices) & (slices != shown)
     else:
-        picture = _grey_to_rgb(image.array)
-        index = image.geometry.physical_to_index(landmarks.positions)
+        plane, spacing, shown = image.array, image.geometry.spacing, None
+        off_slice = np.zeros(len(landmarks), dtype=bool)
+    plane, index = _square_pixels(plane, index, spacing)
+    picture = _grey_to_rgb(plane)
     rows, columns = picture.shape[:2]
     arm = max(3, int(min(rows, columns) / 100))
     scale = max(1, int(min(rows, columns) / 300))
@@ -101,21 +110,66 @@ def render_overlay(image: Image, landmarks: Landmarks, *, low_confidence_thresho
             continue
         colour = tuple(int(c) for c in _COLOURS[number % len(_COLOURS)])
         cx, cy = int(round(x)), int(round(y))
-        for offset in range(-arm, arm + 1):
-            for dx, dy in ((offset, 0), (0, offset)):
-                for thickness in (-1, 0, 1):
-                    px, py = cx + dx + (thickness if dy else 0), cy + dy + (thickness if dx else 0)
-                    if 0 <= px < columns and 0 <= py < rows:
-                        picture[py, px] = colour
+        if off_slice[number]:
+            _draw_square(picture, cx, cy, max(2, arm // 2), colour)
+        else:
+            _draw_cross(picture, cx, cy, arm, colour)
         if check[number]:
             _draw_ring(picture, cx, cy, 2 * arm, max(2, arm // 2), CHECK_COLOUR)
         _draw_text(picture, str(number + 1), cx + arm + 2, cy - arm - 5 * scale, scale, colour)
-    return np.concatenate([picture, _legend(landmarks, check, rows, scale)], axis=1)
+    on_slices = None if slices is None else [None if not off_slice[n] else int(slices[n]) for n in range(len(landmarks))]
+    panel = _legend(landmarks, check, rows, scale, shown_slice=shown, on_slices=on_slices)
+    if panel.shape[0] > rows:  # the legend is taller: the picture grows below, dark
+        picture = np.concatenate([picture, np.full((panel.shape[0] - rows, columns, 3), 32, np.uint8)])
+    return np.concatenate([picture, panel], axis=1)
 
 
-def _legend(landmarks: Landmarks, check: np.ndarray, rows: int, scale: int) -> np.ndarray:
-    """A dark panel: one line per landmark, "12 gonion 2.3 mm check" (missing points say so)."""
-    lines = []
+def _square_pixels(plane: np.ndarray, index: np.ndarray, spacing: tuple[float, ...]) -> tuple[np.ndarray, np.ndarray]:
+    """The plane resampled so that a pixel is as wide as it is high (the smaller pixel size), and
+    the point indices (x, y) moved with it; unchanged where the sizes differ by less than 5 %."""
+    along_x, along_y = float(spacing[0]), float(spacing[1])
+    if abs(along_x / along_y - 1.0) < 0.05:
+        return plane, index
+    from scipy.ndimage import zoom
+
+    step = min(along_x, along_y)
+    factors = (along_y / step, along_x / step)  # array order: rows (y), columns (x)
+    resized = zoom(plane, factors, order=1)
+    # Pixel centres: index i of the old grid sits at (i + 0.5) * factor - 0.5 on the new one.
+    moved = (index + 0.5) * np.array([factors[1], factors[0]]) - 0.5
+    return resized, moved
+
+
+def _draw_cross(picture: np.ndarray, cx: int, cy: int, arm: int, colour: tuple[int, ...]) -> None:
+    rows, columns = picture.shape[:2]
+    for offset in range(-arm, arm + 1):
+        for dx, dy in ((offset, 0), (0, offset)):
+            for thickness in (-1, 0, 1):
+                px, py = cx + dx + (thickness if dy else 0), cy + dy + (thickness if dx else 0)
+                if 0 <= px < columns and 0 <= py < rows:
+                    picture[py, px] = colour
+
+
+def _draw_square(picture: np.ndarray, cx: int, cy: int, half: int, colour: tuple[int, ...]) -> None:
+    """An open square: a point that lies on another slice, drawn where it projects."""
+    rows, columns = picture.shape[:2]
+    for offset in range(-half, half + 1):
+        for px, py in ((cx + offset, cy - half), (cx + offset, cy + half), (cx - half, cy + offset), (cx + half, cy + offset)):
+            if 0 <= px < columns and 0 <= py < rows:
+                picture[py, px] = colour
+
+
+def legend_lines(landmarks: Landmarks, check: np.ndarray, *, shown_slice: int | None = None,
+                 on_slices: list[int | None] | None = None) -> list[str]:
+    """The legend's text: a title, then one line per landmark ("12 gonion 2.3 mm check!").
+
+    For a 3D volume ``shown_slice`` is the slice drawn and ``on_slices`` the slice of each point
+    not on it (None: on it, or missing).
+    """
+    title = "mm = expected error, check! = please check" if landmarks.expected_errors is not None else "check! = please check"
+    if shown_slice is not None:
+        title += f"; slice {shown_slice}, squares: on another slice"
+    lines = [title]
     for number, name in enumerate(landmarks.names):
         expected = landmarks.expected_errors[number] if landmarks.expected_errors is not None else np.nan
         text = f"{number + 1} {name}"
@@ -123,20 +177,30 @@ def _legend(landmarks: Landmarks, check: np.ndarray, rows: int, scale: int) -> n
             text += " (missing)"
         elif np.isfinite(expected):
             text += f" {expected:.1f} mm"
+        if on_slices is not None and on_slices[number] is not None:
+            text += f" (slice {on_slices[number]})"
         if check[number]:
             text += " check!"
-        lines.append((text, check[number], number))
-    title = "mm = expected error, check! = please check" if landmarks.expected_errors is not None else "check! = please check"
+        lines.append(text)
+    return lines
+
+
+def _legend(landmarks: Landmarks, check: np.ndarray, rows: int, scale: int, *, shown_slice: int | None = None,
+            on_slices: list[int | None] | None = None) -> np.ndarray:
+    """A dark panel with :func:`legend_lines`, the points to check in orange; at least ``rows`` high,
+    taller where the lines need it."""
+    title, *lines = legend_lines(landmarks, check, shown_slice=shown_slice, on_slices=on_slices)
     height = 7 * scale
     # Shrink the text to fit the image's height when there are many landmarks.
     while scale > 1 and (len(lines) + 2) * height > rows:
         scale -= 1
         height = 7 * scale
-    width = max(len(t) for t, _, _ in [(title, False, 0), *lines]) * 4 * scale + 8 * scale
-    panel = np.full((rows, width, 3), 32, dtype=np.uint8)
+    width = max(len(text) for text in [title, *lines]) * 4 * scale + 8 * scale
+    panel = np.full((max(rows, (len(lines) + 2) * height + 2 * scale), width, 3), 32, dtype=np.uint8)
     _draw_text(panel, title, 4 * scale, 2 * scale, scale, TEXT_COLOUR)
-    for line, (text, flagged, number) in enumerate(lines, start=2):
-        colour = CHECK_COLOUR if flagged else tuple(int(c) for c in _COLOURS[number % len(_COLOURS)])
+    for line, text in enumerate(lines, start=2):
+        number = line - 2
+        colour = CHECK_COLOUR if check[number] else tuple(int(c) for c in _COLOURS[number % len(_COLOURS)])
         _draw_text(panel, text, 4 * scale, line * height, scale, colour)
     return panel
 
