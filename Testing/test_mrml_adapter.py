@@ -128,6 +128,25 @@ def test_a_transform_with_shear_is_refused_with_advice(mrml_scene, sitk_volume):
         adapter.image_from_volume_node(volume)
 
 
+@pytest.mark.parametrize("components", [3, 6])
+def test_vector_pixels_become_grey_as_in_files_and_more_than_four_values_are_refused(mrml_scene, components):
+    from vtk.util import numpy_support
+
+    scene = mrml_scene["scene"]
+    values = np.arange(4 * 5 * 2 * components, dtype=np.float32).reshape(2, 5, 4, components)  # (k, j, i, c)
+    data = vtk.vtkImageData()
+    data.SetDimensions(4, 5, 2)
+    scalars = numpy_support.numpy_to_vtk(values.reshape(-1, components), deep=True, array_type=vtk.VTK_FLOAT)
+    data.GetPointData().SetScalars(scalars)
+    node = scene.AddNewNodeByClass("vtkMRMLVectorVolumeNode", "dwi" if components == 6 else "colour")
+    node.SetAndObserveImageData(data)
+    if components == 3:
+        np.testing.assert_allclose(adapter.image_from_volume_node(node).array, values.mean(axis=-1))
+    else:
+        with pytest.raises(ValueError, match='"dwi" has 6 values per pixel; only grey, RGB and RGBA'):
+            adapter.image_from_volume_node(node)
+
+
 def test_volume_without_image_data_is_explained(mrml_scene):
     empty = mrml_scene["scene"].AddNewNodeByClass("vtkMRMLScalarVolumeNode", "empty")
     with pytest.raises(ValueError, match="no image data"):

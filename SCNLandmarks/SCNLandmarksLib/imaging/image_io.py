@@ -22,7 +22,8 @@ from ..common.system_memory import memory_available_bytes
 from .geometry import ImageGeometry
 from .image import Image
 
-__all__ = ["IMAGE_SUFFIXES", "check_fits_in_memory", "find_images", "image_from_sitk", "image_to_sitk", "is_dicom_folder",
+__all__ = ["IMAGE_SUFFIXES", "check_fits_in_memory", "find_images", "grey_pixels", "image_from_sitk", "image_to_sitk",
+           "is_dicom_folder",
            "is_photo_file", "output_stem", "read_image", "write_image"]
 
 logger = logging.getLogger(__name__)
@@ -53,9 +54,13 @@ def _sitk_reason(error: RuntimeError) -> str:
     return (reason if marker else text).strip() or "unknown reason"
 
 
-def _grey_array(sitk_image: sitk.Image, source: str) -> np.ndarray:
-    array = sitk.GetArrayFromImage(sitk_image)
-    channels = sitk_image.GetNumberOfComponentsPerPixel()
+def grey_pixels(array: np.ndarray, channels: int, source: str) -> np.ndarray:
+    """One float32 grey value per pixel from ``channels`` values per pixel (the last array axis
+    where there are several): RGB and RGBA become the mean of R, G and B, grey plus alpha its grey.
+
+    Raises:
+        ValueError: more than 4 values per pixel (a diffusion or multi-echo series, for example).
+    """
     if channels == 1:
         return array.astype(np.float32, copy=False)
     # The channel axis is last in the array SimpleITK returns for vector pixels.
@@ -96,7 +101,7 @@ def image_from_sitk(sitk_image: sitk.Image, *, source: str = "The image") -> Ima
             "only 2D images and 3D volumes can be used"
         )
         raise ValueError(msg)
-    array = _grey_array(sitk_image, source)
+    array = grey_pixels(sitk.GetArrayFromImage(sitk_image), sitk_image.GetNumberOfComponentsPerPixel(), source)
     return Image(array, ImageGeometry.from_sitk(sitk_image))
 
 

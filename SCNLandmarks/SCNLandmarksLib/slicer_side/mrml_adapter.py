@@ -33,6 +33,7 @@ from vtk.util import numpy_support
 
 from ..imaging.geometry import ImageGeometry, lps_to_ras, ras_to_lps
 from ..imaging.image import Image
+from ..imaging.image_io import grey_pixels
 from ..data.landmark_io import compose_point_description, parse_point_description
 from ..models.quality import LOW_CONFIDENCE
 from ..data.landmarks import Landmarks
@@ -119,13 +120,14 @@ def image_from_volume_node(volume_node) -> Image:  # noqa: ANN001
     """The volume as an engine :class:`Image` in world LPS coordinates.
 
     The pixel array is the node's image data in NumPy ``(k, j, i)`` order (the engine's
-    ``(z, y, x)``), copied as float32; vector (RGB) pixels become grey (mean of the first
-    three components). The geometry comes from IJKToRAS and the linear parent transform.
+    ``(z, y, x)``), copied as float32; vector pixels become grey as in files
+    (:func:`~SCNLandmarksLib.imaging.image_io.grey_pixels`: RGB the mean, more than 4 values refused).
+    The geometry comes from IJKToRAS and the linear parent transform.
     A single-slice volume stays 3D here (``Image.as_dimension(2)`` turns it into 2D).
 
     Raises:
-        ValueError: no image data, a non-linear parent transform, or a transform with shear
-            (the grid would no longer be orthogonal).
+        ValueError: no image data, more than 4 values per pixel, a non-linear parent transform,
+            or a transform with shear (the grid would no longer be orthogonal).
     """
     image_data = volume_node.GetImageData() if volume_node is not None else None
     if image_data is None or image_data.GetNumberOfPoints() == 0:
@@ -136,8 +138,7 @@ def image_from_volume_node(volume_node) -> Image:  # noqa: ANN001
     size_ijk = tuple(int(d) for d in image_data.GetDimensions())
     components = scalars.GetNumberOfComponents()
     array = numpy_support.vtk_to_numpy(scalars).reshape(size_ijk[::-1] + ((components,) if components > 1 else ()))
-    if components > 1:
-        array = array[..., : min(3, components)].astype(np.float32).mean(axis=-1)
+    array = grey_pixels(array, components, f'"{volume_node.GetName()}"')
     matrix = ijk_to_world_ras_matrix(volume_node)
     try:
         geometry = ImageGeometry.from_ijk_to_ras(size_ijk, matrix)
