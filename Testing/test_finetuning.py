@@ -169,6 +169,8 @@ def test_runs_after_the_first_are_fitted_again_when_the_probe_misjudged_the_spee
     monkeypatch.setattr(finetuning, "DEFAULT_ITERATIONS", 25)  # the recipe's steps, kept small for the test
     # A probe that judges every step to take 10 s fits the fewest steps; the first run shows the truth.
     monkeypatch.setattr(finetuning, "_probe_speed", lambda train: (0.0, 10.0))
+    # The refitting is checked, not the time ceiling: a machine busy with other work must not cut a run.
+    monkeypatch.setattr(finetuning, "RUN_CEILING", 1e6)
     reports = []
     report = fine_tune(cases, path, output=tmp_path / "new.scn.pt", keep_worse=True, device="cpu", progress=reports.append)
     assert [fold["steps"] for fold in report.per_fold] == [finetuning.MIN_FITTED_STEPS, 25, 25]
