@@ -70,6 +70,34 @@ def test_cases_with_missing_points_train_and_unknown_landmarks_are_explained(tmp
         train_model([stranger], model, output=tmp_path / "n.scn.pt", config=quick(5))
 
 
+def test_a_checkpoint_never_replaces_a_model_or_any_other_file(tmp_path):
+    """A run writes its checkpoint over and over and deletes it at the end: pointed at a model, that model was lost."""
+    cases = synthetic_cases(3)
+    precious = save_model(tiny_model(cases[0].landmarks.names), tmp_path / "precious.scn.pt")
+    kept = precious.read_bytes()
+    notes = tmp_path / "notes.txt"
+    notes.write_text("mine")
+    for taken in (precious, notes):
+        with pytest.raises(FileExistsError, match="is not a training checkpoint; it is kept"):
+            train_model(cases, tiny_model(cases[0].landmarks.names), output=tmp_path / "new.scn.pt",
+                        config=quick(2, validation_fraction=0.0, checkpoint_every=1), checkpoint=taken)
+    assert precious.read_bytes() == kept and notes.read_text() == "mine"
+    with pytest.raises(ValueError, match="checkpoint must be another file"):
+        train_model(cases, tiny_model(cases[0].landmarks.names), output=tmp_path / "same.scn.pt",
+                    config=quick(2, validation_fraction=0.0), checkpoint=tmp_path / "same.scn.pt")
+    assert not (tmp_path / "new.scn.pt").exists() and not (tmp_path / "same.scn.pt").exists()
+
+    # An earlier run's checkpoint is a checkpoint: a fresh start may replace it.
+    earlier = tmp_path / "earlier.ckpt"
+    with pytest.raises(TrainingCancelled):
+        train_model(cases, tiny_model(cases[0].landmarks.names), output=tmp_path / "a.scn.pt",
+                    config=quick(5, validation_fraction=0.0), checkpoint=earlier, should_cancel=lambda: True)
+    assert earlier.exists()
+    train_model(cases, tiny_model(cases[0].landmarks.names), output=tmp_path / "b.scn.pt",
+                config=quick(2, validation_fraction=0.0), checkpoint=earlier)
+    assert (tmp_path / "b.scn.pt").exists() and not earlier.exists()
+
+
 def test_cancel_keeps_the_previous_model_and_resume_continues(tmp_path):
     cases = synthetic_cases(3)
     model = tiny_model(cases[0].landmarks.names)

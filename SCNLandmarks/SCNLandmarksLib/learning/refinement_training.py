@@ -260,7 +260,8 @@ def train_refiner(
     """
     settings = config or RefinerTrainingConfig()
     output = Path(output)
-    refuse_to_start(output, cases, overwrite=overwrite)
+    refuse_to_start(output, cases, overwrite=overwrite, checkpoint=None if checkpoint is None else Path(checkpoint),
+                    resume=resume)
     if model.refiner is None:
         msg = "This model has no refinement stage to train; attach one with attach_refiner(model) first"
         raise ValueError(msg)

@@ -25,7 +25,8 @@ from ..common.errors import TrainingCancelled
 from ..common.progress import Progress, ProgressCallback, estimate_eta
 
 __all__ = [
-    "ResumePoint", "StepLoop", "foreign_checkpoint", "load_checkpoint", "refuse_to_start", "restore", "resume_state",
+    "ResumePoint", "StepLoop", "foreign_checkpoint", "is_training_checkpoint", "load_checkpoint", "refuse_to_start",
+    "restore", "resume_state",
     "save_checkpoint", "write_trained_model",
 ]
 
@@ -74,12 +75,19 @@ def resume_state(checkpoint: Path | None, resume: bool) -> dict[str, object] | N
     return load_checkpoint(checkpoint)
 
 
-def refuse_to_start(output: Path, cases: Sequence[object], *, overwrite: bool) -> None:
-    """Refuse before any work: ``output`` exists and may not be replaced, or there are no cases.
+def refuse_to_start(output: Path, cases: Sequence[object], *, overwrite: bool, checkpoint: Path | None = None,
+                    resume: bool = False) -> None:
+    """Refuse before any work: ``output`` exists and may not be replaced, there are no cases, or
+    the checkpoint would replace something that is not a checkpoint.
+
+    A run writes its checkpoint over and over and deletes it at the end, so the checkpoint may be
+    neither the model being written nor any file but an earlier run's checkpoint (which a fresh
+    start replaces).
 
     Raises:
-        FileExistsError: ``output`` exists and ``overwrite`` is False.
-        ValueError: ``cases`` is empty.
+        FileExistsError: ``output`` exists and ``overwrite`` is False, or ``checkpoint`` is an
+            existing file that is not a training checkpoint (a model, for example).
+        ValueError: ``cases`` is empty, or ``checkpoint`` is ``output``.
     """
     if output.exists() and not overwrite:
         msg = f"The model file {output} already exists; choose a new name (models are never overwritten by default)"
@@ -87,6 +95,26 @@ def refuse_to_start(output: Path, cases: Sequence[object], *, overwrite: bool) -
     if not cases:
         msg = "Training needs at least one annotated case"
         raise ValueError(msg)
+    if checkpoint is None:
+        return
+    if checkpoint.expanduser().resolve() == output.expanduser().resolve():
+        msg = f"The checkpoint and the model are both {output}; the checkpoint must be another file"
+        raise ValueError(msg)
+    if checkpoint.exists() and not resume and not is_training_checkpoint(checkpoint):
+        msg = (f"{checkpoint} exists and is not a training checkpoint; it is kept: choose another checkpoint file "
+               "(command line: --checkpoint)")
+        raise FileExistsError(msg)
+
+
+def is_training_checkpoint(path: Path) -> bool:
+    """True for a checkpoint file that a training run of this package wrote (read safely)."""
+    if not path.is_file():
+        return False
+    try:
+        saved = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception:  # noqa: BLE001 - anything unreadable is not a checkpoint
+        return False
+    return isinstance(saved, dict) and {"iteration", "network", "optimizer"} <= set(saved)
 
 
 @dataclass

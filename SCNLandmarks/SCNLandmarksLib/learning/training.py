@@ -361,7 +361,8 @@ def train_model(
     """
     config = config or TrainingConfig()
     output = Path(output)
-    refuse_to_start(output, cases, overwrite=overwrite)
+    refuse_to_start(output, cases, overwrite=overwrite, checkpoint=None if checkpoint is None else Path(checkpoint),
+                    resume=resume)
     device = resolve_device(config.device)
     torch.manual_seed(config.seed)
     if validation_cases is None:
