@@ -411,6 +411,34 @@ def test_atomic_write_errors(tmp_path: Path) -> None:
     assert list(tmp_path.iterdir()) == []
 
 
+def test_writers_racing_for_a_new_name_never_replace_each_other(tmp_path: Path) -> None:
+    """Eight writers all find the name free, then publish at once: exactly one file wins, whole."""
+    import threading
+
+    target = tmp_path / "model.scn.pt"
+    barrier = threading.Barrier(8)
+    written, refused = [], []
+
+    def write(number: int) -> None:
+        try:
+            with atomic_path(target) as temporary:
+                temporary.write_text(f"writer {number}")
+                barrier.wait()
+            written.append(number)
+        except FileExistsError as error:
+            assert "created by someone else" in str(error)
+            refused.append(number)
+
+    threads = [threading.Thread(target=write, args=(n,)) for n in range(8)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert len(written) == 1 and len(refused) == 7
+    assert target.read_text() == f"writer {written[0]}"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model.scn.pt"]
+
+
 # --------------------------------------------------------------------------- real Slicer (slicer-core)
 
 

@@ -96,14 +96,36 @@ def atomic_path(path: str | os.PathLike[str], *, overwrite: bool = False) -> Ite
         if not temporary.exists():
             msg = f"Nothing was written for {destination}"
             raise FileNotFoundError(msg)
-        # Checked again because another program may have created the file meanwhile.
-        if destination.exists() and not overwrite:
-            msg = f"{destination} was created by someone else while it was being written; not replacing it"
-            raise FileExistsError(msg)
-        os.replace(temporary, destination)
+        if overwrite:
+            os.replace(temporary, destination)
+        else:
+            _move_unless_taken(temporary, destination)
     except BaseException:
         temporary.unlink(missing_ok=True)
         raise
+
+
+def _move_unless_taken(temporary: Path, destination: Path) -> None:
+    """Give ``temporary`` the name ``destination`` unless that name exists, in one step.
+
+    Another program may create the file while ours is written, and "check, then rename" would
+    replace it. A hard link (POSIX) or a rename (Windows) fails instead where the name is taken.
+    """
+    taken = f"{destination} was created by someone else while it was being written; not replacing it"
+    try:
+        if os.name == "nt":  # pragma: no cover - exercised on Windows only
+            os.rename(temporary, destination)
+            return
+        os.link(temporary, destination)
+    except FileExistsError:
+        raise FileExistsError(taken) from None
+    except OSError:
+        # A file system without hard links (some network shares): check, then rename.
+        if destination.exists():
+            raise FileExistsError(taken) from None
+        os.replace(temporary, destination)
+        return
+    temporary.unlink()
 
 
 def atomic_write_bytes(path: str | os.PathLike[str], data: bytes, *, overwrite: bool = False) -> Path:
