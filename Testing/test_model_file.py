@@ -122,3 +122,82 @@ def test_an_ensemble_global_stage_round_trips_and_a_single_network_is_described_
     expected = outputs(pair, image)
     assert expected.abs().max() > 1e-3
     torch.testing.assert_close(outputs(loaded, image), expected, atol=1e-2 * float(expected.abs().max()), rtol=2e-2)
+
+
+def _rewritten(path, tmp_path, name, *, state=None, description=None):
+    """The file at ``path`` with its weights or description changed and its checksums made to match:
+    a file crafted to pass the checksums, which the content checks must still refuse."""
+    import hashlib
+    import json
+
+    from SCNLandmarksLib.models.model_file import _weights_digest
+
+    payload = torch.load(path, weights_only=True)
+    if state is not None:
+        payload["state"] = state(payload["state"])
+        if all(t.untyped_storage().nbytes() >= t.numel() * t.element_size() for t in payload["state"].values()):
+            payload["weights_sha256"] = _weights_digest(payload["state"])
+    if description is not None:
+        values = json.loads(payload["description"])
+        description(values)
+        payload["description"] = json.dumps(values)
+        payload["description_sha256"] = hashlib.sha256(payload["description"].encode()).hexdigest()
+    target = tmp_path / name
+    torch.save(payload, target)
+    return target
+
+
+def test_files_crafted_to_pass_the_checksums_are_refused_for_what_they_hold(saved, tmp_path):
+    _, path = saved
+
+    def with_nan(state):
+        name = next(n for n, t in state.items() if t.is_floating_point())
+        state[name] = torch.full_like(state[name], float("nan"))
+        return state
+
+    with pytest.raises(ModelFileError, match="not finite numbers"):
+        load_model(_rewritten(path, tmp_path, "nan.scn.pt", state=with_nan))
+
+    def expanded(state):  # 4 bytes on disk that claim 4 GB
+        state["network.extra"] = torch.zeros(1).expand(10**9)
+        return state
+
+    with pytest.raises(ModelFileError, match="does not hold the data its shape claims"):
+        load_model(_rewritten(path, tmp_path, "bomb.scn.pt", state=expanded))
+
+    def huge(values):  # a network of 10^5 filters would need hundreds of GB
+        values["network"]["filters"] = 100000
+
+    with pytest.raises(ModelFileError, match="weights do not fit the network it describes"):
+        load_model(_rewritten(path, tmp_path, "huge.scn.pt", description=huge))
+    with pytest.raises(ModelFileError, match="invalid description"):
+        load_model(_rewritten(path, tmp_path, "zero.scn.pt", description=lambda v: v["network"].update(filters=0)))
+    with pytest.raises(ModelFileError, match="invalid description"):
+        load_model(_rewritten(path, tmp_path, "spacing.scn.pt", description=lambda v: v["grid"].update(spacing=[-1.0, 0.0])))
+    with pytest.raises(ModelFileError, match="invalid description"):
+        load_model(_rewritten(path, tmp_path, "gamma.scn.pt", description=lambda v: v["targets"].update(gamma=float("nan"))))
+
+
+def test_a_damaged_start_an_extra_pickle_or_a_pipe_are_named_for_what_they_are(saved, tmp_path):
+    import os
+    import shutil
+    import sys
+
+    _, path = saved
+    changed = tmp_path / "first_byte.scn.pt"
+    changed.write_bytes(b"Q" + path.read_bytes()[1:])
+    with pytest.raises(ModelFileError, match="does not begin as a PyTorch archive"):
+        load_model(changed)
+    doubled = tmp_path / "doubled.scn.pt"
+    shutil.copy(path, doubled)
+    with zipfile.ZipFile(doubled, "a") as archive:
+        archive.writestr("other/data.pkl", pickle.dumps({"format": "scn-landmarks-model"}))
+    with pytest.raises(ModelFileError, match="zip archive but not a PyTorch model file"):
+        load_model(doubled)  # as the header reader (scn-landmarks info) refuses it
+    with pytest.raises(ModelFileError, match="zip archive but not a PyTorch model file"):
+        read_model_description(doubled)
+    if sys.platform != "win32":
+        pipe = tmp_path / "pipe.scn.pt"
+        os.mkfifo(pipe)
+        with pytest.raises(ModelFileError, match="not a regular file"):
+            load_model(pipe)

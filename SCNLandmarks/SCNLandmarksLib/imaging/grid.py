@@ -45,6 +45,15 @@ class GridSpec:
     size: tuple[int, ...]
     spacing: tuple[float, ...] | None = None
 
+    def __post_init__(self) -> None:
+        if len(self.size) not in (2, 3) or any(int(n) != n or n < 1 for n in self.size):
+            msg = f"A grid needs 2 or 3 whole, positive sizes (voxels per axis), got {self.size}"
+            raise ValueError(msg)
+        if self.spacing is not None and (len(self.spacing) != len(self.size)
+                                         or any(not math.isfinite(s) or s <= 0 for s in self.spacing)):
+            msg = f"A grid's spacing must be one positive, finite size in mm per axis, got {self.spacing} for size {self.size}"
+            raise ValueError(msg)
+
     @property
     def dimension(self) -> int:
         return len(self.size)

@@ -14,6 +14,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import math
 from pathlib import Path
 
 import torch
@@ -41,6 +42,41 @@ from .shape_model import ShapeModel
 
 __all__ = ["FORMAT_TAG", "MODEL_SUFFIX", "ModelDescription", "load_model", "read_model_description", "save_model"]
 
+
+
+def _check_tensors(path: Path, state: dict[str, torch.Tensor]) -> None:
+    """Refuse tensors that claim more data than they hold (a few bytes expanded to gigabytes) or
+    that are not finite numbers (a model that would place every point nowhere)."""
+    for name, tensor in state.items():
+        if tensor.untyped_storage().nbytes() < tensor.numel() * tensor.element_size() or not tensor.is_contiguous():
+            msg = f"{path} is damaged: its tensor {name} does not hold the data its shape claims"
+            raise ModelFileError(msg)
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            msg = f"{path} is damaged: its weights {name} hold values that are not finite numbers (NaN or infinite)"
+            raise ModelFileError(msg)
+
+
+def _check_shapes(path: Path, config: NetworkConfig, refiner_config: RefinerConfig | None,
+                  state: dict[str, torch.Tensor]) -> None:
+    """Compare the networks the description makes with the weights, before memory is given to them.
+
+    The networks are built on PyTorch's ``meta`` device (shapes, no data), so a description that
+    declares a huge network is refused instead of allocated.
+    """
+    try:
+        with torch.device("meta"):
+            parts = [("network.", build_network(config))]
+            if refiner_config is not None:
+                parts.append(("refiner.", build_refiner(refiner_config)))
+    except (IndexError, ValueError, RuntimeError, TypeError) as error:
+        msg = f"{path} has an invalid description: its network cannot be built ({error})"
+        raise ModelFileError(msg) from error
+    for prefix, module in parts:
+        for name, tensor in module.state_dict().items():
+            stored = state.get(prefix + name)
+            if stored is None or tuple(stored.shape) != tuple(tensor.shape):
+                msg = f"{path} is damaged: its weights do not fit the network it describes ({prefix + name})"
+                raise ModelFileError(msg)
 
 
 def _weights_digest(state: dict[str, torch.Tensor]) -> str:
@@ -153,11 +189,15 @@ def load_model(path: str | Path, *, device: torch.device | str = "cpu") -> Landm
     if not isinstance(state, dict) or not all(isinstance(t, torch.Tensor) for t in state.values()):
         msg = f"{path} has no weights block"
         raise ModelFileError(msg)
+    _check_tensors(path, state)
     if payload.get("weights_sha256") != _weights_digest(state):
         msg = f"{path} is damaged: its weights do not match the checksum written when it was saved"
         raise ModelFileError(msg)
     values = check_description(path, str(payload.get("description", "")), payload.get("description_sha256"))
     description = ModelDescription.from_dict(values, source=path)
+    if not all(math.isfinite(value) for value in (description.gamma, description.sigma_weight)):
+        msg = f"{path} has an invalid description: its heatmap settings are not finite numbers"
+        raise ModelFileError(msg)
     try:
         config = NetworkConfig.from_dict(description.network)
         grid = GridSpec(size=description.grid_size, spacing=description.grid_spacing)
@@ -169,6 +209,7 @@ def load_model(path: str | Path, *, device: torch.device | str = "cpu") -> Landm
     except (KeyError, TypeError, ValueError) as error:
         msg = f"{path} has an incomplete or invalid description ({error})"
         raise ModelFileError(msg) from error
+    _check_shapes(path, config, refiner_config, state)
     network = build_network(config)
     refiner = None if refiner_config is None else build_refiner(refiner_config)
     targets = HeatmapTargets(config.num_landmarks, config.dimension, initial_sigma=1.0, gamma=description.gamma)

@@ -175,9 +175,32 @@ def check_archive(path: Path) -> None:
     if path.is_dir():
         msg = f"Expected a model file but {path} is a folder"
         raise ModelFileError(msg)
+    if not path.is_file():  # a pipe or device would block the reader
+        msg = f"Expected a model file but {path} is not a regular file"
+        raise ModelFileError(msg)
     if not zipfile.is_zipfile(path):
         msg = f"{path} is not an SCNLandmarks model file (it is not a PyTorch archive, or it is truncated)"
         raise ModelFileError(msg)
+    with open(path, "rb") as stream:
+        start = stream.read(4)
+    if start != b"PK\x03\x04":  # a zip whose first bytes were changed or prefixed: torch would misread it
+        msg = f"{path} is damaged: it does not begin as a PyTorch archive does"
+        raise ModelFileError(msg)
+    _pickle_entry(path)
+
+
+def _pickle_entry(path: Path) -> str:
+    """The archive's one pickle entry (``.../data.pkl``), checked for count and size."""
+    try:
+        with zipfile.ZipFile(path) as archive:
+            names = [n for n in archive.namelist() if n.endswith("/data.pkl") or n == "data.pkl"]
+            if len(names) != 1 or archive.getinfo(names[0]).file_size > _MAX_PICKLE_BYTES:
+                msg = f"{path} is a zip archive but not a PyTorch model file"
+                raise ModelFileError(msg)
+    except (zipfile.BadZipFile, OSError) as error:
+        msg = f"{path} could not be read as a model file: {error}"
+        raise ModelFileError(msg) from error
+    return names[0]
 
 
 def check_format(path: Path, payload: object) -> dict[str, object]:
@@ -196,11 +219,7 @@ def _read_record(path: Path) -> dict[str, object]:
     check_archive(path)
     try:
         with zipfile.ZipFile(path) as archive:
-            names = [n for n in archive.namelist() if n.endswith("/data.pkl") or n == "data.pkl"]
-            if len(names) != 1 or archive.getinfo(names[0]).file_size > _MAX_PICKLE_BYTES:
-                msg = f"{path} is a zip archive but not a PyTorch model file"
-                raise ModelFileError(msg)
-            payload = _HeaderUnpickler(io.BytesIO(archive.read(names[0]))).load()
+            payload = _HeaderUnpickler(io.BytesIO(archive.read(_pickle_entry(path)))).load()
     except ModelFileError:
         raise
     except (pickle.UnpicklingError, zipfile.BadZipFile, EOFError, ValueError, OSError) as error:

@@ -481,18 +481,20 @@ def _command_info(args: argparse.Namespace) -> int:
         + ("(the whole image fitted into it)" if grid_spacing is None else f"at {' x '.join(f'{v:g}' for v in grid_spacing)} mm"),
     ]
     if trained.get("iterations"):
-        minutes = "" if trained.get("seconds") is None else f" in {trained['seconds'] / 60:.1f} min"
-        best = trained.get("best_validation_mre_mm")
+        seconds = _number_or_none(trained.get("seconds"))
+        minutes = "" if seconds is None else f" in {seconds / 60:.1f} min"
+        best = _number_or_none(trained.get("best_validation_mre_mm"))
         lines.append(f"    trained {trained['iterations']} steps{minutes} on {trained.get('device') or '?'}"
                      + ("" if best is None else f", best validation error {best:.2f} mm"))
     if refiner:
         members = refiner.get("members", 1)
         lines.append(f"  local stage: {members} network{'s' if members != 1 else ''}, crops of {refiner.get('patch_size')} "
-                     f"pixels at {refiner.get('spacing_mm'):g} mm")
+                     f"pixels at {_number_or_none(refiner.get('spacing_mm')) or '?'} mm")
     lines.append(f"  shape model: {'yes' if summary['shape_model'] else 'no'}")
     if errors:
-        lines.append(f"  expected errors: from {', '.join(errors['signals'])}; points above {errors['check_above_mm']:.2f} mm "
-                     "are to be checked")
+        threshold = _number_or_none(errors.get("check_above_mm"))
+        lines.append(f"  expected errors: from {', '.join(map(str, errors.get('signals') or []))}; points above "
+                     f"{'?' if threshold is None else f'{threshold:.2f}'} mm are to be checked")
         if errors.get("fitted_on"):
             lines.append(f"    fitted on {errors['fitted_on']}")
     else:
@@ -518,6 +520,11 @@ def _list_installed_models() -> int:
         title = "" if entry.name == stem else f" \"{entry.name}\""
         print(f"{'*' if entry.default else ' '} {stem}{title}: {what} ({entry.source}, {entry.path})")
     return 0
+
+
+def _number_or_none(value: object) -> float | None:
+    """A number from a model's provenance, or None where the file holds something else there."""
+    return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else None
 
 
 COMMANDS = {"detect": _command_detect, "train": _command_train, "finetune": _command_finetune,
@@ -547,7 +554,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (ValueError, OSError, ModelFileError, FloatingPointError) as error:  # OSError: files, disks, permissions
         print(f"scn-landmarks {args.command}: error: {error}", file=sys.stderr)
         return EXIT_ERROR
-    except (MemoryError, RuntimeError) as error:  # from torch (out of memory, a failed kernel) or a bug of ours
+    except Exception as error:  # noqa: BLE001 - from torch (out of memory, a failed kernel) or a bug of ours: one line
         if args.verbose:
             traceback.print_exc()
         hint = "" if args.verbose else " (--verbose shows where)"
