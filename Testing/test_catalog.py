@@ -223,3 +223,23 @@ def test_a_catalog_model_with_an_address_is_fetched_once_when_first_asked_for(fo
     assert not (user / "tampered.scn.pt").exists()
     published.unlink()  # asked again, it is not fetched again
     assert catalog.find_model("Shared model") == fetched
+
+
+def test_a_user_file_with_a_catalog_model_s_name_is_not_taken_for_it_nor_replaced(folders, tmp_path, model_bytes):
+    bundled, user = folders
+    published = tmp_path / "published" / "shared.scn.pt"
+    published.parent.mkdir()
+    published.write_bytes(model_bytes)
+    entries = json.loads((bundled / "models.json").read_text())["models"]
+    entries.append({"name": "Shared model", "file": "shared.scn.pt", "sha256": hashlib.sha256(model_bytes).hexdigest(),
+                    "url": published.as_uri()})
+    (bundled / "models.json").write_text(json.dumps({"models": entries}))
+    own = save_model(_tiny(), user / "shared.scn.pt", half_precision=True)  # a valid model of the user's, other bytes
+    kept = own.read_bytes()
+    assert kept != model_bytes
+    listed = {e.name: e for e in catalog.list_models()}
+    assert listed["Shared model"].error == "not downloaded yet" and listed["Shared model"].path != own
+    assert listed["shared"].source == "user" and listed["shared"].path == own  # listed as the user's own
+    with pytest.raises(FileExistsError, match="holds another file named shared.scn.pt .* rename or move it"):
+        catalog.find_model("Shared model")
+    assert own.read_bytes() == kept

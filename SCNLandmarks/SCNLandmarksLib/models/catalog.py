@@ -276,10 +276,32 @@ def list_models(
 
 
 def _catalog_file(item: CatalogEntry, bundled: Path, user: Path) -> Path:
-    """Where a catalog model's file is: shipped in the bundled folder, or fetched into the user's."""
+    """Where a catalog model's file is: shipped in the bundled folder, or fetched into the user's.
+
+    A file in the user's folder counts as the fetched model only when its SHA-256 is the
+    catalog's: another file of that name (a user's own model) is never taken for it.
+    """
     shipped = bundled / item.file
     fetched = user / item.file
-    return fetched if item.url and not shipped.is_file() and fetched.is_file() else shipped
+    return fetched if item.url and not shipped.is_file() and _fetched_copy(fetched, item.sha256) else shipped
+
+
+# SHA-256 of files already hashed, by (path, size, modification time): listing the models again
+# does not read every fetched model again.
+_KNOWN_DIGESTS: dict[tuple[str, int, int], str] = {}
+
+
+def _fetched_copy(path: Path, sha256: str | None) -> bool:
+    """True where ``path`` is a file whose SHA-256 is ``sha256`` (any file where the catalog gives none)."""
+    if not path.is_file():
+        return False
+    if not sha256:
+        return True
+    status = path.stat()
+    key = (str(path.resolve()), status.st_size, status.st_mtime_ns)
+    if key not in _KNOWN_DIGESTS:
+        _KNOWN_DIGESTS[key] = file_sha256(path)
+    return _KNOWN_DIGESTS[key] == sha256.strip().lower()
 
 
 def fetch_catalog_model(
@@ -297,6 +319,7 @@ def fetch_catalog_model(
         KeyError: no catalog model has that name.
         ValueError: the entry has no ``url`` or no ``sha256`` (an unchecked download is refused),
             or the downloaded bytes do not match it.
+        FileExistsError: another file of the model's file name is in the user's folder.
         OSError: the download failed.
     """
     bundled = Path(bundled_folder) if bundled_folder is not None else bundled_models_folder()
@@ -310,6 +333,11 @@ def fetch_catalog_model(
     if not item.url or not item.sha256:
         msg = f"The model {name!r} is not installed and its catalog entry gives no address and checksum to fetch it from"
         raise ValueError(msg)
+    taken = user / item.file
+    if taken.exists():
+        msg = (f"Your models folder holds another file named {item.file} ({taken}), not the catalog's model {name!r}; "
+               "rename or move it, then fetch the model again")
+        raise FileExistsError(msg)
     log.info("Fetching the model %r from %s", name, item.url)
     return fetch_model(item.url, user, sha256=item.sha256, file_name=item.file, progress=progress,
                        should_cancel=should_cancel)
