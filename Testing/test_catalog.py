@@ -121,6 +121,9 @@ def test_next_model_version_never_reuses_a_name(tmp_path):
     # Fine-tuning a fine-tuned model continues the same numbering.
     assert catalog.next_model_version_path(user / "ceph-ft001.scn.pt", user) == user / "ceph-ft008.scn.pt"
     assert catalog.next_model_version_path(tmp_path / "a[1].scn.pt", user) == user / "a[1]-ft001.scn.pt"
+    # A fine-tuning still running holds its name: a second one started meanwhile gets the next.
+    (user / "ceph-ft008.scn.pt.reserved").touch()
+    assert catalog.next_model_version_path(tmp_path / "ceph.scn.pt", user) == user / "ceph-ft009.scn.pt"
 
 
 def test_verify_sha256(tmp_path):

@@ -511,10 +511,10 @@ def _fine_tune(  # noqa: PLR0913 - the arguments of fine_tune, checked
     should_cancel: Callable[[], bool] | None,
     started: float,
 ) -> FineTuneReport:
-    from ..models.model_file import save_model
     from ..common.device import resolve_device
     from .distributed import distributed_from_environment
     from .refinement_training import RefinerTrainingConfig, train_refiner
+    from .step_loop import write_trained_model
     from .training import TrainingConfig, train_model
 
     base = plan_landmarks(start, cases, new_landmarks=new_landmarks, seed=seed)
@@ -678,7 +678,8 @@ def _fine_tune(  # noqa: PLR0913 - the arguments of fine_tune, checked
                                         **({"local_trust": _trust_label(trust_choice)} if choose_trust else {}),
                                         **({"error_model": refitted.fitted_on} if refitted is not None else {})}}
             # Under torchrun every process trained the same model; process 0 writes it.
-            written = save_model(final, output) if int(os.environ.get("RANK", "0")) == 0 else output
+            # A full disk keeps a rescue copy elsewhere and says where (write_trained_model).
+            written = write_trained_model(final, output, overwrite=False) if int(os.environ.get("RANK", "0")) == 0 else output
     seconds = time.monotonic() - started
     message = note + _message(verdict, start_error, new_error, len(folds), written, changed_set)
     if trust_choice is not None and written is not None:

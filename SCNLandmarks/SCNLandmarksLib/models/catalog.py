@@ -425,7 +425,8 @@ def next_model_version_path(base_model_path: str | os.PathLike[str], user_folder
                 highest = max(highest, int(found.group("number")))
     number = highest + 1
     candidate = folder / f"{root}-ft{number:03d}{MODEL_SUFFIX}"
-    while candidate.exists():  # e.g. a file named with another pattern in between
+    # Taken: a file named with another pattern in between, or a name a running fine-tuning holds.
+    while candidate.exists() or candidate.with_name(candidate.name + ".reserved").exists():
         number += 1
         candidate = folder / f"{root}-ft{number:03d}{MODEL_SUFFIX}"
     return candidate
