@@ -92,9 +92,10 @@ def test_default_and_find_model(folders):
     with pytest.raises(ValueError, match="not valid JSON"):
         catalog.read_catalog()
     assert catalog.default_model() is None
-    (bundled / "models.json").write_text(json.dumps([{"name": "x", "file": "../escape.scn.pt"}]))
-    with pytest.raises(ValueError, match="plain file name"):
-        catalog.read_catalog()
+    for bad in ("../escape.scn.pt", "..", "notes.txt"):
+        (bundled / "models.json").write_text(json.dumps([{"name": "x", "file": bad}]))
+        with pytest.raises(ValueError, match="plain file name ending in .scn.pt"):
+            catalog.read_catalog()
 
 
 def test_without_a_default_the_first_usable_model_is_used(folders):

@@ -146,9 +146,9 @@ def read_catalog(folder: str | os.PathLike[str] | None = None) -> list[CatalogEn
             msg = f"Entry {number + 1} of the model catalog {path} needs a 'name' and a 'file'"
             raise ValueError(msg)
         file_name = str(item["file"])
-        if Path(file_name).name != file_name:
+        if Path(file_name).name != file_name or file_name in (".", "..") or not file_name.endswith(MODEL_SUFFIX):
             # A catalog must not point outside its folder.
-            msg = f"Entry {item['name']!r} of {path}: 'file' must be a plain file name, got {file_name!r}"
+            msg = f"Entry {item['name']!r} of {path}: 'file' must be a plain file name ending in {MODEL_SUFFIX}, got {file_name!r}"
             raise ValueError(msg)
         entries.append(
             CatalogEntry(
