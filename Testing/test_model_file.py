@@ -201,3 +201,34 @@ def test_a_damaged_start_an_extra_pickle_or_a_pipe_are_named_for_what_they_are(s
         os.mkfifo(pipe)
         with pytest.raises(ModelFileError, match="not a regular file"):
             load_model(pipe)
+
+
+def test_unnamed_or_repeated_landmarks_and_an_odd_format_number_are_refused(saved, tmp_path):
+    _, path = saved
+    for names in (["Sella", "Sella", "Menton"], ["Sella", "", "Menton"], ["Sella", None, "Menton"]):
+        def rename(values, new=names):
+            for entry, name in zip(values["landmarks"], new):
+                entry["name"] = name
+
+        crafted = _rewritten(path, tmp_path, "names.scn.pt", description=rename)
+        with pytest.raises(ModelFileError, match="names must be distinct and not empty"):
+            load_model(crafted)
+    payload = torch.load(path, weights_only=True)
+    for version in (True, -5, "2"):
+        payload["format_version"] = version
+        torch.save(payload, tmp_path / "odd.scn.pt")
+        with pytest.raises(ModelFileError, match="format number .* is not one SCNLandmarks ever wrote"):
+            load_model(tmp_path / "odd.scn.pt")
+
+
+def test_a_folder_or_a_broken_link_given_as_the_model_is_named_for_what_it_is(tmp_path):
+    import os
+
+    from SCNLandmarksLib.models.catalog import find_model
+
+    (tmp_path / "models").mkdir()
+    with pytest.raises(FileNotFoundError, match="is a folder, not a model file"):
+        find_model(str(tmp_path / "models"), user_folder=tmp_path / "user", bundled_folder=tmp_path / "bundled")
+    os.symlink(tmp_path / "gone.scn.pt", tmp_path / "link.scn.pt")
+    with pytest.raises(FileNotFoundError, match="link to a file that does not exist"):
+        find_model(str(tmp_path / "link.scn.pt"), user_folder=tmp_path / "user", bundled_folder=tmp_path / "bundled")

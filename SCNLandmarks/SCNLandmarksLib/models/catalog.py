@@ -402,7 +402,12 @@ def find_model(
             return fetch_catalog_model(entry.name, user_folder=user_folder, bundled_folder=bundled_folder,
                                        progress=progress)
     names = ", ".join(entry.name for entry in entries if entry.path.is_file()) or "none"
-    msg = f"No model named or found at {text!r}; available models: {names}"
+    if path.is_dir():
+        msg = f"{text!r} is a folder, not a model file; give a .scn.pt file or a model name; available models: {names}"
+    elif path.is_symlink():
+        msg = f"{text!r} is a link to a file that does not exist; available models: {names}"
+    else:
+        msg = f"No model named or found at {text!r}; available models: {names}"
     raise FileNotFoundError(msg)
 
 

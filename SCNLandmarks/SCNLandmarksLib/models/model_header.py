@@ -133,6 +133,10 @@ class ModelDescription(Mapping[str, Any]):
                 info=dict(values.get("info") or {}),
             )
             description.dimension  # noqa: B018 - checked here, not at first use
+            names = [item["name"] for item in landmarks]
+            if any(not isinstance(name, str) or not name.strip() for name in names) or len(set(names)) != len(names):
+                msg = "landmark names must be distinct and not empty"
+                raise ValueError(msg)
         except (KeyError, TypeError, ValueError, AttributeError) as error:
             msg = f"{source} has an incomplete or invalid description ({type(error).__name__}: {error})"
             raise ModelFileError(msg) from error
@@ -209,7 +213,10 @@ def check_format(path: Path, payload: object) -> dict[str, object]:
         msg = f"{path} is a PyTorch file but not an SCNLandmarks model (no '{FORMAT_TAG}' tag)"
         raise ModelFileError(msg)
     version = payload.get("format_version")
-    if not isinstance(version, int) or version > FORMAT_VERSION:
+    if not isinstance(version, int) or isinstance(version, bool) or version < 1:
+        msg = f"{path} is damaged: its format number {version!r} is not one SCNLandmarks ever wrote"
+        raise ModelFileError(msg)
+    if version > FORMAT_VERSION:
         msg = f"{path} was written by a newer SCNLandmarks (format {version}); update SCNLandmarks to use it"
         raise ModelFileError(msg)
     return payload
