@@ -99,7 +99,7 @@ def test_errors_from_torch_or_memory_are_one_line_not_a_traceback(raised, said, 
     monkeypatch.setitem(cli.COMMANDS, "info", fail)
     assert main(["info"]) == 2
     err = capsys.readouterr().err
-    assert said in err and "(--verbose shows where)" in err and "Traceback" not in err
+    assert said in err and "(scn-landmarks --verbose info ... shows where)" in err and "Traceback" not in err
     assert main(["--verbose", "info"]) == 2
     assert "Traceback" in capsys.readouterr().err
 

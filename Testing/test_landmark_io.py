@@ -416,7 +416,7 @@ def test_writers_racing_for_a_new_name_never_replace_each_other(tmp_path: Path) 
     import threading
 
     target = tmp_path / "model.scn.pt"
-    barrier = threading.Barrier(8)
+    barrier = threading.Barrier(8, timeout=60)
     written, refused = [], []
 
     def write(number: int) -> None:
@@ -436,6 +436,16 @@ def test_writers_racing_for_a_new_name_never_replace_each_other(tmp_path: Path) 
         thread.join()
     assert len(written) == 1 and len(refused) == 7
     assert target.read_text() == f"writer {written[0]}"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model.scn.pt"]
+
+
+def test_a_file_created_while_ours_was_written_is_kept(tmp_path: Path) -> None:
+    target = tmp_path / "model.scn.pt"
+    with pytest.raises(FileExistsError, match="created by someone else"):
+        with atomic_path(target) as temporary:
+            temporary.write_text("ours")
+            target.write_text("another program's")  # meanwhile
+    assert target.read_text() == "another program's"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model.scn.pt"]
 
 

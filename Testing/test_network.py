@@ -79,6 +79,7 @@ def test_the_smallest_input_is_known_and_a_smaller_one_is_explained():
     # Reflect padding (3D) needs the coarsest grids wider than the padding: 32 // 8 = 4 > 7 // 2.
     assert NetworkConfig.paper_3d(2).minimum_size == 32
     assert NetworkConfig.paper_2d(2).minimum_size == NetworkConfig.paper_2d(2).size_divisor == 16  # zero padding
+    assert NetworkConfig.paper_3d(2, padding_mode="replicate").minimum_size == 8  # replicate pads any size
     network = build_network(NetworkConfig.paper_3d(2, filters=4))
     with torch.no_grad():
         assert network(torch.zeros(1, 1, 32, 32, 32)).shape == (1, 2, 32, 32, 32)

@@ -55,3 +55,15 @@ def test_pixels_of_unequal_size_are_drawn_square_with_the_points_on_them():
     assert picture.shape[0] == 60  # 30 rows of 2 mm became 60 of 1 mm
     colour = tuple(int(c) for c in _COLOURS[0])
     assert tuple(picture[20, 10]) == colour or tuple(picture[21, 10]) == colour  # row 10 of 2 mm is at 20.5
+
+
+def test_the_3d_slice_shown_is_the_one_most_points_lie_on():
+    from SCNLandmarksLib.inference.overlay import _slice_of_most_points
+
+    assert _slice_of_most_points(np.array([2.0, 2.0, 9.0, 9.0, 9.0]), 20) == 9
+    assert _slice_of_most_points(np.array([2.0, 2.0, 9.0, 9.0, 4.0]), 20) == 2  # a tie: nearer the median (4)
+    assert _slice_of_most_points(np.array([np.nan, 40.0]), 20) == 10  # none inside: the middle
+    volume = _volume((60, 50, 20), (1.0, 1.0, 2.0))
+    index = np.array([[10.0, 10.0, 2.0], [30.0, 20.0, 2.0], [40.0, 30.0, 9.0], [20.0, 40.0, 9.0], [45.0, 12.0, 9.0]])
+    picture = render_overlay(volume, Landmarks.from_positions(volume.geometry.index_to_physical(index)))
+    assert tuple(picture[30, 40]) == tuple(int(c) for c in _COLOURS[2])  # slice 9 shown: a cross on its point

@@ -349,7 +349,7 @@ def test_crops_go_through_the_local_stage_in_chunks_with_the_same_result(two_sta
     whole = [refine_positions(network, prepared, estimates, device=cpu) for network in (single, ensemble)]
     assert single.config.crops_at_once >= len(estimates)  # 2D crops: all in one chunk, as before
     monkeypatch.setattr(refinement, "CROP_VOXELS_AT_ONCE", 2 * single.config.patch_size**2)
-    assert single.config.crops_at_once == 2
+    assert single.config.crops_at_once == 2  # one crop at a time for the ensemble of two
     for network, reference in zip((single, ensemble), whole):
         chunked = refine_positions(network, prepared, estimates, device=cpu)
         for got, expected in zip(chunked, reference):

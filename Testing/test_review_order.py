@@ -78,3 +78,11 @@ def test_a_ranking_of_an_earlier_version_without_warnings_is_replaced(tmp_path: 
     (tmp_path / "review_order.csv").write_text("image,rank,mean_expected_error_mm,points_to_check\nold,1,9.00,3\n")
     _, path = _run(tmp_path, [("a", _detected([1.0], [False])), ("b", _detected([2.0], [True]))], {"b": "w"})
     assert [(row["image"], row["warning"]) for row in _rows(path)] == [("b", "w"), ("a", "")]
+
+
+def test_a_warning_is_kept_even_when_there_is_nothing_to_rank_yet(tmp_path: Path) -> None:
+    """A shard of one image that finishes first: its pixel-size warning must reach the final ranking."""
+    order, path = _run(tmp_path, [("first", _detected([1.0, 2.0], [False, True]))], {"first": "pixel size doubtful"})
+    assert path is not None and [(r["image"], r["warning"]) for r in _rows(path)] == [("first", "pixel size doubtful")]
+    _run(tmp_path, [("second", _detected([3.0, 3.0], [True, True]))], {"second": None})
+    assert [(r["image"], r["warning"]) for r in _rows(path)] == [("second", ""), ("first", "pixel size doubtful")]

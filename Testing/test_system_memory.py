@@ -27,12 +27,13 @@ def test_without_a_cgroup_limit_the_system_free_memory_counts(tmp_path: Path) ->
     assert memory_available_bytes(root=tmp_path) == 20 * GIB
 
 
-def test_a_cgroup_v2_limit_below_the_free_memory_decides_and_idle_cache_is_not_counted_as_used(tmp_path: Path) -> None:
+def test_a_cgroup_v2_limit_below_the_free_memory_decides_and_file_cache_is_not_counted_as_used(tmp_path: Path) -> None:
     _system(tmp_path, 20, cgroup="0::/job.slice/run\n")
     group = "sys/fs/cgroup/job.slice/run"
     _write(tmp_path, f"{group}/memory.max", str(4 * GIB))
     _write(tmp_path, f"{group}/memory.current", str(3 * GIB))
-    _write(tmp_path, f"{group}/memory.stat", f"anon {2 * GIB}\ninactive_file {GIB}\nactive_file 0\n")
+    # 1.5 GiB of file cache, active or not, of which 0.5 GiB is shared memory that cannot be dropped.
+    _write(tmp_path, f"{group}/memory.stat", f"anon {GIB + GIB // 2}\nfile {GIB + GIB // 2}\nshmem {GIB // 2}\n")
     assert memory_available_bytes(root=tmp_path) == 2 * GIB
 
 
@@ -60,7 +61,7 @@ def test_cgroup_v1_limits_are_read_and_its_huge_no_limit_value_is_ignored(tmp_pa
 
     _write(tmp_path, "sys/fs/cgroup/memory/docker/abc/memory.limit_in_bytes", str(8 * GIB))
     _write(tmp_path, "sys/fs/cgroup/memory/docker/abc/memory.usage_in_bytes", str(7 * GIB))
-    _write(tmp_path, "sys/fs/cgroup/memory/docker/abc/memory.stat", f"cache {GIB}\ntotal_inactive_file {GIB}\n")
+    _write(tmp_path, "sys/fs/cgroup/memory/docker/abc/memory.stat", f"cache {GIB}\ntotal_cache {GIB}\ntotal_shmem 0\n")
     assert memory_available_bytes(root=tmp_path) == 2 * GIB
 
 
@@ -76,4 +77,12 @@ def test_this_machine_gives_a_plausible_answer() -> None:
         assert memory_available_bytes() is None
         return
     available = memory_available_bytes()
-    assert available is not None and 0 < available <= 2**50
+    assert available is not None and 0 <= available <= 2**50
+
+
+def test_a_group_over_its_limit_has_no_headroom_rather_than_less_than_none(tmp_path: Path) -> None:
+    _system(tmp_path, 20, cgroup="0::/\n")
+    _write(tmp_path, "sys/fs/cgroup/memory.max", str(GIB))
+    _write(tmp_path, "sys/fs/cgroup/memory.current", str(2 * GIB))
+    assert memory_available_bytes(root=tmp_path) == 0
+

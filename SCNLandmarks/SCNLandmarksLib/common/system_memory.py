@@ -50,10 +50,10 @@ def _cgroup_headroom_bytes(root: Path) -> int | None:
         hierarchy, _, rest = line.partition(":")
         controllers, _, group = rest.partition(":")
         if hierarchy == "0" and controllers == "":
-            mount, files = root / "sys/fs/cgroup", ("memory.max", "memory.current", "inactive_file")
+            mount, files = root / "sys/fs/cgroup", ("memory.max", "memory.current", "file", "shmem")
         elif "memory" in controllers.split(","):
             mount, files = root / "sys/fs/cgroup/memory", (
-                "memory.limit_in_bytes", "memory.usage_in_bytes", "total_inactive_file")
+                "memory.limit_in_bytes", "memory.usage_in_bytes", "total_cache", "total_shmem")
         else:
             continue
         headrooms += [h for h in (_headroom(folder, *files) for folder in _group_folders(mount, group)) if h is not None]
@@ -71,7 +71,7 @@ def _group_folders(mount: Path, group: str) -> list[Path]:
     return [folder for folder in folders if folder.is_dir()]
 
 
-def _headroom(folder: Path, limit_file: str, usage_file: str, inactive_key: str) -> int | None:
+def _headroom(folder: Path, limit_file: str, usage_file: str, cache_key: str, shared_key: str) -> int | None:
     try:
         limit_text = (folder / limit_file).read_text(encoding="ascii").strip()
         if limit_text == "max" or int(limit_text) >= _NO_LIMIT_FROM:
@@ -79,8 +79,11 @@ def _headroom(folder: Path, limit_file: str, usage_file: str, inactive_key: str)
         usage = int((folder / usage_file).read_text(encoding="ascii").strip())
     except (OSError, ValueError):
         return None
-    # Page cache that is not in active use is given back before the limit is enforced.
-    return int(limit_text) - max(0, usage - _stat_value(folder / "memory.stat", inactive_key))
+    # File cache is given back before the limit is enforced, except shared memory (tmpfs), which
+    # the usage counts as cache but cannot be dropped.
+    stat = folder / "memory.stat"
+    reclaimable = max(0, _stat_value(stat, cache_key) - _stat_value(stat, shared_key))
+    return max(0, int(limit_text) - max(0, usage - reclaimable))
 
 
 def _stat_value(path: Path, key: str) -> int:

@@ -6,7 +6,6 @@ Every reader returns an :class:`~SCNLandmarksLib.imaging.image.Image`: float32 p
 
 from __future__ import annotations
 
-import itertools
 import logging
 import numbers
 import os
@@ -314,13 +313,13 @@ def is_dicom_folder(path: Path) -> bool:
     """True for a folder holding DICOM files (read as one DICOM series).
 
     A file counts by its ``.dcm`` name or, as scanners export them (``IM0001``, ``1.2.840...``),
-    by the ``DICM`` marker that follows the 128-byte preamble of a DICOM file; a few of the
-    folder's files are looked at, not all.
+    by the ``DICM`` marker that follows the 128-byte preamble of a DICOM file (read from the
+    first 20 files by name, not all).
     """
     if not path.is_dir():
         return False
-    files = (entry for entry in path.iterdir() if entry.is_file() and not entry.name.startswith("."))
-    return any(entry.suffix.lower() == ".dcm" or _has_dicom_marker(entry) for entry in itertools.islice(files, 20))
+    files = sorted(entry for entry in path.iterdir() if entry.is_file() and not entry.name.startswith("."))
+    return any(entry.suffix.lower() == ".dcm" for entry in files) or any(map(_has_dicom_marker, files[:20]))
 
 
 def _has_dicom_marker(path: Path) -> bool:

@@ -178,7 +178,8 @@ def update_review_order_csv(
 
     Returns:
         The ranking, and the file; the file is not written (None) unless at least two images
-        are ranked and some have expected errors.
+        are ranked and some have expected errors, or an image has a warning (kept so for the
+        next run, a shard of one image included).
     """
     with file_lock(summary_csv):  # the summary read whole, and rankings written one after another
         with open(summary_csv, newline="", encoding="utf-8") as stream:
@@ -191,15 +192,16 @@ def update_review_order_csv(
             per_image[point["image"]] = (expected, checks + (point["check"] == "true"))
         order = rank_for_review((image, float(np.mean(expected)) if expected else float("nan"), checks)
                                 for image, (expected, checks) in per_image.items())
-        if len(order) < 2 or not any(np.isfinite(expected) for _, expected, _ in order):
-            return order, None
         earlier = _earlier_warnings(path)
+        kept = {image: warnings[image] if image in warnings else earlier.get(image) for image, _, _ in order}
+        ranked = len(order) >= 2 and any(np.isfinite(expected) for _, expected, _ in order)
+        if not ranked and not any(kept.values()):
+            return order, None
         buffer = io.StringIO()
         writer = csv.writer(buffer, lineterminator="\n")
         writer.writerow(["image", "rank", "mean_expected_error_mm", "points_to_check", "warning"])
         for rank, (image, expected, checks) in enumerate(order, start=1):
-            warning = warnings[image] if image in warnings else earlier.get(image)
-            writer.writerow([image, rank, f"{expected:.2f}" if np.isfinite(expected) else "", checks, warning or ""])
+            writer.writerow([image, rank, f"{expected:.2f}" if np.isfinite(expected) else "", checks, kept[image] or ""])
         return order, atomic_write_text(path, buffer.getvalue(), overwrite=True)
 
 

@@ -91,8 +91,7 @@ def render_overlay(image: Image, landmarks: Landmarks, *, low_confidence_thresho
     slices = None
     if image.dimension == 3:
         slices = np.round(index[:, 2])
-        shown = int(np.clip(np.nanmedian(slices), 0, image.array.shape[0] - 1)) if np.isfinite(slices).any() \
-            else image.array.shape[0] // 2
+        shown = _slice_of_most_points(slices, image.array.shape[0])
         plane, spacing = image.array[shown], image.geometry.spacing[:2]
         index = index[:, :2]
         off_slice = np.isfinite(slices) & (slices != shown)
@@ -124,6 +123,17 @@ def render_overlay(image: Image, landmarks: Landmarks, *, low_confidence_thresho
     return np.concatenate([picture, panel], axis=1)
 
 
+def _slice_of_most_points(slices: np.ndarray, count: int) -> int:
+    """The slice (of ``count``) that most points lie on; of equals, the one nearest their median;
+    the middle slice where no point is placed or none lies inside the volume."""
+    inside = slices[np.isfinite(slices) & (slices >= 0) & (slices < count)].astype(int)
+    if inside.size == 0:
+        return count // 2
+    values, counts = np.unique(inside, return_counts=True)
+    tied = values[counts == counts.max()]
+    return int(tied[np.argmin(np.abs(tied - np.median(inside)))])
+
+
 def _square_pixels(plane: np.ndarray, index: np.ndarray, spacing: tuple[float, ...]) -> tuple[np.ndarray, np.ndarray]:
     """The plane resampled so that a pixel is as wide as it is high (the smaller pixel size), and
     the point indices (x, y) moved with it; unchanged where the sizes differ by less than 5 %."""
@@ -134,7 +144,7 @@ def _square_pixels(plane: np.ndarray, index: np.ndarray, spacing: tuple[float, .
 
     step = min(along_x, along_y)
     factors = (along_y / step, along_x / step)  # array order: rows (y), columns (x)
-    resized = zoom(plane, factors, order=1)
+    resized = zoom(plane, factors, order=1, grid_mode=True, mode="nearest")  # pixels as areas, as the points are
     # Pixel centres: index i of the old grid sits at (i + 0.5) * factor - 0.5 on the new one.
     moved = (index + 0.5) * np.array([factors[1], factors[0]]) - 0.5
     return resized, moved

@@ -117,12 +117,12 @@ class NetworkConfig:
     def minimum_size(self) -> int:
         """The smallest input size, in voxels along any axis, that the network runs on.
 
-        A multiple of :attr:`size_divisor`; with reflect or replicate padding also large enough
-        that the coarsest local level and the spatial part's pooled grid are wider than their
-        convolutions' padding (zero padding has no such limit).
+        A multiple of :attr:`size_divisor`; with reflect padding also large enough that the
+        coarsest local level and the spatial part's pooled grid are wider than their convolutions'
+        padding (zero and replicate padding have no such limit).
         """
         size = self.size_divisor
-        if self.padding_mode == "zeros":
+        if self.padding_mode != "reflect":
             return size
 
         def fits(length: int) -> bool:

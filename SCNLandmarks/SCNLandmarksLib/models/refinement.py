@@ -321,14 +321,15 @@ def refine_positions(
         transforms = [crop_transform(prepared.base, positions[c], config) for c in channels]
         members = len(network.members) if isinstance(network, RefinementEnsemble) else 1
         found, values, member_widths = ([[] for _ in range(members)] for _ in range(3))
-        # In chunks, so that many 3D crops do not hold every landmark's logits for all at once.
-        for start in range(0, len(channels), config.crops_at_once):
-            chunk = slice(start, start + config.crops_at_once)
+        # In chunks, so that many 3D crops do not hold every landmark's logits for all at once;
+        # every member's logits of a chunk are held together.
+        at_once = max(1, config.crops_at_once // members)
+        for start in range(0, len(channels), at_once):
+            chunk = slice(start, start + at_once)
             crops = np.stack([prepared.sample(t) for t in transforms[chunk]])[:, None]
             with torch.inference_mode():
                 for member, logits in enumerate(network.member_logits(torch.from_numpy(crops).to(device))):
                     own = _own_channel(logits, torch.from_numpy(channels[chunk]).to(device))
-                    del logits
                     probabilities = F.softmax(own.flatten(1), dim=1).view_as(own).cpu().numpy()
                     # Parabola through log-probabilities (= logits): exact for a Gaussian-shaped distribution.
                     member_found, member_values = heatmap_maxima(probabilities)

@@ -15,6 +15,7 @@ import traceback
 from collections.abc import Sequence
 from pathlib import Path
 
+from ..common.finite import finite_or_none
 from ..learning.finetuning import DEFAULT_TIME_LIMIT_S
 from ..models.quality import LOW_CONFIDENCE
 
@@ -394,7 +395,7 @@ def _command_detect(args: argparse.Namespace) -> int:
             print(f"  WARNING {item.image.name}: {item.warning}")
     if report.summary_csv:
         print(f"Summary: {report.summary_csv}")
-    if report.review_csv:
+    if report.review_csv and len(report.review_order) > 1:
         print(f"Review first (expected error, points to check; all in {report.review_csv}):")
         for image, expected, checks in report.review_order[:10]:
             print(f"  {image}: {expected:.2f} mm, {checks} to check")
@@ -481,18 +482,18 @@ def _command_info(args: argparse.Namespace) -> int:
         + ("(the whole image fitted into it)" if grid_spacing is None else f"at {' x '.join(f'{v:g}' for v in grid_spacing)} mm"),
     ]
     if trained.get("iterations"):
-        seconds = _number_or_none(trained.get("seconds"))
+        seconds = finite_or_none(trained.get("seconds"))
         minutes = "" if seconds is None else f" in {seconds / 60:.1f} min"
-        best = _number_or_none(trained.get("best_validation_mre_mm"))
+        best = finite_or_none(trained.get("best_validation_mre_mm"))
         lines.append(f"    trained {trained['iterations']} steps{minutes} on {trained.get('device') or '?'}"
                      + ("" if best is None else f", best validation error {best:.2f} mm"))
     if refiner:
         members = refiner.get("members", 1)
         lines.append(f"  local stage: {members} network{'s' if members != 1 else ''}, crops of {refiner.get('patch_size')} "
-                     f"pixels at {_number_or_none(refiner.get('spacing_mm')) or '?'} mm")
+                     f"pixels at {finite_or_none(refiner.get('spacing_mm')) or '?'} mm")
     lines.append(f"  shape model: {'yes' if summary['shape_model'] else 'no'}")
     if errors:
-        threshold = _number_or_none(errors.get("check_above_mm"))
+        threshold = finite_or_none(errors.get("check_above_mm"))
         lines.append(f"  expected errors: from {', '.join(map(str, errors.get('signals') or []))}; points above "
                      f"{'?' if threshold is None else f'{threshold:.2f}'} mm are to be checked")
         if errors.get("fitted_on"):
@@ -520,11 +521,6 @@ def _list_installed_models() -> int:
         title = "" if entry.name == stem else f" \"{entry.name}\""
         print(f"{'*' if entry.default else ' '} {stem}{title}: {what} ({entry.source}, {entry.path})")
     return 0
-
-
-def _number_or_none(value: object) -> float | None:
-    """A number from a model's provenance, or None where the file holds something else there."""
-    return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else None
 
 
 COMMANDS = {"detect": _command_detect, "train": _command_train, "finetune": _command_finetune,
@@ -557,7 +553,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except Exception as error:  # noqa: BLE001 - from torch (out of memory, a failed kernel) or a bug of ours: one line
         if args.verbose:
             traceback.print_exc()
-        hint = "" if args.verbose else " (--verbose shows where)"
+        hint = "" if args.verbose else f" (scn-landmarks --verbose {args.command} ... shows where)"
         print(f"scn-landmarks {args.command}: error: {unexpected_error_message(error, args.command)}{hint}", file=sys.stderr)
         return EXIT_ERROR
 

@@ -46,7 +46,6 @@ import argparse
 import dataclasses
 import json
 import logging
-import math
 import os
 import signal
 import sys
@@ -58,6 +57,7 @@ from pathlib import Path
 from typing import Any, NoReturn, TextIO
 
 from .process import EXIT_CANCELLED, EXIT_ERROR, EXIT_OK
+from ..common.finite import finite_or_none
 from ..common.progress import Progress
 from ..models.quality import LOW_CONFIDENCE
 
@@ -90,18 +90,11 @@ def _json_default(value: object) -> object:
     return str(value)
 
 
-def _finite_or_none(value: object) -> float | None:
-    if value is None:
-        return None
-    number = float(value)  # type: ignore[arg-type]
-    return number if math.isfinite(number) else None
-
-
 def _emit_progress(emit: _Emitter, progress: Progress) -> None:
     values = progress.to_dict()
     values["fraction"] = progress.fraction
     for key in ("loss", "validation_mre_mm", "eta_s", "completed"):
-        values[key] = _finite_or_none(values.get(key))
+        values[key] = finite_or_none(values.get(key))
     emit("progress", **values)
 
 
@@ -261,8 +254,8 @@ def _finetune(arguments: argparse.Namespace, emit: _Emitter, should_cancel: _Can
         "done",
         output=None if result.output is None else str(result.output),
         verdict=result.verdict,
-        start_error_mm=_finite_or_none(result.start_error_mm),
-        new_error_mm=_finite_or_none(result.new_error_mm),
+        start_error_mm=finite_or_none(result.start_error_mm),
+        new_error_mm=finite_or_none(result.new_error_mm),
         folds=result.folds,
         stages=result.stages,
         message=result.message,
@@ -301,7 +294,7 @@ def _detect(arguments: argparse.Namespace, emit: _Emitter, should_cancel: _Cance
         cancelled=should_cancel(),
         summary_csv=None if result.summary_csv is None else str(result.summary_csv),
         review_csv=None if result.review_csv is None else str(result.review_csv),
-        review_order=[{"image": image, "expected_error_mm": _finite_or_none(error), "points_to_check": checks}
+        review_order=[{"image": image, "expected_error_mm": finite_or_none(error), "points_to_check": checks}
                       for image, error, checks in result.review_order],
         device=result.device,
     )
