@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 
-
 def test_finite_or_none_takes_real_numbers_only():
     import numpy as np
 
