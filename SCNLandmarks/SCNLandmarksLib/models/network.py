@@ -214,7 +214,9 @@ class FixedUpsample(nn.Module):
         super().__init__()
         support = 2 if kernel == "cubic" else 1
         length = 2 * support * factor - factor % 2
-        positions = (torch.arange(length, dtype=torch.float64) - (length - 1) / 2) / factor
+        # Computed on the CPU whatever the default device: a model file's shapes are checked by
+        # building its networks on the meta device, where this would pull in torch's compiler (1.5 s).
+        positions = (torch.arange(length, dtype=torch.float64, device="cpu") - (length - 1) / 2) / factor
         weights = _keys_cubic(positions) if kernel == "cubic" else (1 - positions.abs()).clamp(min=0)
         self.factor = factor
         self.crop = (length - factor) // 2
