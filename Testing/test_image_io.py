@@ -255,3 +255,35 @@ def test_a_given_pixel_size_replaces_a_header_s_own_and_says_so(tmp_path: Path, 
         replaced = read_image(path, spacing=2.0)
     assert replaced.geometry.spacing == (2.0, 2.0, 2.0)
     assert "the pixel size given, 2 x 2 x 2 mm, replaces the file's own, 0.7 x 0.7 x 2.5 mm" in caplog.text
+
+
+def test_names_as_exports_and_other_tools_write_them(tmp_path: Path) -> None:
+    """Series folders named by UID keep their whole name; upper-case extensions read and write; hidden files are not images."""
+    from SCNLandmarksLib.imaging.image_io import output_stem
+
+    series = tmp_path / "1.2.840.1.5"
+    _write_dicom_series(series, _dicom_volume(), series_uid="1.2.840.1.5")
+    assert output_stem(series) == "1.2.840.1.5" and output_stem(tmp_path / "ct.v2.nii.gz") == "ct.v2"
+    volume = _dicom_volume()
+    for name in ("T1.MHA", "T2.NII.GZ", "T3.NRRD"):
+        back = read_image(write_image(volume, tmp_path / name))
+        np.testing.assert_allclose(back.array, volume.array)
+    (tmp_path / "._T1.MHA").write_bytes(b"\x00\x05\x16\x07 resource fork")  # what macOS leaves on other disks
+    assert [p.name for p in find_images(tmp_path)] == ["1.2.840.1.5", "T1.MHA", "T2.NII.GZ", "T3.NRRD"]
+    assert not [p.name for p in tmp_path.iterdir() if p.name.startswith(".tmp-")]
+
+
+def test_a_folder_of_single_file_dicom_radiographs_is_a_folder_of_images(tmp_path: Path) -> None:
+    from SCNLandmarksLib.imaging.image_io import single_file_dicom_images
+
+    folder = tmp_path / "radiographs"
+    for number in (1, 2, 3):
+        _write_dicom_series(folder, _dicom_volume(1), series_uid=f"1.2.826.0.1.{number}", name=f"patient{number}.dcm")
+    found = find_images(folder)
+    assert [p.name for p in found] == ["patient1.dcm", "patient2.dcm", "patient3.dcm"]
+    assert single_file_dicom_images(folder) == found
+    assert read_image(found[1]).geometry.size == (10, 12, 1)
+    volume = tmp_path / "volume"
+    _write_dicom_series(volume, _dicom_volume(4), series_uid="1.2.826.0.1.9")
+    assert single_file_dicom_images(volume) == []
+    assert find_images(tmp_path) == [folder, volume]  # sub-folders: a series each

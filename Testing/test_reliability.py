@@ -507,7 +507,101 @@ def test_a_rerun_keeps_earlier_results_and_two_images_never_share_one(tmp_path, 
     assert detections == [] and (out / "case00.mrk.json").read_bytes() == first  # not even detected
 
     sitk.WriteImage(sitk.GetImageFromArray(np.zeros((40, 30), np.uint8) + 9), str(images / "case00.png"))
-    assert main([*arguments, "--overwrite"]) == 2  # the second image of that name failed
-    printed = capsys.readouterr().out
-    assert "FAILED case00.png: case00.png has the same name as case00.nrrd" in printed and "rename one" in printed
+    assert main([*arguments, "--overwrite"]) == 2  # refused before any image is detected
+    assert "case00.nrrd and case00.png" in capsys.readouterr().err and detections == []
+    report = batch.detect_files(sorted(images.iterdir()), out, tiny_model_file, device="cpu", overwrite=True)
+    failed = {item.image.name: item.error for item in report.failed}  # through the API: the second one fails
+    assert list(failed) == ["case00.png"] and "has the same name as case00.nrrd" in failed["case00.png"]
     assert len(detections) == 1  # the NRRD again, replacing its earlier result; the PNG never
+
+
+# --------------------------------------------------------------------------- names and paths
+
+
+def _png_case(folder: Path, name: str) -> Path:
+    image, _ = make_synthetic_case(dimension=2, size=(64, 56), spacing=(1.0, 1.0), num_landmarks=4)
+    grey = np.round(255 * (image.array - image.array.min()) / np.ptp(image.array))
+    return write_image(type(image)(grey, image.geometry), folder / name)
+
+
+def test_an_overlay_never_replaces_an_input_image(tmp_path, tiny_model_file, capsys):
+    """Output folder = input folder, with --overwrite: the overlay would have been scan.png itself."""
+    folder = tmp_path / "same"
+    folder.mkdir()
+    scan = _png_case(folder, "scan.png")
+    before = scan.read_bytes()
+    assert main(["detect", str(folder), "--model", str(tiny_model_file), "--output", str(folder), "--overlay",
+                 "--overwrite", "--spacing", "1", "--device", "cpu"]) == 0
+    assert scan.read_bytes() == before
+    assert "is one of the input images, which is never replaced" in capsys.readouterr().out
+    assert (folder / "scan.mrk.json").exists()
+
+
+@pytest.mark.parametrize("names", [("scan.png", "scan.nrrd"), ("scan.png", "SCAN.png")])
+def test_images_that_would_share_an_output_name_are_refused_before_any_shard_runs(tmp_path, tiny_model_file, capsys,
+                                                                                    names):
+    """Each shard sees only its share: before, the second 'scan' was SKIPPED with exit 0 as an earlier result."""
+    folder = tmp_path / "images"
+    folder.mkdir()
+    for name in names:
+        if name.endswith(".png"):
+            _png_case(folder, name)
+        else:
+            write_image(make_synthetic_case(dimension=2, size=(64, 56), num_landmarks=4)[0], folder / name)
+    output = tmp_path / "out"
+    for share in ("1/2", "2/2"):
+        assert main(["detect", str(folder), "--model", str(tiny_model_file), "--output", str(output), "--shard", share,
+                     "--spacing", "1", "--device", "cpu"]) == 2
+        first, second = sorted(names)
+        _one_line_error(capsys, f"({first} and {second})", "rename one of each pair, nothing was detected")
+    assert not output.exists() or not any(output.iterdir())
+
+
+def test_a_folder_of_cases_with_two_images_of_one_name_is_refused_for_training(tmp_path):
+    from SCNLandmarksLib.data.dataset import load_cases
+
+    folder = tmp_path / "cases"
+    folder.mkdir()
+    image, points = make_synthetic_case(dimension=2, size=(64, 56), num_landmarks=2)
+    write_image(image, folder / "case00.nrrd")
+    write_image(image, folder / "case00.nii.gz")
+    write_mrk_json(points, folder / "case00.mrk.json")
+    with pytest.raises(ValueError, match=r"case00.nii.gz and case00.nrrd .* same case \('case00'\); keep one"):
+        load_cases(folder, dimension=2)
+
+
+def test_id_and_name_lists_saved_with_a_byte_order_mark_or_not_as_utf8(tmp_path):
+    from SCNLandmarksLib.data.dataset import read_id_list, read_landmark_names
+
+    (tmp_path / "names.txt").write_bytes("\ufeffSella: centre\nNasion\n".encode("utf-8"))
+    assert read_landmark_names(tmp_path / "names.txt") == (["Sella", "Nasion"], ["centre", ""])
+    (tmp_path / "ids.txt").write_bytes("p1\nMüller\n".encode("latin-1"))
+    with pytest.raises(ValueError, match="ids.txt is not UTF-8 text .* save it as UTF-8"):
+        read_id_list(tmp_path / "ids.txt")
+
+
+def test_a_landmark_table_of_a_european_spreadsheet_is_refused_not_misread(tmp_path):
+    from SCNLandmarksLib.data.landmark_io import read_landmark_csv
+
+    (tmp_path / "semicolons.csv").write_text("id;x1;y1\np1;10,5;20,25\np2;11;21\n", encoding="utf-8")
+    with pytest.raises(ValueError, match="separates its cells with ';' or tabs"):
+        read_landmark_csv(tmp_path / "semicolons.csv", dimension=2)
+    (tmp_path / "latin.csv").write_bytes("id,x1,y1\nMüller,1,2\n".encode("latin-1"))
+    with pytest.raises(ValueError, match="latin.csv is not UTF-8 text"):
+        read_landmark_csv(tmp_path / "latin.csv", dimension=2)
+
+
+def test_a_console_that_cannot_show_a_name_does_not_end_the_run(tmp_path, tiny_model_file, monkeypatch):
+    """A Windows console or a redirect in cp1252: the names are shown escaped, the run reports and succeeds."""
+    import io
+
+    folder = tmp_path / "images"
+    folder.mkdir()
+    _png_case(folder, "Müller_患者.png")
+    console = io.TextIOWrapper(io.BytesIO(), encoding="cp1252")
+    monkeypatch.setattr(sys, "stdout", console)
+    assert main(["detect", str(folder), "--model", str(tiny_model_file), "--output", str(tmp_path / "out"),
+                 "--spacing", "1", "--device", "cpu"]) == 0
+    console.flush()
+    printed = console.buffer.getvalue().decode("cp1252")
+    assert "Müller_\\u60a3\\u8005.png" in printed and (tmp_path / "out" / "Müller_患者.mrk.json").exists()

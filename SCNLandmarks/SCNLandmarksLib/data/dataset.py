@@ -18,8 +18,17 @@ __all__ = ["load_cases", "read_id_list", "read_landmark_names"]
 
 
 def read_id_list(path: str | Path) -> list[str]:
-    """Image ids, one per line (blank lines and ``#`` comments ignored)."""
-    lines = Path(path).read_text(encoding="utf-8").splitlines()
+    """Image ids, one per line (blank lines and ``#`` comments ignored; a byte-order mark, as
+    Windows editors write one, is not part of the first id).
+
+    Raises:
+        ValueError: the file is not UTF-8 text.
+    """
+    try:
+        lines = Path(path).read_text(encoding="utf-8-sig").splitlines()
+    except UnicodeDecodeError as error:
+        msg = f"{path} is not UTF-8 text ({error.reason} at byte {error.start}); save it as UTF-8"
+        raise ValueError(msg) from error
     return [line.strip() for line in lines if line.strip() and not line.lstrip().startswith("#")]
 
 
@@ -59,7 +68,13 @@ def load_cases(
         spacing: pixel size for formats without one (PNG, JPEG).
         names, descriptions: landmark names for CSV columns (default ``L1..LN``).
     """
-    files = {output_stem(p): p for p in find_images(images)}
+    files: dict[str, Path] = {}
+    for path in find_images(images):
+        if output_stem(path) in files:
+            msg = (f"{files[output_stem(path)].name} and {path.name} in {images} are the same case "
+                   f"({output_stem(path)!r}); keep one of them")
+            raise ValueError(msg)
+        files[output_stem(path)] = path
     if not files:
         msg = f"No images found in {images}"
         raise ValueError(msg)

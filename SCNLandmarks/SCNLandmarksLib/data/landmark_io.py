@@ -582,8 +582,16 @@ def read_landmark_csv(
     if not path.is_file():
         msg = f"Landmark file not found: {path}"
         raise FileNotFoundError(msg)
-    with open(path, encoding="utf-8-sig", newline="") as stream:
-        rows = [r for r in csv.reader(stream) if r and any(cell.strip() for cell in r)]
+    try:
+        with open(path, encoding="utf-8-sig", newline="") as stream:
+            rows = [r for r in csv.reader(stream) if r and any(cell.strip() for cell in r)]
+    except UnicodeDecodeError as error:
+        msg = f"{path} is not UTF-8 text ({error.reason} at byte {error.start}); save it as UTF-8 (CSV UTF-8 in Excel)"
+        raise ValueError(msg) from error
+    if any(";" in cell or "\t" in cell for row in rows for cell in row):
+        # European spreadsheets save with ";" (and decimal commas): read as commas, it would be misread.
+        msg = f"{path} separates its cells with ';' or tabs; the table takes commas and decimal points (id,x1,y1,...)"
+        raise ValueError(msg)
     if rows and not all(_is_number(c) or not c.strip() for c in rows[0][1:]):
         rows = rows[1:]
 

@@ -22,7 +22,7 @@ from .geometry import ImageGeometry
 from .image import Image
 
 __all__ = ["IMAGE_SUFFIXES", "check_fits_in_memory", "find_images", "grey_pixels", "image_from_sitk", "image_to_sitk",
-           "is_dicom_folder",
+           "is_dicom_folder", "single_file_dicom_images",
            "is_photo_file", "output_stem", "read_image", "write_image"]
 
 logger = logging.getLogger(__name__)
@@ -33,6 +33,14 @@ _PHOTO_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
 # Formats that store header and pixels in two files; renaming the header after an atomic
 # write would break the link to the pixel file.
 _TWO_FILE_SUFFIXES = (".mhd", ".nhdr", ".hdr", ".img")
+
+
+# The reader or writer of each extension, named: ITK chooses by the extension's exact case and
+# does not know "scan.MHA" or "SCAN.NII.GZ" (some scanners and Windows tools write upper case).
+_IMAGE_IO = {".nrrd": "NrrdImageIO", ".nhdr": "NrrdImageIO", ".nii": "NiftiImageIO", ".nii.gz": "NiftiImageIO",
+             ".mha": "MetaImageIO", ".mhd": "MetaImageIO", ".png": "PNGImageIO", ".jpg": "JPEGImageIO",
+             ".jpeg": "JPEGImageIO", ".bmp": "BMPImageIO", ".tif": "TIFFImageIO", ".tiff": "TIFFImageIO",
+             ".dcm": "GDCMImageIO"}
 
 
 def _suffix(path: Path) -> str:
@@ -200,7 +208,7 @@ def read_image(path: str | os.PathLike[str], *, spacing: Sequence[float] | float
         if path.is_dir():
             sitk_image = _read_dicom_folder(path)
         else:
-            sitk_image = sitk.ReadImage(str(path))
+            sitk_image = sitk.ReadImage(str(path), imageIO=_IMAGE_IO.get(_suffix(path), ""))
     except RuntimeError as error:
         reason = _sitk_reason(error)
         dimension = re.search(r"unsupported image dimension of (\d+)", reason)
@@ -286,9 +294,15 @@ def write_image(image: Image, path: str | os.PathLike[str], *, overwrite: bool =
             raise ValueError(msg)
         sitk_image = _cast_for_integer_format(sitk_image, image.array, path)
     with atomic_path(path, overwrite=overwrite) as temporary:
+        # Written under the lower-case extension: ITK's writers read the layout from it
+        # (an upper-case ".MHA" would become a header and a second pixel file).
+        written = temporary.with_name(temporary.name[: len(temporary.name) - len(suffix)] + suffix)
         try:
-            sitk.WriteImage(sitk_image, str(temporary), useCompression=suffix in (".nrrd", ".mha", ".nii.gz"))
+            sitk.WriteImage(sitk_image, str(written), useCompression=suffix in (".nrrd", ".mha", ".nii.gz"),
+                            imageIO=_IMAGE_IO.get(suffix, ""))
+            os.replace(written, temporary)
         except RuntimeError as error:
+            written.unlink(missing_ok=True)
             reason = _sitk_reason(error)
             msg = f"Could not write the image {path}: {reason}"
             raise ValueError(msg) from error
@@ -301,8 +315,11 @@ IMAGE_SUFFIXES = (".nrrd", ".nhdr", ".nii", ".nii.gz", ".mha", ".mhd", ".png", "
 
 
 def output_stem(path: Path) -> str:
-    """File name without its (possibly double) image extension: ``ct.nii.gz`` -> ``ct``."""
+    """File name without its (possibly double) image extension: ``ct.nii.gz`` -> ``ct``; a DICOM
+    folder keeps its whole name (``1.2.840.1.5`` is a series UID, not a name and an extension)."""
     name = path.name
+    if path.is_dir():
+        return name
     for suffix in sorted(IMAGE_SUFFIXES, key=len, reverse=True):
         if name.lower().endswith(suffix):
             return name[: -len(suffix)]
@@ -331,18 +348,39 @@ def _has_dicom_marker(path: Path) -> bool:
 
 
 def find_images(folder: str | Path) -> list[Path]:
-    """Image files in ``folder`` (not recursive) and its sub-folders that hold a DICOM series, sorted."""
-    folder = Path(folder)
+    """Image files in ``folder`` (not recursive) and its sub-folders that hold a DICOM series, sorted.
+
+    Hidden files (``._scan.jpg`` of macOS, unfinished writes) are not images. Loose DICOM files
+    count where each is an image of its own (radiographs exported one file each,
+    :func:`single_file_dicom_images`); a sub-folder of DICOM files is one series.
+    """
+    folder = Path(folder).expanduser()
     if not folder.is_dir():
         msg = f"Input folder not found: {folder}"
         raise FileNotFoundError(msg)
-    images = []
+    images = list(single_file_dicom_images(folder))
     for entry in sorted(folder.iterdir()):
+        if entry.name.startswith("."):
+            continue
         if entry.is_file() and entry.name.lower().endswith(IMAGE_SUFFIXES) and not entry.name.lower().endswith(".dcm"):
             images.append(entry)
-        elif is_dicom_folder(entry):
+        elif entry.is_dir() and is_dicom_folder(entry):
             images.append(entry)
-    return images
+    return sorted(images)
+
+
+def single_file_dicom_images(folder: Path) -> list[Path]:
+    """The DICOM files of ``folder`` when every one is a series of its own (two or more
+    radiographs, not the slices of a volume), sorted; otherwise none."""
+    if not is_dicom_folder(folder):
+        return []
+    series = sitk.ImageSeriesReader.GetGDCMSeriesIDs(str(folder))
+    if len(series) < 2:
+        return []
+    files = [sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(folder), uid) for uid in series]
+    if any(len(names) != 1 for names in files):
+        return []
+    return sorted(Path(names[0]) for names in files)
 
 
 # --------------------------------------------------------------------------- memory

@@ -6,6 +6,7 @@ import csv
 import io
 import logging
 import time
+import unicodedata
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,7 +24,7 @@ from ..models.model import LandmarkModel
 from ..common.progress import Progress, ProgressCallback, estimate_eta
 from ..models.quality import LOW_CONFIDENCE, rank_for_review
 
-__all__ = ["BatchItem", "BatchReport", "detect_files", "detect_folder", "find_images", "output_stem"]
+__all__ = ["BatchItem", "BatchReport", "detect_files", "detect_folder", "find_images", "output_name_clashes", "output_stem"]
 
 log = logging.getLogger(__name__)
 
@@ -114,7 +115,7 @@ def detect_files(
     report = BatchReport(device=detector.device_description)
     started = time.monotonic()
     total = len(images)
-    written: dict[Path, Path] = {}  # this run's outputs: two images named alike must not share one
+    written: dict[str, Path] = {}  # this run's outputs: two images named alike must not share one
     for number, image_path in enumerate(images):
         if should_cancel is not None and should_cancel():
             log.info("Batch cancelled after %d of %d images", number, total)
@@ -124,9 +125,9 @@ def detect_files(
         began = time.monotonic()
         target = output_folder / f"{output_stem(image_path)}.mrk.json"
         try:
-            if target in written:
-                msg = (f"{image_path.name} has the same name as {written[target].name}, whose results are in {target} "
-                       "already; rename one of them")
+            if _name_key(target) in written:
+                msg = (f"{image_path.name} has the same name as {written[_name_key(target)].name}, whose results are in "
+                       f"{target} already; rename one of them")
                 raise FileExistsError(msg)
             if target.exists() and not overwrite:  # found before the network runs, not after
                 item.skipped = True
@@ -140,7 +141,7 @@ def detect_files(
             write_mrk_json(landmarks, target, node_name=output_stem(image_path),
                            low_confidence_threshold=low_confidence_threshold, overwrite=overwrite)
             item.output, item.landmarks = target, landmarks
-            written[target] = image_path
+            written[_name_key(target)] = image_path
         except MemoryError as error:
             item.error = (str(error) or "not enough memory to process this image") + "; it was skipped"
             log.info("Skipped %s: %s", image_path.name, item.error)  # in the report; the callers show it
@@ -163,6 +164,26 @@ def detect_files(
         report.review_order, report.review_csv = update_review_order_csv(
             report.summary_csv, output_folder / REVIEW_NAME, warnings=warnings)
     return report
+
+
+def _name_key(path: Path) -> str:
+    """A file name as the file systems of macOS and Windows compare them: case and Unicode form ignored."""
+    return unicodedata.normalize("NFC", str(path)).casefold()
+
+
+def output_name_clashes(images: Sequence[Path]) -> list[tuple[Path, Path]]:
+    """Pairs of images whose results would be saved under one name (``scan.jpg`` and ``scan.png``,
+    or ``a.jpg`` and ``A.jpg`` on macOS and Windows), found before any is detected, so that shards
+    of a job array, which each see only their share, cannot skip or replace one of them."""
+    first: dict[str, Path] = {}
+    clashes = []
+    for image in images:
+        key = _name_key(Path(output_stem(Path(image))))
+        if key in first:
+            clashes.append((first[key], Path(image)))
+        else:
+            first[key] = Path(image)
+    return clashes
 
 
 def update_review_order_csv(

@@ -347,20 +347,29 @@ def shard(images: Sequence[Path], spec: str) -> list[Path]:
 
 
 def _command_detect(args: argparse.Namespace) -> int:
-    from ..inference.batch import detect_files
-    from ..imaging.image_io import find_images, is_dicom_folder, output_stem, read_image
+    from ..inference.batch import detect_files, output_name_clashes
+    from ..imaging.image_io import find_images, is_dicom_folder, output_stem, read_image, single_file_dicom_images
     from ..inference.overlay import write_overlay_png
     from ..common.progress import TextProgressBar
 
     model_path = _resolve_model(args.model)
-    source: Path = args.input
+    source: Path = args.input.expanduser()
     if not source.exists():
         msg = f"Input not found: {source} (no such image file or folder)"
         raise FileNotFoundError(msg)
-    images = [source] if source.is_file() or is_dicom_folder(source) else find_images(source)
+    one_series = is_dicom_folder(source) and not single_file_dicom_images(source)
+    images = [source] if source.is_file() or one_series else find_images(source)
     if not images:
         msg = f"No images found in {source}"
         raise ValueError(msg)
+    clashes = output_name_clashes(images)
+    if clashes:
+        pairs = "; ".join(f"{a.name} and {b.name}" for a, b in clashes[:5])
+        msg = (f"{len(clashes)} image{'s' if len(clashes) > 1 else ''} would be saved under the name of another "
+               f"({pairs}{'; ...' if len(clashes) > 5 else ''}); rename one of each pair, nothing was detected")
+        raise ValueError(msg)
+    # An overlay is a PNG named like its image: never one of the images themselves.
+    inputs = {image.resolve() for image in images}
     if args.shard is not None:
         images = shard(images, args.shard)
         if not images:
@@ -371,9 +380,12 @@ def _command_detect(args: argparse.Namespace) -> int:
     def overlay(item) -> None:  # noqa: ANN001
         if not args.overlay or item.landmarks is None:
             return
+        target = args.output / f"{output_stem(item.image)}.png"
         try:
-            write_overlay_png(read_image(item.image, spacing=spacing), item.landmarks,
-                              args.output / f"{output_stem(item.image)}.png", overwrite=args.overwrite,
+            if target.resolve() in inputs:
+                msg = f"{target} is one of the input images, which is never replaced; choose another output folder"
+                raise FileExistsError(msg)
+            write_overlay_png(read_image(item.image, spacing=spacing), item.landmarks, target, overwrite=args.overwrite,
                               low_confidence_threshold=args.threshold)
         except (OSError, ValueError) as error:  # the landmarks are written and summarised all the same
             note = f"overlay not written: {error}"
@@ -531,6 +543,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``scn-landmarks`` command; returns the exit code."""
     from ..common.errors import ModelFileError, TrainingCancelled, unexpected_error_message
 
+    for stream in (sys.stdout, sys.stderr):  # a console or log of another encoding (Windows) must not end the run
+        if hasattr(stream, "reconfigure"):
+            stream.reconfigure(errors="backslashreplace")
     arguments = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(arguments)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s: %(message)s")
