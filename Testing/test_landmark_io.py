@@ -400,6 +400,12 @@ def test_atomic_path_failure_leaves_original_and_no_temporary(tmp_path: Path) ->
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model.txt"]
 
 
+def test_a_name_near_the_file_system_limit_is_written(tmp_path: Path) -> None:
+    """The temporary name must not be what is too long: 240 characters and an extension fit, so must the write."""
+    target = atomic_write_text(tmp_path / ("a" * 240 + ".mrk.json"), "{}")
+    assert target.read_text() == "{}" and sorted(p.name for p in tmp_path.iterdir()) == [target.name]
+
+
 def test_atomic_write_errors(tmp_path: Path) -> None:
     with pytest.raises(FileNotFoundError, match="does not exist"):
         atomic_write_text(tmp_path / "no" / "folder.txt", "x")

@@ -68,10 +68,19 @@ def check_writable(path: str | os.PathLike[str], *, overwrite: bool) -> Path:
     return path
 
 
+# Longest file name most file systems take, in bytes.
+_NAME_MAX = 255
+
+
 def _temporary_name(path: Path) -> Path:
-    # The full original name stays at the end so that the extension (".nrrd", ".nii.gz",
-    # ".mrk.json") still tells SimpleITK or matplotlib which format to write.
-    return path.with_name(f".tmp-{uuid.uuid4().hex}-{path.name}")
+    # The original name stays at the end so that the extension (".nrrd", ".nii.gz", ".mrk.json")
+    # still tells SimpleITK or matplotlib which format to write; a name near the file system's
+    # limit keeps only its end, so the temporary name is not too long where the final one fits.
+    tag = f".tmp-{uuid.uuid4().hex[:12]}-"
+    name = path.name
+    if len((tag + name).encode("utf-8")) > _NAME_MAX:
+        name = name[-32:]
+    return path.with_name(tag + name)
 
 
 @contextlib.contextmanager
