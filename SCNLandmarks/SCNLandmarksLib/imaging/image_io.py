@@ -371,16 +371,34 @@ def find_images(folder: str | Path) -> list[Path]:
 
 def single_file_dicom_images(folder: Path) -> list[Path]:
     """The DICOM files of ``folder`` when every one is a series of its own (two or more
-    radiographs, not the slices of a volume), sorted; otherwise none."""
-    if not is_dicom_folder(folder):
+    radiographs, not the slices of a volume), sorted; otherwise none.
+
+    Each file's series UID is read from its header once, stopping at the first repeat (the
+    slices of a volume share one): asking GDCM for each series' files would read every
+    header once per series.
+    """
+    files = sorted(entry for entry in folder.iterdir() if entry.is_file() and not entry.name.startswith(".")
+                   and (entry.suffix.lower() == ".dcm" or _has_dicom_marker(entry)))
+    if len(files) < 2:
         return []
-    series = sitk.ImageSeriesReader.GetGDCMSeriesIDs(str(folder))
-    if len(series) < 2:
-        return []
-    files = [sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(folder), uid) for uid in series]
-    if any(len(names) != 1 for names in files):
-        return []
-    return sorted(Path(names[0]) for names in files)
+    seen: set[str] = set()
+    for file in files:
+        series = _series_uid(file)
+        if series is None or series in seen:
+            return []
+        seen.add(series)
+    return files
+
+
+def _series_uid(path: Path) -> str | None:
+    reader = sitk.ImageFileReader()
+    reader.SetImageIO("GDCMImageIO")
+    reader.SetFileName(str(path))
+    try:
+        reader.ReadImageInformation()
+    except RuntimeError:
+        return None  # not readable as DICOM: the folder is left to the series reader
+    return reader.GetMetaData("0020|000e").strip() if reader.HasMetaDataKey("0020|000e") else None
 
 
 # --------------------------------------------------------------------------- memory
