@@ -171,8 +171,12 @@ class _HeaderUnpickler(pickle.Unpickler):
         return None
 
 
-def check_archive(path: Path) -> None:
-    """Refuse, with the reason, what cannot be a model file before reading it."""
+def check_archive(path: Path) -> str:
+    """Refuse, with the reason, what cannot be a model file before reading it.
+
+    Returns:
+        The name of the archive's one pickle entry (``.../data.pkl``).
+    """
     if not path.exists():
         msg = f"Model file not found: {path}"
         raise ModelFileError(msg)
@@ -190,7 +194,7 @@ def check_archive(path: Path) -> None:
     if start != b"PK\x03\x04":  # a zip whose first bytes were changed or prefixed: torch would misread it
         msg = f"{path} is damaged: it does not begin as a PyTorch archive does"
         raise ModelFileError(msg)
-    _pickle_entry(path)
+    return _pickle_entry(path)
 
 
 def _pickle_entry(path: Path) -> str:
@@ -223,10 +227,10 @@ def check_format(path: Path, payload: object) -> dict[str, object]:
 
 
 def _read_record(path: Path) -> dict[str, object]:
-    check_archive(path)
+    entry = check_archive(path)
     try:
         with zipfile.ZipFile(path) as archive:
-            payload = _HeaderUnpickler(io.BytesIO(archive.read(_pickle_entry(path)))).load()
+            payload = _HeaderUnpickler(io.BytesIO(archive.read(entry))).load()
     except ModelFileError:
         raise
     except (pickle.UnpicklingError, zipfile.BadZipFile, EOFError, ValueError, OSError) as error:
