@@ -589,6 +589,15 @@ def test_a_landmark_table_of_a_european_spreadsheet_is_refused_not_misread(tmp_p
     (tmp_path / "latin.csv").write_bytes("id,x1,y1\nMüller,1,2\n".encode("latin-1"))
     with pytest.raises(ValueError, match="latin.csv is not UTF-8 text"):
         read_landmark_csv(tmp_path / "latin.csv", dimension=2)
+    # Through training's table reading too, which looks at the header first.
+    from SCNLandmarksLib.data.dataset import load_cases
+
+    folder = tmp_path / "cases"
+    folder.mkdir()
+    write_image(make_synthetic_case(dimension=2, size=(64, 56), num_landmarks=1)[0], folder / "Müller.nrrd")
+    for table, reason in (("latin.csv", "latin.csv is not UTF-8 text"), ("semicolons.csv", "separates its cells")):
+        with pytest.raises(ValueError, match=reason):
+            load_cases(folder, dimension=2, landmarks=tmp_path / table)
 
 
 def test_a_console_that_cannot_show_a_name_does_not_end_the_run(tmp_path, tiny_model_file, monkeypatch):

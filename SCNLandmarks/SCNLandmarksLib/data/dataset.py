@@ -10,7 +10,7 @@ import numpy as np
 
 from ..imaging.image import Image
 from ..imaging.image_io import find_images, output_stem, read_image
-from .landmark_io import read_landmark_csv, read_landmarks
+from .landmark_io import landmark_csv_header, read_landmark_csv, read_landmarks
 from .landmarks import Landmarks
 from .training_case import TrainingCase
 
@@ -117,7 +117,7 @@ def _mean_annotation(files: str | Path | Sequence[str | Path], ids: Sequence[str
                    "('id,x1,y1[,z1],...'). A point file belongs beside its image, named like it (T1w.fcsv next to "
                    "T1w.nii.gz), and is then read without a table")
             raise ValueError(msg)
-    headers = [(path, _csv_header(path)) for path in files]
+    headers = [(path, landmark_csv_header(path)) for path in files]
     headed = [(path, header) for path, header in headers if header is not None]
     for path, header in headed[1:]:  # columns are read by position: named ones must agree
         if header[1:] != headed[0][1][1:]:
@@ -143,17 +143,6 @@ def _mean_annotation(files: str | Path | Sequence[str | Path], ids: Sequence[str
         positions = np.where(count > 0, total / np.maximum(count, 1), np.nan)
         mean[image_id] = Landmarks(rows[0].names, positions, rows[0].descriptions)
     return mean
-
-
-def _csv_header(path: str | Path) -> list[str] | None:
-    """The first row of a landmark CSV when it names the columns (a coordinate that is not a number)."""
-    with open(path, encoding="utf-8-sig") as stream:
-        cells = [cell.strip() for cell in stream.readline().split(",")]
-    try:
-        [float(cell) for cell in cells[1:] if cell]
-    except ValueError:
-        return cells
-    return None
 
 
 # Points may sit a little outside the pixel grid (on the border, or a structure cut off).

@@ -42,6 +42,7 @@ __all__ = [
     "LOW_CONFIDENCE_NOTE",
     "MARKUPS_SCHEMA_URL",
     "compose_point_description",
+    "landmark_csv_header",
     "mrk_json_text",
     "parse_point_description",
     "read_fcsv",
@@ -551,6 +552,45 @@ def _is_number(text: str) -> bool:
     return True
 
 
+def _table_rows(path: Path) -> list[list[str]]:
+    """The non-empty rows of a landmark table, refusing a file that would be misread.
+
+    Raises:
+        FileNotFoundError: no such file.
+        ValueError: not UTF-8 text, or cells separated by ';' or tabs.
+    """
+    if not path.is_file():
+        msg = f"Landmark file not found: {path}"
+        raise FileNotFoundError(msg)
+    try:
+        with open(path, encoding="utf-8-sig", newline="") as stream:
+            rows = [r for r in csv.reader(stream) if r and any(cell.strip() for cell in r)]
+    except UnicodeDecodeError as error:
+        msg = f"{path} is not UTF-8 text ({error.reason} at byte {error.start}); save it as UTF-8 (CSV UTF-8 in Excel)"
+        raise ValueError(msg) from error
+    if any(";" in cell or "\t" in cell for row in rows for cell in row):
+        # European spreadsheets save with ";" (and decimal commas): read as commas, it would be misread.
+        msg = f"{path} separates its cells with ';' or tabs; the table takes commas and decimal points (id,x1,y1,...)"
+        raise ValueError(msg)
+    return rows
+
+
+def _names_columns(row: Sequence[str]) -> bool:
+    """Whether a table's first row is a header: a coordinate cell that is not a number."""
+    return not all(_is_number(cell) or not cell.strip() for cell in row[1:])
+
+
+def landmark_csv_header(path: str | os.PathLike[str]) -> list[str] | None:
+    """The column names of a landmark table (see :func:`read_landmark_csv`), or None where its
+    first row is data.
+
+    Raises:
+        FileNotFoundError, ValueError: as :func:`read_landmark_csv`.
+    """
+    rows = _table_rows(Path(path).expanduser())
+    return [cell.strip() for cell in rows[0]] if rows and _names_columns(rows[0]) else None
+
+
 def read_landmark_csv(
     path: str | os.PathLike[str],
     *,
@@ -579,20 +619,8 @@ def read_landmark_csv(
     if dimension not in (2, 3):
         msg = f"dimension must be 2 or 3, got {dimension!r}"
         raise ValueError(msg)
-    if not path.is_file():
-        msg = f"Landmark file not found: {path}"
-        raise FileNotFoundError(msg)
-    try:
-        with open(path, encoding="utf-8-sig", newline="") as stream:
-            rows = [r for r in csv.reader(stream) if r and any(cell.strip() for cell in r)]
-    except UnicodeDecodeError as error:
-        msg = f"{path} is not UTF-8 text ({error.reason} at byte {error.start}); save it as UTF-8 (CSV UTF-8 in Excel)"
-        raise ValueError(msg) from error
-    if any(";" in cell or "\t" in cell for row in rows for cell in row):
-        # European spreadsheets save with ";" (and decimal commas): read as commas, it would be misread.
-        msg = f"{path} separates its cells with ';' or tabs; the table takes commas and decimal points (id,x1,y1,...)"
-        raise ValueError(msg)
-    if rows and not all(_is_number(c) or not c.strip() for c in rows[0][1:]):
+    rows = _table_rows(path)
+    if rows and _names_columns(rows[0]):
         rows = rows[1:]
 
     result: dict[str, Landmarks] = {}
